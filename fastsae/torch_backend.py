@@ -1,0 +1,175 @@
+"""The "torch" backend: the sparse primitives in plain PyTorch (the CPU default).
+
+Every backend module (this one and the Triton launchers in ``fastsae.kernels``) provides
+the same primitives with the same signatures, so ``fastsae.ops`` writes each autograd rule
+once. Conventions shared by all backends:
+
+* ``W`` is latent-major ``[m, d]`` (``m`` = d_sae rows, one per latent).
+* A fixed-k code is ``(values[N, k], indices[N, k])``; a variable-L0 code is CSR:
+  ``(values[nnz], indices[nnz], row_offsets[N + 1])``. Indices are int64.
+* Float inputs of one call share a dtype; results come back in that dtype, and all
+  accumulation happens in at least float32.
+* Top-k order: values descending; equal values are ordered by ascending latent index
+  (the tie rule of ``fastsae.reference``).
+
+Primitives:
+
+* ``gather(values, indices, W, bias=None) -> [N, d]``: ``out[n] = sum_j v[n,j] W[i[n,j]] (+ bias)``
+* ``gather_dot(g, indices, W) -> [N, k]``: ``out[n,j] = <g[n], W[i[n,j]]>``
+* ``scatter_add(values, indices, g, num_rows) -> [num_rows, d]``:
+  ``out[m] = sum over (n,j) with i[n,j] = m of v[n,j] g[n]``
+* ``csr_gather``, ``csr_gather_dot``, ``csr_scatter_add``: the same for CSR codes.
+* ``topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0)
+  -> (values, indices, aux_values, aux_indices)``: top-k of ``relu((x - b_dec) W^T + b)``;
+  with a dead mask, also the top-``k_aux`` of the dead latents' ReLU pre-activations (slots
+  beyond the number of dead latents hold value 0).
+* ``threshold_encode(x, W, b, b_dec, cutoff) -> (pre_values, indices, row_offsets)``: CSR of
+  the pre-activations ``pre[n,m]`` with ``pre[n,m] > cutoff[m]``, indices ascending per row.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Gathered rows are materialised chunk by chunk so memory stays bounded by this many
+# elements whatever N, k and d are.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _rows_per_chunk(row_cost: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // max(1, row_cost))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gather(values, indices, W, bias=None):
+    acc = _acc_dtype(W.dtype)
+    out = F.embedding_bag(indices, W.to(acc), per_sample_weights=values.to(acc), mode="sum")
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(W.dtype)
+
+
+def gather_dot(g, indices, W):
+    acc = _acc_dtype(W.dtype)
+    n, k = indices.shape
+    out = torch.empty(n, k, dtype=acc, device=g.device)
+    step = _rows_per_chunk(k * W.shape[1])
+    for start in range(0, n, step):
+        rows = W[indices[start:start + step]].to(acc)  # [c, k, d]
+        out[start:start + step] = torch.bmm(rows, g[start:start + step].to(acc).unsqueeze(-1)).squeeze(-1)
+    return out.to(g.dtype)
+
+
+def _sparse_rows_matrix(values, latent, row, num_rows, num_cols, acc):
+    """A [num_rows, num_cols] sparse matrix with values at (latent, row)."""
+    coo = torch.sparse_coo_tensor(torch.stack([latent, row]), values.to(acc), (num_rows, num_cols))
+    return coo.coalesce()
+
+
+def scatter_add(values, indices, g, num_rows):
+    n, k = indices.shape
+    row = torch.arange(n, device=g.device).repeat_interleave(k)
+    return _csr_scatter(values.reshape(-1), indices.reshape(-1), row, g, num_rows)
+
+
+def _csr_scatter(values, latent, row, g, num_rows):
+    acc = _acc_dtype(g.dtype)
+    if values.numel() == 0:
+        return torch.zeros(num_rows, g.shape[1], dtype=g.dtype, device=g.device)
+    s = _sparse_rows_matrix(values, latent, row, num_rows, g.shape[0], acc)
+    return torch.sparse.mm(s, g.to(acc)).to(g.dtype)
+
+
+def csr_row_ids(row_offsets, nnz: int | None = None):
+    """The row of every stored entry of a CSR code."""
+    counts = row_offsets[1:] - row_offsets[:-1]
+    rows = torch.arange(counts.numel(), device=row_offsets.device)
+    return torch.repeat_interleave(rows, counts, output_size=nnz)
+
+
+def csr_gather(values, indices, row_offsets, W, bias=None):
+    acc = _acc_dtype(W.dtype)
+    out = F.embedding_bag(indices, W.to(acc), offsets=row_offsets[:-1], per_sample_weights=values.to(acc),
+                          mode="sum", include_last_offset=False)
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(W.dtype)
+
+
+def csr_gather_dot(g, indices, row_offsets, W):
+    acc = _acc_dtype(W.dtype)
+    nnz = indices.numel()
+    row = csr_row_ids(row_offsets, nnz)
+    out = torch.empty(nnz, dtype=acc, device=g.device)
+    step = _rows_per_chunk(W.shape[1])
+    for start in range(0, nnz, step):
+        sl = slice(start, start + step)
+        out[sl] = (W[indices[sl]].to(acc) * g[row[sl]].to(acc)).sum(-1)
+    return out.to(g.dtype)
+
+
+def csr_scatter_add(values, indices, row_offsets, g, num_rows):
+    row = csr_row_ids(row_offsets, indices.numel())
+    return _csr_scatter(values, indices, row, g, num_rows)
+
+
+def preactivations(x, W, b, b_dec=None):
+    """(x - b_dec) W^T + b, the dense encoder GEMM (computed in the input dtype)."""
+    xc = x if b_dec is None else x - b_dec
+    return torch.addmm(b, xc, W.t())
+
+
+def _stable_topk(scores, k):
+    """Top-k along the last dim of a 2-D tensor, ties broken by ascending index.
+
+    torch.topk is fast but its tie order is unspecified. Asking it for k + 1 values shows,
+    per row, whether a tie straddles the k-th place; only such rows are fully (stably)
+    sorted, and the others just have their k winners re-ranked. No second [N, m] tensor.
+    """
+    m = scores.shape[-1]
+    if k >= m:
+        vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
+        return vals, idx
+    vals, idx = torch.topk(scores, k + 1, dim=-1, sorted=True)
+    straddles = vals[:, k - 1] == vals[:, k]
+    vals, idx = vals[:, :k], idx[:, :k]
+    # Re-rank the winners by (value desc, index asc): sort by index, then stable by value.
+    by_index = torch.argsort(idx, dim=-1)
+    vals, idx = vals.gather(-1, by_index), idx.gather(-1, by_index)
+    by_value = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+    vals, idx = vals.gather(-1, by_value), idx.gather(-1, by_value)
+    tied_rows = straddles.nonzero().squeeze(-1)
+    if tied_rows.numel():
+        tv, ti = torch.sort(scores[tied_rows], dim=-1, descending=True, stable=True)
+        vals[tied_rows], idx[tied_rows] = tv[:, :k], ti[:, :k]
+    return vals, idx
+
+
+def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
+    acc = _acc_dtype(x.dtype)
+    pre = preactivations(x.to(acc), W.to(acc), b.to(acc), None if b_dec is None else b_dec.to(acc))
+    pre = torch.relu_(pre).add_(0.0)  # +0.0 turns -0.0 into 0.0 so ties compare equal
+    values, indices = _stable_topk(pre, k)
+    n = x.shape[0]
+    aux_values = torch.zeros(n, k_aux, dtype=x.dtype, device=x.device)
+    aux_indices = torch.zeros(n, k_aux, dtype=torch.long, device=x.device)
+    if dead_mask is not None and k_aux > 0:
+        masked = pre.masked_fill_(~dead_mask, float("-inf"))
+        av, ai = _stable_topk(masked, k_aux)
+        aux_values, aux_indices = av.clamp_min(0.0).to(x.dtype), ai
+    del pre
+    return values.to(x.dtype), indices, aux_values, aux_indices
+
+
+def threshold_encode(x, W, b, b_dec, cutoff):
+    acc = _acc_dtype(x.dtype)
+    pre = preactivations(x.to(acc), W.to(acc), b.to(acc), None if b_dec is None else b_dec.to(acc))
+    mask = pre > cutoff.to(acc)
+    row, col = mask.nonzero(as_tuple=True)
+    counts = mask.sum(-1)
+    row_offsets = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
+    row_offsets[1:] = torch.cumsum(counts, 0)
+    return pre[row, col].to(x.dtype), col, row_offsets
