@@ -1,0 +1,55 @@
+"""Shared helpers for the benchmark suite.
+
+FASTSAE_BENCH_SIZE selects the shapes: "ci" (small, runs on 2 CPU cores in minutes, Triton
+kernels under the interpreter) or "full" (the roofline shapes, meant for a GPU).
+"""
+import os
+
+import torch
+
+SIZE = os.environ.get("FASTSAE_BENCH_SIZE", "ci")
+if SIZE not in ("ci", "full"):
+    raise ValueError(f"FASTSAE_BENCH_SIZE must be 'ci' or 'full', got {SIZE!r}")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+
+
+def shapes(ci: dict, full: dict) -> dict:
+    """Pick the shape set for the current size."""
+    return full if SIZE == "full" else ci
+
+
+def synchronized(fn):
+    """Wrap fn so the host clock that pytest-benchmark reads includes the GPU work."""
+    def run(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def peak_memory(fn, *args, **kwargs):
+    """Peak bytes allocated while fn runs (CUDA allocator on a GPU, tracemalloc-free RSS-free
+    estimate on CPU via torch's CPU allocator profiler)."""
+    if ON_GPU:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn(*args, **kwargs)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(*args, **kwargs)
+    return _peak_from_events(prof.events())
+
+
+def _peak_from_events(events):
+    current = peak = 0
+    for ev in sorted((e for e in events if getattr(e, "cpu_memory_usage", 0)),
+                     key=lambda e: e.time_range.start):
+        current += ev.cpu_memory_usage
+        peak = max(peak, current)
+    return peak
