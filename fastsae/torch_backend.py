@@ -65,7 +65,8 @@ def gather_dot(g, indices, W):
 
 def _sparse_rows_matrix(values, latent, row, num_rows, num_cols, acc):
     """A [num_rows, num_cols] sparse matrix with values at (latent, row)."""
-    coo = torch.sparse_coo_tensor(torch.stack([latent, row]), values.to(acc), (num_rows, num_cols))
+    coo = torch.sparse_coo_tensor(torch.stack([latent, row]), values.to(acc), (num_rows, num_cols),
+                                  check_invariants=False)
     return coo.coalesce()
 
 
@@ -173,3 +174,9 @@ def threshold_encode(x, W, b, b_dec, cutoff):
     row_offsets = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
     row_offsets[1:] = torch.cumsum(counts, 0)
     return pre[row, col].to(x.dtype), col, row_offsets
+
+
+def gated_encode(x, W, b, r_mag, b_mag, b_dec):
+    pi, indices, row_offsets = threshold_encode(x, W, b, b_dec, torch.zeros(W.shape[0], dtype=x.dtype, device=x.device))
+    magnitude = torch.relu(pi * torch.exp(r_mag[indices]) + b_mag[indices])
+    return magnitude, pi, indices, row_offsets
