@@ -1,0 +1,349 @@
+"""Fused TopK encode: ``top-k(relu((x - b_dec) W^T + b))`` without the N x d_sae pre-activation.
+
+Same signature and results as ``fastsae.torch_backend.topk_encode``::
+
+    topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0)
+        -> (values[N, k], indices[N, k] int64, aux_values[N, k_aux], aux_indices[N, k_aux] int64)
+
+How it works
+------------
+One program owns ``BLOCK_N`` rows of ``x`` and a contiguous range of latents. It walks that range
+in tiles of ``BLOCK_M`` latents; for each tile it computes the pre-activation tile with an fp32
+``tl.dot`` over d_in, applies ReLU, and folds the tile into a running top-k kept in registers.
+Only the k winners per row ever reach memory.
+
+Sorting needs the latent index to travel with its value, and Triton has no argsort. So every
+candidate becomes one int64 *key*: the high 32 bits are the fp32 value's bits remapped so that
+signed integer order equals float order, the low 32 bits are ``2**32 - 1 - index``. Keys are
+unique, a larger key means a larger value, and on equal values the *lower* index has the larger
+key: exactly the reference tie rule (values descending, ties by ascending index), for free.
+
+The running top-k ``acc[BLOCK_N, KP]`` (``KP`` = k rounded up to a power of two) is kept sorted
+ascending. A tile's own best ``KP`` keys come out of ``tl.topk`` sorted descending; the
+element-wise max of an ascending and a descending sequence holds the ``KP`` best of their union
+and is bitonic, so one ``tl.bitonic_merge`` sorts it again. That is the bitonic top-k merge.
+
+AuxK rides along: with a dead mask the same tile also feeds a second running top-``k_aux`` of
+``where(dead, relu(pre), -inf)``; outputs are clamped to >= 0 so slots beyond the number of dead
+latents read 0 (their indices follow the -inf ties: ascending).
+
+When there are too few row blocks to fill the GPU, d_sae is split across programs; each writes
+its ``KP`` best keys (``N * KP * splits`` int64, never ``N * d_sae``) and a ``torch.topk`` over
+those unique keys merges them.
+
+``b_dec`` is folded into the bias: ``(x - b_dec) W^T + b = x W^T + (b - W b_dec)``. The kernel
+then multiplies ``x`` in its storage dtype (bf16/fp16 tensor cores, products exact in fp32)
+instead of rounding ``x - b_dec`` back to bf16 before the dot, which would add an error the
+fp32 reference does not have. ``b - W b_dec`` is one pass over ``W`` (a GEMV, ~1% of the GEMM).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Low 32 bits of a key hold this minus the latent index, so lower indices win ties.
+_INDEX_MAX = 0xFFFFFFFF
+# Latent indices must fit the 32-bit field, with room for the masked tail of the last tile.
+_MAX_D_SAE = 1 << 31
+
+
+def _on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _cuda_configs():
+    # Block shapes are picked by the launcher (the split count depends on BLOCK_N), so only the
+    # pipeline depth, warp count and d_in step are tuned here.
+    return [
+        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bk, w, s in ((64, 8, 3), (32, 8, 4), (64, 4, 3), (128, 8, 2))
+    ]
+
+
+def _configs():
+    # Without a GPU, Triton's autotuner cannot benchmark, and more than one config fails.
+    if _on_cuda():
+        return _cuda_configs()
+    return [triton.Config({"BLOCK_K": 16}, num_warps=1, num_stages=1)]
+
+
+@triton.jit
+def _pack(value, index):
+    """Unique int64 key: larger value -> larger key; equal values -> lower index larger key."""
+    bits = value.to(tl.int32, bitcast=True)
+    # Negative floats order backwards as integers: flipping their magnitude bits fixes that
+    # (sign bit kept, so the signed int32 order now equals the float order).
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return (bits.to(tl.int64) << 32) | (4294967295 - index.to(tl.int64))
+
+
+@triton.jit
+def _unpack(key):
+    bits = (key >> 32).to(tl.int32)
+    bits = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    value = bits.to(tl.float32, bitcast=True)
+    index = 4294967295 - (key & 4294967295)
+    return value, index
+
+
+@triton.jit
+def _merge(acc, keys, KP: tl.constexpr):
+    """KP best of acc (sorted ascending) and a tile of keys; the result is sorted ascending."""
+    if KP == 1:
+        # A one-element "sort" has nothing to merge; a row max does the job.
+        return tl.maximum(acc, tl.max(keys, axis=1)[:, None])
+    best = tl.topk(keys, KP)  # descending
+    # max(ascending, descending) keeps the KP best of the union and is bitonic.
+    return tl.bitonic_merge(tl.maximum(acc, best))
+
+
+@triton.jit
+def _store_topk(acc, rows, row_mask, val_ptr, idx_ptr, key_ptr, k, key_stride, key_offset,
+                KP: tl.constexpr, CLAMP: tl.constexpr, STORE_KEYS: tl.constexpr):
+    slots = tl.arange(0, KP)
+    if STORE_KEYS:
+        # Split mode: hand the unordered KP best keys to the cross-split merge.
+        ptrs = key_ptr + rows[:, None] * key_stride + key_offset + slots[None, :]
+        tl.store(ptrs, acc, mask=row_mask[:, None])
+    else:
+        if KP > 1:
+            acc = tl.sort(acc, descending=True)
+        value, index = _unpack(acc)
+        if CLAMP:
+            value = tl.maximum(value, 0.0)  # non-dead (-inf) fillers read as 0
+        mask = row_mask[:, None] & (slots[None, :] < k)
+        offs = rows[:, None] * k + slots[None, :]
+        tl.store(val_ptr + offs, value.to(val_ptr.dtype.element_ty), mask=mask)
+        tl.store(idx_ptr + offs, index, mask=mask)
+
+
+@triton.autotune(configs=_configs(), key=["d_in", "d_sae", "KP", "KAP", "BLOCK_N", "BLOCK_M"])
+@triton.jit
+def _topk_encode_kernel(
+    x_ptr, w_ptr, c_ptr, dead_ptr,
+    val_ptr, idx_ptr, aux_val_ptr, aux_idx_ptr, key_ptr, aux_key_ptr,
+    n, d_in, d_sae, k, k_aux, cols_per_split, num_splits,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    KP: tl.constexpr, KAP: tl.constexpr, HAS_AUX: tl.constexpr, STORE_KEYS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Launch order: the split index is the slow one, so the programs resident at the same time
+    # share one d_sae range and stream the same W tiles through L2 together (W is by far the
+    # larger operand: d_sae x d_in vs BLOCK_N x d_in per program).
+    pid = tl.program_id(0)
+    num_row_blocks = tl.cdiv(n, BLOCK_N)
+    split = pid // num_row_blocks
+    row_block = pid % num_row_blocks
+
+    rows = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < n
+    col_start = split * cols_per_split
+    col_end = tl.minimum(col_start + cols_per_split, d_sae)
+    ks = tl.arange(0, BLOCK_K)
+
+    # Sentinel below every real key (value -inf, low field 0): padded slots never win.
+    floor: tl.constexpr = -2139095041 * 4294967296
+    acc = tl.full([BLOCK_N, KP], floor, tl.int64)
+    if HAS_AUX:
+        aux_acc = tl.full([BLOCK_N, KAP], floor, tl.int64)
+
+    x_rows = x_ptr + rows[:, None].to(tl.int64) * d_in
+    for tile_start in range(col_start, col_end, BLOCK_M):
+        cols = tile_start + tl.arange(0, BLOCK_M)
+        col_mask = cols < col_end
+        w_cols = w_ptr + cols[None, :].to(tl.int64) * d_in
+        pre = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, d_in, BLOCK_K):
+            kk = k0 + ks
+            k_mask = kk < d_in
+            xt = tl.load(x_rows + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            wt = tl.load(w_cols + kk[:, None], mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            pre = tl.dot(xt, wt, pre, input_precision=INPUT_PRECISION)
+        pre += tl.load(c_ptr + cols, mask=col_mask, other=0.0)[None, :]
+        # ReLU, then + 0.0 turns a -0.0 into +0.0 so all zeros tie (and compare) as equal.
+        r = tl.maximum(pre, 0.0) + 0.0
+        # Tail columns (past col_end) get -inf *and* an index >= d_sae, so they rank below
+        # every real latent, even the -inf non-dead ones of the aux selection.
+        r = tl.where(col_mask[None, :], r, float("-inf"))
+        acc = _merge(acc, _pack(r, cols[None, :]), KP)
+        if HAS_AUX:
+            dead = tl.load(dead_ptr + cols, mask=col_mask, other=0) != 0
+            aux_r = tl.where(dead[None, :], r, float("-inf"))
+            aux_acc = _merge(aux_acc, _pack(aux_r, cols[None, :]), KAP)
+
+    _store_topk(acc, rows, row_mask, val_ptr, idx_ptr, key_ptr, k, num_splits * KP, split * KP,
+                KP, False, STORE_KEYS)
+    if HAS_AUX:
+        _store_topk(aux_acc, rows, row_mask, aux_val_ptr, aux_idx_ptr, aux_key_ptr, k_aux,
+                    num_splits * KAP, split * KAP, KAP, True, STORE_KEYS)
+
+
+def _unpack_torch(keys: torch.Tensor):
+    """Host-side inverse of ``_pack`` for the cross-split merge."""
+    bits = (keys >> 32).to(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+    return bits.view(torch.float32), _INDEX_MAX - (keys & _INDEX_MAX)
+
+
+def _merge_splits(keys: torch.Tensor, k: int, dtype: torch.dtype, clamp: bool):
+    # Keys are unique, so torch.topk's unspecified tie order cannot matter here.
+    best = torch.topk(keys, k, dim=1, sorted=True).values
+    values, indices = _unpack_torch(best)
+    if clamp:
+        values = values.clamp_min(0.0)
+    return values.to(dtype), indices
+
+
+def _folded_bias(W, b, b_dec):
+    """``b - W b_dec`` in fp32, a few thousand rows of W at a time so no fp32 copy of W exists."""
+    c = b.to(torch.float32)
+    if b_dec is None:
+        return c.contiguous()
+    bd = b_dec.to(torch.float32)
+    if W.dtype == torch.float32:
+        return c - torch.mv(W, bd)
+    c = c.clone()
+    step = max(1, (1 << 24) // max(1, W.shape[1]))
+    for start in range(0, W.shape[0], step):
+        c[start:start + step] -= torch.mv(W[start:start + step].to(torch.float32), bd)
+    return c
+
+
+def _check_tensor(name, t, ndim, dtype, device):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous; call .contiguous() first")
+
+
+def _check_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+
+
+def _validate(x, W, b, b_dec, k, dead_mask, k_aux):
+    _check_tensor("x", x, 2, None, None)
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
+    dev = x.device
+    _check_tensor("W", W, 2, x.dtype, dev)
+    n, d_in = x.shape
+    d_sae = W.shape[0]
+    if W.shape[1] != d_in:
+        raise ValueError(f"W must have shape [d_sae, {d_in}] (d_in of x), got {tuple(W.shape)}")
+    if not 1 <= d_sae < _MAX_D_SAE:
+        raise ValueError(f"W must have between 1 and {_MAX_D_SAE - 1} rows (d_sae), got {d_sae}")
+    _check_tensor("b", b, 1, x.dtype, dev)
+    if b.shape[0] != d_sae:
+        raise ValueError(f"b must have shape [{d_sae}] (d_sae), got {tuple(b.shape)}")
+    if b_dec is not None:
+        _check_tensor("b_dec", b_dec, 1, x.dtype, dev)
+        if b_dec.shape[0] != d_in:
+            raise ValueError(f"b_dec must have shape [{d_in}] (d_in), got {tuple(b_dec.shape)}")
+    _check_int("k", k)
+    if not 1 <= k <= d_sae:
+        raise ValueError(f"k must satisfy 1 <= k <= d_sae = {d_sae}, got {k}")
+    _check_int("k_aux", k_aux)
+    if not 0 <= k_aux <= d_sae:
+        raise ValueError(f"k_aux must satisfy 0 <= k_aux <= d_sae = {d_sae}, got {k_aux}")
+    if dead_mask is not None:
+        _check_tensor("dead_mask", dead_mask, 1, torch.bool, dev)
+        if dead_mask.shape[0] != d_sae:
+            raise ValueError(f"dead_mask must have shape [{d_sae}] (d_sae), got {tuple(dead_mask.shape)}")
+
+
+def _next_pow2(v: int) -> int:
+    return 1 << max(0, (v - 1).bit_length())
+
+
+def _blocks(kp: int, kap: int, d_sae: int):
+    """(BLOCK_N, BLOCK_M) for a running top-KP (and top-KAP)."""
+    widest = max(kp, kap)
+    if not _on_cuda():
+        # The interpreter pays per tensor op, not per element: few, small-but-not-tiny tiles.
+        return 16, max(16, min(64, _next_pow2(d_sae)), widest)
+    # tl.topk needs the tile at least KP wide; the running top-k lives in registers, so fewer
+    # rows per program as k grows.
+    block_m = max(128, widest)
+    block_n = 64 if widest <= 64 else (32 if widest <= 128 else 16)
+    return block_n, block_m
+
+
+def _launch(x, W, b, b_dec, k, dead_mask, k_aux, num_splits=None, blocks=None):
+    n, d_in = x.shape
+    d_sae = W.shape[0]
+    has_aux = dead_mask is not None and k_aux > 0
+    kp = _next_pow2(k)
+    kap = _next_pow2(k_aux) if has_aux else 1
+    block_n, block_m = blocks if blocks is not None else _blocks(kp, kap if has_aux else 1, d_sae)
+    if block_m < max(kp, kap):
+        raise ValueError(f"BLOCK_M ({block_m}) must be >= the padded k ({max(kp, kap)})")
+
+    row_blocks = triton.cdiv(n, block_n)
+    col_tiles = triton.cdiv(d_sae, block_m)
+    if num_splits is None:
+        num_splits = 1
+        if x.is_cuda:
+            # Too few row blocks to fill the GPU: split d_sae too (about two programs per SM).
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            if row_blocks < sms:
+                num_splits = min(col_tiles, triton.cdiv(2 * sms, row_blocks))
+    num_splits = max(1, min(num_splits, col_tiles))
+    cols_per_split = triton.cdiv(col_tiles, num_splits) * block_m
+    num_splits = triton.cdiv(d_sae, cols_per_split)  # no empty split
+    store_keys = num_splits > 1
+
+    c = _folded_bias(W, b, b_dec)
+    values = torch.empty(n, k, dtype=x.dtype, device=x.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    aux_values = torch.empty(n, k_aux if has_aux else 0, dtype=x.dtype, device=x.device)
+    aux_indices = torch.empty(n, k_aux if has_aux else 0, dtype=torch.int64, device=x.device)
+    keys = aux_keys = values  # placeholders: never dereferenced unless STORE_KEYS
+    if store_keys:
+        keys = torch.empty(n, num_splits * kp, dtype=torch.int64, device=x.device)
+        if has_aux:
+            aux_keys = torch.empty(n, num_splits * kap, dtype=torch.int64, device=x.device)
+    dead = dead_mask.view(torch.uint8) if has_aux else c  # placeholder when unused
+    # torch's fp32 matmul is full precision unless the user allows TF32; do the same.
+    precision = "tf32" if (x.dtype == torch.float32 and x.is_cuda
+                           and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+
+    grid = (row_blocks * num_splits,)
+    _topk_encode_kernel[grid](
+        x, W, c, dead,
+        values, indices, aux_values, aux_indices, keys, aux_keys,
+        n, d_in, d_sae, k, k_aux, cols_per_split, num_splits,
+        BLOCK_N=block_n, BLOCK_M=block_m, KP=kp, KAP=kap,
+        HAS_AUX=has_aux, STORE_KEYS=store_keys, INPUT_PRECISION=precision,
+    )
+    if store_keys:
+        values, indices = _merge_splits(keys, k, x.dtype, clamp=False)
+        if has_aux:
+            aux_values, aux_indices = _merge_splits(aux_keys, k_aux, x.dtype, clamp=True)
+    if not has_aux:
+        # Same as the torch backend: without a dead mask the aux code is all zeros.
+        aux_values = torch.zeros(n, k_aux, dtype=x.dtype, device=x.device)
+        aux_indices = torch.zeros(n, k_aux, dtype=torch.int64, device=x.device)
+    return values, indices, aux_values, aux_indices
+
+
+def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
+    """Fused ``top-k(relu((x - b_dec) W^T + b))``; see the module docstring and
+    ``fastsae.torch_backend.topk_encode`` for the contract."""
+    _validate(x, W, b, b_dec, k, dead_mask, k_aux)
+    n = x.shape[0]
+    if n == 0:
+        empty = torch.empty(0, k, dtype=x.dtype, device=x.device)
+        return (empty, torch.empty(0, k, dtype=torch.int64, device=x.device),
+                torch.empty(0, k_aux, dtype=x.dtype, device=x.device),
+                torch.empty(0, k_aux, dtype=torch.int64, device=x.device))
+    return _launch(x, W, b, b_dec, k, dead_mask, k_aux)
