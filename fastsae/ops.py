@@ -123,7 +123,8 @@ def _check_same(reference_name, ref, **tensors):
         if t is None:
             continue
         if t.device != ref.device:
-            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {ref.device}; move them to one device")
+            raise ValueError(f"{name} is on {t.device} but {reference_name} is on {ref.device}; "
+                             "move them to one device")
         if t.is_floating_point() and t.dtype != ref.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but {reference_name} has {ref.dtype}; cast them to one dtype")
 

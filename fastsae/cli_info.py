@@ -1,0 +1,35 @@
+"""``fastsae info``: versions, device and the backend each op will use."""
+from __future__ import annotations
+
+import platform
+
+
+def register(sub):
+    p = sub.add_parser("info", help="show versions, device and the backend each op uses")
+    p.add_argument("--device", default=None, help="device to report the backend for (default: cuda if present)")
+    p.set_defaults(handler=run)
+
+
+def info_lines(device=None) -> list[str]:
+    import torch
+
+    from fastsae import __version__, kernels, ops
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lines = [
+        f"fastsae  {__version__}",
+        f"python   {platform.python_version()}",
+        f"torch    {torch.__version__}",
+        f"triton   {kernels.TRITON_VERSION or 'not installed'}",
+        f"device   {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+    ]
+    chosen = ops.resolve_backend(None, device)
+    for op in ("topk_encode", "batch_topk_encode", "sparse_decode", "csr_decode", "relu_encode",
+               "jumprelu_encode", "gated_encode"):
+        lines.append(f"backend  {op:<18} {chosen}")
+    return lines
+
+
+def run(args) -> int:
+    print("\n".join(info_lines(args.device)))
+    return 0

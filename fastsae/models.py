@@ -1,0 +1,319 @@
+"""Sparse autoencoders as nn.Modules built on ``fastsae.ops``.
+
+Weights are stored latent-major: ``enc_weight`` and ``W_dec`` are both ``[d_sae, d_in]``, so
+the encoder's backward and the decoder share the same gather / scatter-add kernels. The
+seed names are kept: ``W_enc`` is a ``[d_in, d_sae]`` view of ``enc_weight``.
+
+Every model offers two paths:
+
+* the sparse path (``encode_sparse``, ``decode_sparse``, ``loss``), which never builds an
+  N x d_sae tensor after the encoder and is what training and the runtime use;
+* the seed API (``encode``, ``decode``, ``forward``), which returns dense features for
+  code written against it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastsae import ops, reference
+from fastsae.config import SAEConfig
+
+
+@dataclass
+class SparseCode:
+    """A latent code: fixed-k pairs (row_offsets is None) or CSR (row_offsets[N+1])."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    d_sae: int
+    row_offsets: torch.Tensor | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.values.shape[0] if self.row_offsets is None else self.row_offsets.numel() - 1
+
+    def to_dense(self) -> torch.Tensor:
+        if self.row_offsets is None:
+            return reference.to_dense(self.values, self.indices, self.d_sae)
+        return reference.csr_to_dense(self.values, self.indices, self.row_offsets, self.d_sae)
+
+    def row_ids(self) -> torch.Tensor:
+        """The row of each stored entry (flattened order)."""
+        if self.row_offsets is None:
+            n, k = self.values.shape
+            return torch.arange(n, device=self.values.device).repeat_interleave(k)
+        return torch.repeat_interleave(torch.arange(self.num_rows, device=self.values.device),
+                                       self.row_offsets.diff())
+
+    def l0(self) -> torch.Tensor:
+        """Number of non-zero latents per row (float)."""
+        active = (self.values != 0).to(torch.float32).reshape(-1)
+        out = torch.zeros(self.num_rows, device=self.values.device)
+        return out.index_add_(0, self.row_ids(), active) if active.numel() else out
+
+    def flat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.values.reshape(-1), self.indices.reshape(-1)
+
+
+class BaseSAE(nn.Module):
+    """Common parameters, decoding and the seed API."""
+
+    def __init__(self, config: SAEConfig):
+        super().__init__()
+        self.config = config
+        self.d_in, self.d_sae = config.d_in, config.d_sae
+        gen = torch.Generator().manual_seed(config.seed)
+        w_dec = torch.randn(self.d_sae, self.d_in, generator=gen)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        # Encoder starts as the decoder's transpose: each latent first reads its own direction.
+        self.enc_weight = nn.Parameter(w_dec.clone())
+        self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+
+    # ---- seed-compatible names
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """Encoder weight as [d_in, d_sae] (a view of the latent-major ``enc_weight``)."""
+        return self.enc_weight.t()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_dec.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_dec.dtype
+
+    def _prepare_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        if x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        return x.reshape(-1, self.d_in).to(self.dtype), lead
+
+    # ---- the sparse path
+    def encode_sparse(self, x: torch.Tensor) -> SparseCode:
+        raise NotImplementedError
+
+    def decode_sparse(self, code: SparseCode) -> torch.Tensor:
+        if code.row_offsets is None:
+            return ops.sparse_decode(code.values, code.indices, self.W_dec, self.b_dec)
+        return ops.csr_decode(code.values, code.indices, code.row_offsets, self.W_dec, self.b_dec)
+
+    def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparsity_scale: float = 1.0) -> dict:
+        """Training losses on a batch [N, d_in]; ``total_loss`` is what to minimise."""
+        x, _ = self._prepare_input(x)
+        code = self.encode_sparse(x)
+        recon = self.decode_sparse(code)
+        return self._metrics(x, recon, code, {})
+
+    def _metrics(self, x, recon, code, extra) -> dict:
+        mse = reference.mse(recon, x)
+        out = {"mse_loss": mse, "fvu": reference.fvu(recon.detach(), x), "l0": code.l0().mean(),
+               "reconstruction": recon, "code": code}
+        out.update(extra)
+        out["total_loss"] = mse + sum(v for k, v in extra.items() if k.endswith("_term"))
+        return out
+
+    # ---- the seed API
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense features [..., d_sae]."""
+        x2, lead = self._prepare_input(x)
+        return self.encode_sparse(x2).to_dense().reshape(*lead, self.d_sae)
+
+    def decode(self, features: torch.Tensor) -> torch.Tensor:
+        """Decode dense features [..., d_sae]."""
+        return features.to(self.dtype) @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor):
+        """(reconstruction, dense features, metrics) with mse_loss, l0, total_loss (+ l1_loss)."""
+        x2, lead = self._prepare_input(x)
+        out = self.loss(x2)
+        metrics = {k: v for k, v in out.items() if k not in ("reconstruction", "code")}
+        features = out["code"].to_dense().reshape(*lead, self.d_sae)
+        return out["reconstruction"].reshape(*lead, self.d_in), features, metrics
+
+    @torch.no_grad()
+    def get_feature_activations(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)
+
+    @torch.no_grad()
+    def normalize_decoder_weights(self) -> None:
+        """Scale decoder rows to unit norm."""
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Drop the part of each decoder row's gradient along the row, so a step at unit
+        norm moves along the sphere rather than changing the norm."""
+        g = self.W_dec.grad
+        if g is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        g.sub_((g * w).sum(1, keepdim=True) * w)
+
+    def decoder_norms(self) -> torch.Tensor:
+        return self.W_dec.norm(dim=1)
+
+
+class TopKSAE(BaseSAE):
+    """TopK SAE: keep the k largest ReLU pre-activations per token; AuxK revives dead latents."""
+
+    def encode_sparse(self, x):
+        values, indices, _, _ = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, self.config.k, self.b_dec)
+        return SparseCode(values, indices, self.d_sae)
+
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
+        x, _ = self._prepare_input(x)
+        use_aux = dead_mask is not None and self.config.aux_k_coefficient > 0
+        k_aux = min(self.config.aux_k, self.d_sae) if use_aux else 0
+        values, indices, aux_values, aux_indices = ops.topk_encode_aux(
+            x, self.enc_weight, self.b_enc, self.config.k, self.b_dec, dead_mask if use_aux else None, k_aux)
+        code = SparseCode(values, indices, self.d_sae)
+        recon = self.decode_sparse(code)
+        extra = {}
+        if k_aux:
+            extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask)
+        return self._metrics(x, recon, code, extra)
+
+    def _auxk_terms(self, x, recon, aux_values, aux_indices, dead_mask):
+        residual = (x - recon).detach()
+        aux_recon = ops.sparse_decode(aux_values, aux_indices, self.W_dec)
+        aux = reference.auxk_loss(aux_recon, residual)
+        # No dead latents means nothing to revive: the term vanishes instead of adding noise.
+        aux = torch.where(dead_mask.any(), aux, torch.zeros_like(aux))
+        aux = torch.nan_to_num(aux, nan=0.0)
+        return {"aux_loss": aux.detach(), "aux_term": self.config.aux_k_coefficient * aux}
+
+
+class BatchTopKSAE(TopKSAE):
+    """BatchTopK: the N*k largest activations across the batch while training; at inference a
+    per-token threshold learned during training (so a token's code does not depend on its batch)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.register_buffer("threshold", torch.zeros(()))
+
+    def encode_sparse(self, x):
+        if self.training:
+            values, indices, row_offsets = ops.batch_topk_encode(x, self.enc_weight, self.b_enc, self.config.k,
+                                                                 self.b_dec)
+            self._update_threshold(values)
+        else:
+            values, indices, row_offsets = ops.threshold_encode(x, self.enc_weight, self.b_enc,
+                                                                self.threshold.to(x.dtype), self.b_dec)
+        return SparseCode(values, indices, self.d_sae, row_offsets)
+
+    @torch.no_grad()
+    def _update_threshold(self, values):
+        positive = values[values > 0]
+        if positive.numel():
+            self.threshold.mul_(0.99).add_(0.01 * positive.min().to(self.threshold.dtype))
+
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
+        x, _ = self._prepare_input(x)
+        code = self.encode_sparse(x)
+        recon = self.decode_sparse(code)
+        extra = {}
+        if dead_mask is not None and self.config.aux_k_coefficient > 0:
+            k_aux = min(self.config.aux_k, self.d_sae)
+            _, _, aux_values, aux_indices = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, 1, self.b_dec,
+                                                                dead_mask, k_aux)
+            extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask)
+        return self._metrics(x, recon, code, extra)
+
+
+class ReLUSAE(BaseSAE):
+    """ReLU SAE with an L1 penalty weighted by decoder row norms."""
+
+    def encode_sparse(self, x):
+        values, indices, row_offsets = ops.relu_encode(x, self.enc_weight, self.b_enc, self.b_dec)
+        return SparseCode(values, indices, self.d_sae, row_offsets)
+
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
+        x, _ = self._prepare_input(x)
+        code = self.encode_sparse(x)
+        recon = self.decode_sparse(code)
+        l1 = (code.values * self.decoder_norms()[code.indices]).sum() / x.shape[0]
+        coef = self.config.l1_coefficient * sparsity_scale
+        return self._metrics(x, recon, code, {"l1_loss": l1.detach(), "l1_term": coef * l1})
+
+
+class JumpReLUSAE(BaseSAE):
+    """JumpReLU SAE: per-latent learned threshold, L0 penalty through a straight-through estimator."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        init = torch.full((self.d_sae,), float(config.jumprelu_init_threshold))
+        self.log_threshold = nn.Parameter(init.log())
+
+    def _encode(self, x):
+        return ops.jumprelu_encode(x, self.enc_weight, self.b_enc, self.log_threshold.to(x.dtype), self.b_dec,
+                                   bandwidth=self.config.jumprelu_bandwidth)
+
+    def encode_sparse(self, x):
+        values, indices, row_offsets, _ = self._encode(x)
+        return SparseCode(values, indices, self.d_sae, row_offsets)
+
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
+        x, _ = self._prepare_input(x)
+        values, indices, row_offsets, l0 = self._encode(x)
+        code = SparseCode(values, indices, self.d_sae, row_offsets)
+        recon = self.decode_sparse(code)
+        coef = self.config.l0_coefficient * sparsity_scale
+        return self._metrics(x, recon, code, {"l0_loss": l0.mean().detach(), "l0_term": coef * l0.mean()})
+
+
+class GatedSAE(BaseSAE):
+    """Gated SAE: a shared gate GEMM; magnitudes rescale it per latent (r_mag, b_mag).
+
+    The gate is trained by an L1 penalty on relu(pi) (weighted by decoder norms) and by an
+    auxiliary reconstruction of relu(pi) through the detached decoder, so every parameter,
+    the gate's included, gets a gradient.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.r_mag = nn.Parameter(torch.zeros(self.d_sae))
+        self.b_mag = nn.Parameter(torch.zeros(self.d_sae))
+
+    @property
+    def W_gate(self):
+        return self.enc_weight
+
+    @property
+    def b_gate(self):
+        return self.b_enc
+
+    def _encode(self, x):
+        return ops.gated_encode(x, self.enc_weight, self.b_enc, self.r_mag, self.b_mag, self.b_dec)
+
+    def encode_sparse(self, x):
+        mag, _, indices, row_offsets = self._encode(x)
+        return SparseCode(mag, indices, self.d_sae, row_offsets)
+
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
+        x, _ = self._prepare_input(x)
+        mag, pi, indices, row_offsets = self._encode(x)
+        code = SparseCode(mag, indices, self.d_sae, row_offsets)
+        recon = self.decode_sparse(code)
+        l1 = (pi * self.decoder_norms()[indices]).sum() / x.shape[0]
+        aux_recon = ops.csr_decode(pi, indices, row_offsets, self.W_dec.detach(), self.b_dec.detach())
+        aux = reference.mse(aux_recon, x)
+        coef = self.config.l1_coefficient * sparsity_scale
+        return self._metrics(x, recon, code, {"l1_loss": l1.detach(), "l1_term": coef * l1,
+                                              "aux_loss": aux.detach(), "aux_term": aux})
+
+
+SAE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "relu": ReLUSAE, "jumprelu": JumpReLUSAE,
+               "gated": GatedSAE}
+
+
+def create_sae(config: SAEConfig) -> BaseSAE:
+    """Build the SAE class that ``config.activation`` names."""
+    if config.activation not in SAE_CLASSES:
+        raise ValueError(f"config.activation must be one of {tuple(SAE_CLASSES)}, got {config.activation!r}")
+    return SAE_CLASSES[config.activation](config)
