@@ -1,0 +1,260 @@
+"""Saving and loading SAEs: fastsae's own layout (the SAELens layout), sparsify SAEs and the
+seed's .pt checkpoints.
+
+On disk an SAE is a directory with ``cfg.json`` (SAELens fields plus fastsae's full config
+under ``"fastsae"``) and ``sae_weights.safetensors`` holding ``W_enc [d_in, d_sae]``,
+``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and, by architecture, ``threshold`` (JumpReLU)
+or ``r_mag`` / ``b_mag`` (Gated). Every write is atomic; no pickle is ever loaded without
+``weights_only=True``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastsae.config import SAEConfig
+from fastsae.models import SAE_CLASSES, BaseSAE, create_sae
+
+WEIGHTS_FILE = "sae_weights.safetensors"
+CONFIG_FILE = "cfg.json"
+SPARSITY_FILE = "sparsity.safetensors"
+
+# fastsae activation -> SAELens architecture
+_ARCHITECTURES = {"topk": "topk", "batchtopk": "topk", "relu": "standard", "jumprelu": "jumprelu",
+                  "gated": "gated"}
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a reader never sees a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+# ----------------------------------------------------------------------------- fastsae / SAELens layout
+
+def sae_state(sae: BaseSAE) -> dict[str, torch.Tensor]:
+    """The SAELens-named weights of an SAE."""
+    state = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
+    if sae.config.activation == "jumprelu":
+        state["threshold"] = torch.exp(sae.log_threshold)
+    if sae.config.activation == "gated":
+        state.update(b_gate=sae.b_enc, r_mag=sae.r_mag, b_mag=sae.b_mag)
+        del state["b_enc"]
+    if sae.config.activation == "batchtopk":
+        state["threshold"] = sae.threshold.reshape(1)
+    return state
+
+
+def saelens_config(config: SAEConfig, metadata: dict | None = None) -> dict:
+    metadata = dict(metadata or {})
+    layer = re.search(r"\.(\d+)\.", f".{config.hook_point}.")
+    meta = {"model_name": metadata.pop("model_name", "unknown"), "hook_name": config.hook_point,
+            "hook_layer": int(layer.group(1)) if layer else 0, "hook_head_index": None,
+            "prepend_bos": True, "context_size": metadata.pop("context_size", None)}
+    cfg = {"architecture": _ARCHITECTURES[config.activation], "d_in": config.d_in, "d_sae": config.d_sae,
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
+           "reshape_activations": "none", "metadata": meta, **meta}
+    if config.activation in ("topk", "batchtopk"):
+        cfg.update(k=config.k, activation_fn_str="topk", activation_fn_kwargs={"k": config.k})
+    else:
+        cfg.update(activation_fn_str="relu", activation_fn_kwargs={})
+    cfg["fastsae"] = {"config": config.to_dict(), "metadata": metadata}
+    return cfg
+
+
+def save_sae(sae: BaseSAE, config: SAEConfig | None = None, save_path: str | Path = "sae", **metadata) -> Path:
+    """Write ``sae`` as a directory in the SAELens layout; extra keyword args go to its metadata."""
+    config = config or sae.config
+    path = Path(save_path)
+    if path.suffix in (".pt", ".pth", ".safetensors"):
+        path = path.with_suffix("")
+    atomic_save_tensors(path / WEIGHTS_FILE, {k: v.float() for k, v in sae_state(sae).items()})
+    atomic_write_json(path / CONFIG_FILE, saelens_config(config, metadata))
+    return path
+
+
+def _config_from_saelens(cfg: dict) -> SAEConfig:
+    if "fastsae" in cfg:
+        return SAEConfig.from_dict(cfg["fastsae"]["config"])
+    arch = cfg.get("architecture", "standard")
+    activation = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "gated": "gated"}.get(arch)
+    if activation is None:
+        raise ValueError(f"cfg.json architecture {arch!r} is not supported; expected topk, standard, jumprelu or gated")
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 1
+    hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name") or "blocks.0.hook_resid_post"
+    return SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), activation=activation, k=int(k),
+                     hook_point=hook, dtype="float32")
+
+
+def _load_state_into(sae: BaseSAE, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = {k: tuple(v.shape) for k, v in sae_state(sae).items()}
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise ValueError(f"{source} lacks weights {missing}; found {sorted(state)}")
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ValueError(f"{source}: weight {name} has shape {tuple(state[name].shape)}, expected {shape}")
+    with torch.no_grad():
+        sae.enc_weight.copy_(state["W_enc"].t())
+        sae.W_dec.copy_(state["W_dec"])
+        sae.b_dec.copy_(state["b_dec"])
+        sae.b_enc.copy_(state["b_gate"] if "b_gate" in state and "b_enc" not in state else state["b_enc"])
+        if sae.config.activation == "jumprelu":
+            sae.log_threshold.copy_(state["threshold"].clamp_min(1e-12).log())
+        if sae.config.activation == "gated":
+            sae.r_mag.copy_(state["r_mag"])
+            sae.b_mag.copy_(state["b_mag"])
+        if sae.config.activation == "batchtopk":
+            sae.threshold.copy_(state["threshold"].reshape(()))
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
+    """Load an SAE from a fastsae / SAELens directory, a sparsify directory or a seed .pt file."""
+    path = Path(path)
+    if path.is_file() and path.suffix in (".pt", ".pth"):
+        return load_seed_checkpoint(path, device)
+    if not path.is_dir():
+        raise FileNotFoundError(f"path {str(path)!r} is neither an SAE directory nor a .pt checkpoint")
+    if (path / "sae.safetensors").exists():
+        return load_sparsify_sae(path, device)
+    if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
+        raise FileNotFoundError(f"{path} has no {CONFIG_FILE} + {WEIGHTS_FILE} (fastsae / SAELens layout) "
+                                "nor sae.safetensors (sparsify layout)")
+    try:
+        cfg = json.loads((path / CONFIG_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
+    sae = create_sae(_config_from_saelens(cfg))
+    _load_state_into(sae, _read_safetensors(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE))
+    sae.metadata = (cfg.get("fastsae") or {}).get("metadata", {})
+    return sae.to(device).eval()
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated/foreign files
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def load_sparsify_sae(path: str | Path, device="cpu") -> BaseSAE:
+    """Load an EleutherAI sparsify SAE (cfg.json + sae.safetensors); it is a TopK SAE with
+    ``encoder.weight [num_latents, d_in]`` and the same encode rule as fastsae's."""
+    path = Path(path)
+    cfg = json.loads((path / "cfg.json").read_text())
+    state = _read_safetensors(path / "sae.safetensors")
+    d_sae, d_in = state["encoder.weight"].shape
+    config = SAEConfig(d_in=int(cfg.get("d_in", d_in)), d_sae=int(d_sae), activation="topk", k=int(cfg["k"]),
+                       dtype="float32")
+    sae = create_sae(config)
+    mapped = {"W_enc": state["encoder.weight"].t(), "b_enc": state["encoder.bias"], "W_dec": state["W_dec"],
+              "b_dec": state["b_dec"]}
+    _load_state_into(sae, {k: v.float() for k, v in mapped.items()}, str(path))
+    sae.metadata = {"source": "sparsify"}
+    return sae.to(device).eval()
+
+
+def load_seed_checkpoint(path: str | Path, device="cpu") -> BaseSAE:
+    """Load a .pt checkpoint of the nanochat SAE extension, safely (weights_only=True)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} could not be loaded as a weights-only checkpoint "
+                         f"(fastsae never unpickles arbitrary objects): {e}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, expected a dict with a state dict and config")
+    state = next((ckpt[k] for k in ("model_state_dict", "state_dict", "sae_state_dict") if k in ckpt), None)
+    config = ckpt.get("config")
+    if state is None or not isinstance(config, dict):
+        raise ValueError(f"{path} is not an SAE checkpoint: expected keys 'model_state_dict' and 'config', "
+                         f"found {sorted(ckpt)}")
+    config = SAEConfig.from_dict(config)
+    if config.activation not in SAE_CLASSES:
+        raise ValueError(f"{path}: unknown activation {config.activation!r}")
+    sae = create_sae(config)
+    state = dict(state)
+    if "W_gate" in state:
+        state.setdefault("W_enc", state["W_gate"])
+    _load_state_into(sae, {k: v.float() for k, v in state.items()}, str(path))
+    sae.metadata = {k: v for k, v in ckpt.items() if k not in ("model_state_dict", "state_dict", "config")
+                    and isinstance(v, (int, float, str))}
+    return sae.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- many SAEs
+
+def _rank(path: Path) -> tuple:
+    """Which saved model of a layer wins: best_model, then final, then the latest checkpoint."""
+    name = path.stem if path.is_file() else path.name
+    if name.startswith("best_model"):
+        return (3, 0)
+    if name in ("final", "final_model", "sae"):
+        return (2, 0)
+    step = re.search(r"(\d+)", name)
+    return (1, int(step.group(1)) if step else 0)
+
+
+def _candidates(layer_dir: Path) -> list[Path]:
+    found = []
+    for p in [layer_dir, *layer_dir.iterdir(), *(layer_dir / "checkpoints").glob("*")]:
+        if p.is_dir() and ((p / WEIGHTS_FILE).exists() or (p / "sae.safetensors").exists()):
+            found.append(p)
+        elif p.is_file() and p.suffix in (".pt", ".pth"):
+            found.append(p)
+    return found
+
+
+def load_saes(sae_dir: str | Path, device="cpu", hook_points: list[str] | None = None) -> dict[str, BaseSAE]:
+    """Load one SAE per hook point from ``sae_dir`` (``layer_{L}/`` subdirectories or SAE
+    directories). For each, the best model wins over final and periodic checkpoints."""
+    sae_dir = Path(sae_dir)
+    if not sae_dir.is_dir():
+        raise FileNotFoundError(f"sae_dir {str(sae_dir)!r} is not a directory")
+    groups = [p for p in sorted(sae_dir.iterdir()) if p.is_dir()]
+    if _candidates(sae_dir) and not any(_candidates(g) for g in groups):
+        groups = [sae_dir]
+    saes = {}
+    for group in groups:
+        found = _candidates(group)
+        if not found:
+            continue
+        sae = load_sae(max(found, key=_rank), device)
+        hook = sae.config.hook_point
+        if hook_points is None or hook in hook_points:
+            saes[hook] = sae
+    if hook_points is not None:
+        missing = sorted(set(hook_points) - set(saes))
+        if missing:
+            raise ValueError(f"no SAE found in {sae_dir} for hook points {missing}; found {sorted(saes)}")
+    return saes
