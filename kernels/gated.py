@@ -84,7 +84,10 @@ def _encode_kernel(
     first_m = (pid // per_group) * GROUP_M
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    # Latent tiles are visited last to first. Correctness never depends on the order, and
+    # the interpreter, which runs programs in pid order, then fills each row out of latent
+    # order, so CPU tests exercise the launcher's per-row sort as a GPU's scheduling would.
+    pid_n = num_pid_n - 1 - (pid % per_group) // group_rows
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
