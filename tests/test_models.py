@@ -1,0 +1,161 @@
+"""SAE models: the seed API on top of ops, and the defects the seed had, fixed."""
+import dataclasses
+
+import pytest
+import torch
+
+import fastsae
+from fastsae import reference as R
+from fastsae.config import SAEConfig
+from fastsae.models import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, create_sae
+
+ACTIVATIONS = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
+
+
+def make(activation, d_in=10, d_sae=37, **kw):
+    cfg = SAEConfig(d_in=d_in, d_sae=d_sae, k=4, activation=activation, jumprelu_init_threshold=0.1,
+                    jumprelu_bandwidth=0.5, **kw)
+    sae = create_sae(cfg)
+    with torch.no_grad():
+        sae.b_enc.add_(0.1)  # open a few latents so every path carries gradient
+    return sae
+
+
+def test_create_sae_picks_the_class():
+    classes = [TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE, GatedSAE]
+    for activation, cls in zip(ACTIVATIONS, classes):
+        assert type(make(activation)) is cls
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_parameter_gets_a_gradient(activation):
+    sae = make(activation)
+    x = torch.randn(33, 10, generator=torch.Generator().manual_seed(0))
+    dead = torch.arange(37) % 3 == 0
+    sae.loss(x, dead_mask=dead)["total_loss"].backward()
+    for name, p in sae.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_seed_forward_contract(activation):
+    sae = make(activation)
+    x = torch.randn(2, 5, 10)  # any leading shape
+    recon, features, metrics = sae(x)
+    assert recon.shape == (2, 5, 10) and features.shape == (2, 5, 37)
+    assert {"mse_loss", "l0", "total_loss"} <= set(metrics)
+    if activation in ("relu", "gated"):
+        assert "l1_loss" in metrics
+    torch.testing.assert_close(sae.decode(features), recon)
+    assert float(metrics["l0"]) == pytest.approx(float((features != 0).float().sum(-1).mean()))
+    assert sae.W_enc.shape == (10, 37) and sae.W_dec.shape == (37, 10)
+    assert sae.b_enc.shape == (37,) and sae.b_dec.shape == (10,)
+
+
+def test_topk_encode_applies_relu_and_subtracts_b_dec():
+    sae = make("topk")
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.fill_(-5.0)  # most pre-activations negative
+    x = torch.randn(7, 10)
+    f = sae.encode(x)
+    assert (f >= 0).all()
+    expected = R.topk_encode(x, sae.enc_weight, sae.b_enc, 4, sae.b_dec)
+    torch.testing.assert_close(f, R.to_dense(*expected, 37))
+
+
+def test_topk_model_matches_reference_pipeline():
+    sae = make("topk")
+    x = torch.randn(6, 10)
+    recon, _, metrics = sae(x)
+    values, indices = R.topk_encode(x, sae.enc_weight, sae.b_enc, 4, sae.b_dec)
+    ref = R.sparse_decode(values, indices, sae.W_dec, sae.b_dec)
+    torch.testing.assert_close(recon, ref)
+    torch.testing.assert_close(metrics["mse_loss"], R.mse(ref, x))
+
+
+def test_initialisation_unit_decoder_rows_and_tied_encoder():
+    sae = make("topk")
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(37))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
+
+
+def test_normalize_decoder_and_remove_parallel_grad():
+    sae = make("topk")
+    with torch.no_grad():
+        sae.W_dec.mul_(3.0)
+    sae.normalize_decoder_weights()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(37))
+    sae.W_dec.grad = torch.randn(37, 10)
+    sae.remove_parallel_decoder_grad()
+    torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(37), atol=1e-6, rtol=0)
+
+
+def test_relu_l1_weighted_by_decoder_norms():
+    sae = make("relu")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, 37)[:, None])
+    x = torch.randn(5, 10)
+    out = sae.loss(x)
+    f = R.relu_codes(x, sae.enc_weight, sae.b_enc, sae.b_dec)
+    expected = (f * sae.W_dec.norm(dim=1)).sum(1).mean()
+    torch.testing.assert_close(out["l1_loss"], expected)
+
+
+def test_batchtopk_eval_uses_learned_threshold():
+    sae = make("batchtopk")
+    x = torch.randn(16, 10)
+    sae.train()
+    sae.loss(x)
+    assert float(sae.threshold) > 0
+    sae.eval()
+    code = sae.encode_sparse(x)
+    assert (code.values > float(sae.threshold)).all()
+
+
+def test_wrong_width_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"x must have last dimension d_in=10, got shape \(3, 9\)"):
+        make("topk")(torch.randn(3, 9))
+
+
+def test_config_round_trip_and_unknown_keys():
+    cfg = SAEConfig(d_in=16, activation="gated", k=3, expansion_factor=4)
+    assert cfg.d_sae == 64
+    d = cfg.to_dict()
+    assert SAEConfig.from_dict({**d, "some_future_field": 1}) == cfg
+    assert dataclasses.asdict(SAEConfig.from_dict(d)) == d
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"d_in": 0}, "d_in must be a positive int"),
+    ({"d_in": 8, "activation": "softmax"}, "activation must be one of"),
+    ({"d_in": 8, "d_sae": 16, "k": 17}, r"k must be in \[1, d_sae=16\], got 17"),
+    ({"d_in": 8, "k": 0}, r"k must be in \[1, d_sae=64\], got 0"),
+    ({"d_in": 8, "dtype": "int8"}, "dtype must be one of"),
+])
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SAEConfig(**kwargs)
+
+
+def test_config_from_model():
+    class Cfg:
+        n_embd, n_layer = 48, 4
+
+    class Model:
+        config = Cfg()
+
+    cfg = SAEConfig.from_model(Model(), 2, hook_type="mlp_out", k=8)
+    assert (cfg.d_in, cfg.hook_point, cfg.k) == (48, "blocks.2.hook_mlp_out", 8)
+    with pytest.raises(ValueError, match=r"layer_idx must be in \[0, 4\), got 4"):
+        SAEConfig.from_model(Model(), 4)
+
+
+def test_import_fastsae_as_sae_exposes_every_seed_name():
+    seed_names = ["SAEConfig", "TopKSAE", "ReLUSAE", "GatedSAE", "create_sae", "ActivationCollector",
+                  "collect_activations_from_dataloader", "SAETrainer", "train_sae_from_activations",
+                  "InterpretableModel", "load_saes", "save_sae", "SAEEvaluator", "SAEMetrics",
+                  "FeatureVisualizer", "generate_sae_summary", "NeuronpediaUploader", "create_neuronpedia_metadata"]
+    for name in seed_names:
+        assert name in fastsae.__all__
+        assert getattr(fastsae, name) is not None, name

@@ -1,0 +1,317 @@
+"""fastsae.ops on every backend against fastsae.reference: values, indices and gradients."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.profiler import ProfilerActivity, profile
+
+from fastsae import ops
+from fastsae import reference as R
+
+# "triton" runs under the interpreter on CPU: tiny shapes only.
+BACKENDS = ["torch", "triton"]
+
+
+def make_encoder(n, d_in, d_sae, dtype=torch.float64, seed=0, grad=True):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(n, d_in, generator=g, dtype=dtype), torch.randn(d_sae, d_in, generator=g, dtype=dtype),
+               torch.randn(d_sae, generator=g, dtype=dtype), torch.randn(d_in, generator=g, dtype=dtype)]
+    return [t.requires_grad_(grad) for t in tensors]
+
+
+def grads(out, inputs, seed=1):
+    """Gradients of a fixed random projection of the outputs, so every output element counts."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in out if o.is_floating_point())
+    return torch.autograd.grad(total, inputs, allow_unused=True)
+
+
+def assert_close_all(a, b, **tol):
+    for x, y in zip(a, b):
+        if x is None or y is None:
+            assert x is None and y is None or (x if x is not None else y).abs().max() == 0
+        else:
+            torch.testing.assert_close(x, y, **tol)
+
+
+def as_float32(tensors):
+    return [t.detach().float().requires_grad_() for t in tensors]
+
+
+# ----------------------------------------------------------------------------- TopK
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d_in,d_sae,k", [(1, 3, 7, 1), (5, 19, 50, 4), (9, 5, 13, 13), (4, 33, 30, 30)])
+def test_topk_encode_matches_reference(backend, n, d_in, d_sae, k):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    inputs = make_encoder(n, d_in, d_sae, dtype=dtype)
+    v, i = ops.topk_encode(*inputs[:3], k, inputs[3], backend=backend)
+    rv, ri = R.topk_encode(*inputs[:3], k, inputs[3])
+    torch.testing.assert_close(v, rv)
+    assert torch.equal(i, ri)
+    assert_close_all(grads([v], inputs), grads([rv], inputs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_topk_ties_and_all_negative_rows(backend):
+    # Integer weights make many pre-activations equal; the last rows are all negative.
+    x = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0], [-5.0, -5.0]])
+    W = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [2.0, 2.0]])
+    b = torch.tensor([0.0, 0.0, 1.0, -1.0, 0.0, -10.0])
+    v, i = ops.topk_encode(x, W, b, 3, backend=backend)
+    rv, ri = R.topk_encode(x, W, b, 3)
+    assert torch.equal(i, ri) and torch.equal(v, rv)
+    assert i[0].tolist() == [0, 1, 2]  # three latents at 1.0: lowest indices first
+    assert i[3].tolist() == [0, 1, 2] and v[3].abs().sum() == 0  # all-negative row
+
+
+def test_topk_gradcheck_float64():
+    inputs = make_encoder(6, 5, 11)
+    assert torch.autograd.gradcheck(lambda x, W, b, bd: ops.topk_encode(x, W, b, 3, bd, backend="torch")[0], inputs)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 17), d_in=st.integers(1, 23), d_sae=st.integers(1, 41), k_frac=st.floats(0, 1),
+       seed=st.integers(0, 2**16), quantize=st.booleans())
+def test_topk_torch_randomized(n, d_in, d_sae, k_frac, seed, quantize):
+    k = max(1, round(k_frac * d_sae))
+    inputs = make_encoder(n, d_in, d_sae, seed=seed)
+    if quantize:  # coarse values create ties
+        inputs = [t.detach().round().requires_grad_() for t in inputs]
+    v, i = ops.topk_encode(*inputs[:3], k, inputs[3], backend="torch")
+    rv, ri = R.topk_encode(*inputs[:3], k, inputs[3])
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(v, rv)
+    assert_close_all(grads([v], inputs), grads([rv], inputs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dead", ["none", "all", "some"])
+def test_topk_aux_matches_reference(backend, dead):
+    n, d_in, d_sae, k, k_aux = 5, 7, 20, 3, 6
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    inputs = make_encoder(n, d_in, d_sae, dtype=dtype)
+    mask = {"none": torch.zeros(d_sae, dtype=torch.bool), "all": torch.ones(d_sae, dtype=torch.bool),
+            "some": torch.arange(d_sae) % 5 == 0}[dead]  # "some": 4 dead latents < k_aux
+    out = ops.topk_encode_aux(*inputs[:3], k, inputs[3], mask, k_aux, backend=backend)
+    rv, ri = R.topk_encode(*inputs[:3], k, inputs[3])
+    av, ai = R.topk_aux(*inputs[:3], mask, k_aux, inputs[3])
+    torch.testing.assert_close(out[0], rv)
+    torch.testing.assert_close(out[2], av)
+    assert torch.equal(out[1], ri) and torch.equal(out[3], ai)
+    assert_close_all(grads([out[0], out[2]], inputs), grads([rv, av], inputs))
+
+
+def test_torch_topk_builds_no_second_dense_tensor():
+    n, d_in, d_sae, k = 256, 64, 4096, 8
+    x, W, b, b_dec = make_encoder(n, d_in, d_sae, dtype=torch.float32, grad=False)
+    x[:8] = -100.0  # all-zero rows after ReLU take the tie path too
+    dense_bytes = n * d_sae * 4
+
+    def big_allocations(backend):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            ops.topk_encode(x, W, b, k, b_dec, backend=backend)
+        return [e.name for e in prof.events() if e.self_cpu_memory_usage >= dense_bytes // 2]
+
+    assert big_allocations("torch") == ["aten::addmm"]  # the pre-activation, nothing else
+    assert len(big_allocations("reference")) > 1  # the probe does see dense temporaries
+
+
+# ----------------------------------------------------------------------------- BatchTopK
+
+
+@pytest.mark.parametrize("candidates", [1, 2, None])
+def test_batch_topk_is_exact(candidates):
+    inputs = make_encoder(12, 6, 25, seed=3)
+    # Concentrate mass in a few rows so they need more than their share of the batch budget.
+    with torch.no_grad():
+        inputs[0][:2] *= 10
+    values, indices, offsets = ops.batch_topk_encode(*inputs[:3], 2, inputs[3], candidates=candidates)
+    dense = R.csr_to_dense(values, indices, offsets, 25)
+    expected = R.batch_topk_codes(*inputs[:3], 2, inputs[3])
+    torch.testing.assert_close(dense, expected)
+    assert int(offsets[1] - offsets[0]) > 2  # a hot row took more than k
+    assert_close_all(grads([dense], inputs), grads([expected], inputs))
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d,m,k", [(1, 5, 3, 1), (7, 63, 50, 4), (33, 70, 130, 3)])
+def test_sparse_decode_matches_reference(backend, n, d, m, k):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    g = torch.Generator().manual_seed(n)
+    values = torch.randn(n, k, generator=g, dtype=dtype, requires_grad=True)
+    indices = torch.randint(0, m, (n, k), generator=g)
+    indices[:, 0] = 0  # a popular latent, repeated across rows
+    W = torch.randn(m, d, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(d, generator=g, dtype=dtype, requires_grad=True)
+    out = ops.sparse_decode(values, indices, W, b, backend=backend)
+    ref = R.sparse_decode(values, indices, W, b)
+    torch.testing.assert_close(out, ref)
+    assert_close_all(grads([out], [values, W, b]), grads([ref], [values, W, b]))
+
+
+def test_sparse_decode_gradcheck_float64():
+    values = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    indices = torch.tensor([[0, 1, 1], [2, 0, 4], [4, 4, 4], [0, 0, 1], [3, 2, 1], [1, 1, 0]])
+    W = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, W, b: ops.sparse_decode(v, indices, W, b, backend="torch"),
+                                    (values, W, b))
+
+
+def random_csr(n, m, density, dtype, seed, empty_rows=()):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(n, m, generator=g) < density
+    for r in empty_rows:
+        mask[r] = False
+    dense = torch.randn(n, m, generator=g, dtype=dtype) * mask
+    rows, cols = mask.nonzero(as_tuple=True)
+    offsets = torch.zeros(n + 1, dtype=torch.long)
+    offsets[1:] = mask.sum(1).cumsum(0)
+    return dense[rows, cols].clone().requires_grad_(), cols, offsets
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d,m,density,empty", [(6, 5, 9, 0.4, (0, 3)), (3, 17, 20, 0.0, ()), (11, 33, 40, 0.9, (10,))])
+def test_csr_decode_matches_reference(backend, n, d, m, density, empty):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    values, indices, offsets = random_csr(n, m, density, dtype, seed=m, empty_rows=empty)
+    W = torch.randn(m, d, dtype=dtype, requires_grad=True)
+    b = torch.randn(d, dtype=dtype, requires_grad=True)
+    out = ops.csr_decode(values, indices, offsets, W, b, backend=backend)
+    ref = R.csr_decode(values, indices, offsets, W, b)
+    torch.testing.assert_close(out, ref)
+    for r in empty:
+        torch.testing.assert_close(out[r], b)
+    assert_close_all(grads([out], [values, W, b]), grads([ref], [values, W, b]))
+
+
+# ----------------------------------------------------------------------------- ReLU, JumpReLU, Gated
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n,d_in,d_sae", [(1, 3, 5), (6, 21, 47), (7, 4, 9)])
+def test_relu_encode_matches_reference(backend, n, d_in, d_sae):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    inputs = make_encoder(n, d_in, d_sae, dtype=dtype, seed=d_sae)
+    with torch.no_grad():
+        inputs[0][0] = -50 * inputs[1].sum(0).sign()  # a row with (nearly) nothing open
+    values, indices, offsets = ops.relu_encode(*inputs[:3], inputs[3], backend=backend)
+    dense = R.csr_to_dense(values, indices, offsets, d_sae)
+    ref = R.relu_codes(*inputs[:3], inputs[3])
+    torch.testing.assert_close(dense, ref)
+    assert_close_all(grads([dense], inputs), grads([ref], inputs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_encode_matches_reference(backend):
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    x, W, b, b_dec = make_encoder(8, 6, 19, dtype=dtype, seed=4)
+    r_mag = (torch.randn(19, dtype=dtype) * 0.3).requires_grad_()
+    b_mag = torch.randn(19, dtype=dtype).requires_grad_()
+    with torch.no_grad():
+        x[0] = -80 * W.sum(0).sign()  # a row whose gates are all (or nearly all) closed
+    inputs = [x, W, b, b_dec, r_mag, b_mag]
+    mag, pi, indices, offsets = ops.gated_encode(x, W, b, r_mag, b_mag, b_dec, backend=backend)
+    f = R.csr_to_dense(mag, indices, offsets, 19)
+    p = R.csr_to_dense(pi, indices, offsets, 19)
+    rf, rp = R.gated_codes(x, W, b, r_mag, b_mag, b_dec)
+    torch.testing.assert_close(f, rf)
+    torch.testing.assert_close(p, rp)
+    got, want = grads([f, p], inputs), grads([rf, rp], inputs)
+    assert_close_all(got, want)
+    assert all(t is not None and t.abs().sum() > 0 for t in got)  # the gate is trained too
+
+
+def test_jumprelu_forward_and_straight_through_gradient():
+    x, W, b, b_dec = make_encoder(9, 5, 12, seed=7)
+    log_t = torch.full((12,), 0.3, dtype=torch.float64).log().requires_grad_()
+    eps = 0.5
+    values, indices, offsets, l0 = ops.jumprelu_encode(x, W, b, log_t, b_dec, bandwidth=eps)
+    dense = R.csr_to_dense(values, indices, offsets, 12)
+    t = log_t.exp()
+    ref = R.jumprelu_codes(x, W, b, t, b_dec)
+    torch.testing.assert_close(dense, ref)
+    pre = R.preactivations(x, W, b, b_dec)
+    torch.testing.assert_close(l0, (pre > t).sum(1).to(l0.dtype))
+    # Rectangle-kernel pseudo-gradients, computed densely by hand.
+    gv = torch.randn(9, 12, dtype=torch.float64)
+    gl = torch.randn(9, dtype=torch.float64)
+    loss = (dense * gv).sum() + (l0 * gl).sum()
+    g_logt, g_x = torch.autograd.grad(loss, [log_t, x])
+    rect = ((pre - t).abs() < eps / 2).double() / eps
+    expected_t = (-(t * rect) * gv - rect * gl[:, None]).sum(0) * t
+    torch.testing.assert_close(g_logt, expected_t)
+    expected_x = ((pre > t).double() * gv) @ W
+    torch.testing.assert_close(g_x, expected_x)
+
+
+# ----------------------------------------------------------------------------- backend choice and errors
+
+
+def test_backend_resolution_order(monkeypatch):
+    cpu = torch.device("cpu")
+    assert ops.resolve_backend(None, cpu) == "torch"
+    monkeypatch.setenv("FASTSAE_BACKEND", "reference")
+    assert ops.resolve_backend(None, cpu) == "reference"
+    with ops.use_backend("triton"):
+        assert ops.resolve_backend(None, cpu) == "triton"
+        assert ops.resolve_backend("torch", cpu) == "torch"
+    monkeypatch.setenv("FASTSAE_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="FASTSAE_BACKEND must be one of"):
+        ops.resolve_backend(None, cpu)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.use_backend("nope").__enter__()
+
+
+def test_use_backend_changes_the_computation(monkeypatch):
+    calls = []
+    monkeypatch.setattr(R, "topk_encode", lambda *a: calls.append(1) or (torch.zeros(1, 1), torch.zeros(1, 1)))
+    x, W, b, _ = make_encoder(1, 2, 3, grad=False)
+    with ops.use_backend("reference"):
+        ops.topk_encode(x, W, b, 1)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda x, W, b: ops.topk_encode(x[:, :2], W, b, 2), ValueError, "x has d_in=2 but W_enc expects d_in=4"),
+    (lambda x, W, b: ops.topk_encode(x, W, b, 0), ValueError, r"k must be in \[1, d_sae=6\], got 0"),
+    (lambda x, W, b: ops.topk_encode(x, W, b, 7), ValueError, r"k must be in \[1, d_sae=6\], got 7"),
+    (lambda x, W, b: ops.topk_encode(x, W, b, 2.0), TypeError, "k must be an int"),
+    (lambda x, W, b: ops.topk_encode(x.double(), W, b, 2), TypeError, "W_enc has dtype torch.float32 but x has"),
+    (lambda x, W, b: ops.topk_encode(x, W, b[:5], 2), ValueError, r"b_enc must have shape \[6\]"),
+    (lambda x, W, b: ops.topk_encode(x, W, b, 2, torch.zeros(3)), ValueError, r"b_dec must have shape \[4\]"),
+    (lambda x, W, b: ops.topk_encode(x.index_fill(0, torch.tensor([1]), float("nan")), W, b, 2), ValueError,
+     "x contains NaN or Inf"),
+    (lambda x, W, b: ops.topk_encode(x.index_fill(0, torch.tensor([0]), float("inf")), W, b, 2), ValueError,
+     "x contains NaN or Inf"),
+    (lambda x, W, b: ops.topk_encode(x, W, b, 2, backend="gpu"), ValueError, "backend must be one of"),
+    (lambda x, W, b: ops.topk_encode(x, W.to("meta"), b, 2), ValueError, "W_enc is on meta but x is on cpu"),
+    (lambda x, W, b: ops.topk_encode_aux(x, W, b, 2, dead_mask=torch.ones(5, dtype=torch.bool), k_aux=2),
+     ValueError, r"dead_mask must be a bool tensor of shape \[6\]"),
+    (lambda x, W, b: ops.sparse_decode(torch.ones(3, 2), torch.full((3, 2), 6), W, None), ValueError,
+     r"indices must lie in \[0, d_sae=6\)"),
+    (lambda x, W, b: ops.sparse_decode(torch.ones(3, 2), torch.ones(3, 2), W, None), TypeError,
+     "indices must be int32 or int64"),
+    (lambda x, W, b: ops.csr_decode(torch.ones(3), torch.zeros(3, dtype=torch.long),
+                                    torch.tensor([0, 2]), W, None), ValueError, "row_offsets must end at nnz=3"),
+    (lambda x, W, b: ops.jumprelu_encode(x, W, b, torch.zeros(6), bandwidth=0), ValueError,
+     "bandwidth must be a positive finite number"),
+])
+def test_bad_input_names_the_argument(call, error, match):
+    x, W, b, _ = make_encoder(3, 4, 6, dtype=torch.float32, grad=False)
+    with pytest.raises(error, match=match):
+        call(x, W, b)
+
+
+def test_input_checks_can_be_disabled():
+    x, W, b, _ = make_encoder(2, 3, 4, dtype=torch.float32, grad=False)
+    x[0, 0] = float("nan")
+    with ops.input_checks(False):
+        ops.topk_encode(x, W, b, 1)  # no scan, no error
+    with pytest.raises(ValueError, match="NaN"):
+        ops.topk_encode(x, W, b, 1)
