@@ -176,7 +176,8 @@ def random_csr(n, m, density, dtype, seed, empty_rows=()):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n,d,m,density,empty", [(6, 5, 9, 0.4, (0, 3)), (3, 17, 20, 0.0, ()), (11, 33, 40, 0.9, (10,))])
+@pytest.mark.parametrize("n,d,m,density,empty",
+                         [(6, 5, 9, 0.4, (0, 3)), (3, 17, 20, 0.0, ()), (11, 33, 40, 0.9, (10,))])
 def test_csr_decode_matches_reference(backend, n, d, m, density, empty):
     dtype = torch.float32 if backend == "triton" else torch.float64
     values, indices, offsets = random_csr(n, m, density, dtype, seed=m, empty_rows=empty)
