@@ -21,7 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-__all__ = ["Corpus", "default_corpus", "load_text_corpus", "python_doc_topics", "stdlib_docstrings"]
+import torch
+
+from fastsae.hooks import TokenBatch
+
+__all__ = ["Corpus", "default_corpus", "iter_token_batches", "iter_token_chunks", "load_text_corpus",
+           "python_doc_topics", "stdlib_docstrings"]
 
 
 @dataclass(frozen=True)
@@ -174,3 +179,94 @@ def load_text_corpus(
         h.update(f"{f.name}|{f.stat().st_size}|".encode() + hashlib.sha256(head).digest())
     name = files[0].name if len(files) == 1 else f"{len(files)} files"
     return Corpus(name=name, documents=documents, fingerprint=h.hexdigest()[:16]).require_nonempty()
+
+
+class _TokenizerAdapter:
+    """One interface over nanochat's tokenizer and Hugging Face tokenizers.
+
+    `encode(text)` gives ids without special tokens; `wrap(chunk)` adds the model's own special
+    tokens around one context window (nanochat: a BOS in front; BERT: [CLS] ... [SEP]), so every
+    chunk of a long document looks like a sequence the model saw in training.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        if hasattr(tokenizer, "get_bos_token_id"):  # nanochat's tokenizer
+            bos = tokenizer.get_bos_token_id()
+            self.prefix, self.suffix, self.pad_id = [bos], [], bos
+        else:  # Hugging Face: learn the special-token template from a one-word example
+            full = list(tokenizer("a")["input_ids"])
+            bare = self._encode_hf("a")
+            start = next(i for i in range(len(full) - len(bare) + 1) if full[i:i + len(bare)] == bare)
+            self.prefix, self.suffix = full[:start], full[start + len(bare):]
+            self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def _encode_hf(self, text: str) -> list[int]:
+        # verbose=False: documents longer than the model's context are expected; they get chunked.
+        return list(self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+
+    def encode(self, text: str) -> list[int]:
+        if hasattr(self.tokenizer, "get_bos_token_id"):
+            return list(self.tokenizer.encode(text))
+        return self._encode_hf(text)
+
+    def wrap(self, chunk: list[int]) -> list[int]:
+        return self.prefix + chunk + self.suffix
+
+    @property
+    def num_special(self) -> int:
+        return len(self.prefix) + len(self.suffix)
+
+
+def iter_token_chunks(tokenizer, corpus: Iterable[str], context_length: int) -> Iterator[tuple[int, list[int]]]:
+    """(doc_id, token ids) for each context window of each document, special tokens included.
+
+    Documents longer than the context are cut into consecutive windows; doc_id is the document's
+    index in corpus order. Raises ValueError if the corpus yields no document.
+    """
+    adapter = _TokenizerAdapter(tokenizer)
+    room = context_length - adapter.num_special
+    if room < 1:
+        raise ValueError(f"context_length={context_length} leaves no room for text next to "
+                         f"{adapter.num_special} special tokens")
+    doc_id = -1
+    for doc_id, text in enumerate(corpus):
+        ids = adapter.encode(text)
+        for start in range(0, len(ids), room):
+            yield doc_id, adapter.wrap(ids[start:start + room])
+    if doc_id < 0:
+        name = getattr(corpus, "name", type(corpus).__name__)
+        raise ValueError(f"corpus {name!r} is empty: it yields no non-blank document")
+
+
+def iter_token_batches(tokenizer, corpus: Iterable[str], context_length: int = 128,
+                       batch_size: int = 32) -> Iterator[TokenBatch]:
+    """Tokenized corpus as TokenBatch(input_ids, attention_mask, doc_ids, positions), each (B, T).
+
+    One context window per row, right-padded to the longest row of the batch (pad positions have
+    attention_mask 0, doc_id -1). Deterministic: the same corpus gives the same batches.
+    """
+    if context_length < 2 or batch_size < 1:
+        raise ValueError(f"need context_length >= 2 and batch_size >= 1, got {context_length}, {batch_size}")
+    pad_id = _TokenizerAdapter(tokenizer).pad_id
+    rows: list[tuple[int, list[int]]] = []
+
+    def make_batch() -> TokenBatch:
+        width = max(len(ids) for _, ids in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        doc_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (doc_id, ids) in enumerate(rows):
+            input_ids[r, :len(ids)] = torch.tensor(ids)
+            doc_ids[r, :len(ids)] = doc_id
+            mask[r, :len(ids)] = 1
+        positions = torch.arange(width).expand(len(rows), width).clone()
+        return TokenBatch(input_ids, mask, doc_ids, positions)
+
+    for row in iter_token_chunks(tokenizer, corpus, context_length):
+        rows.append(row)
+        if len(rows) == batch_size:
+            yield make_batch()
+            rows = []
+    if rows:
+        yield make_batch()

@@ -162,11 +162,17 @@ class TokenBatch(NamedTuple):
     positions: torch.Tensor
 
 
+def kept_tokens(attention_mask: torch.Tensor, positions: torch.Tensor, drop_bos: bool) -> torch.Tensor:
+    """Boolean (B, T): real tokens, without the first position of each sequence when drop_bos."""
+    keep = attention_mask.bool()
+    return keep & (positions != 0) if drop_bos else keep
+
+
 class _StopForward(Exception):
     """Raised from a hook once every hook point has its activations: the rest of the forward is waste."""
 
 
-def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
     from safetensors.torch import save_file
 
     path = os.fspath(path)
@@ -269,10 +275,7 @@ class ActivationCollector:
         b = self._batch
         tokens_shape = x.shape[:-1]
         if b is not None and tuple(tokens_shape) == tuple(b.input_ids.shape):
-            keep = b.attention_mask.clone()
-            if self.drop_bos:
-                keep &= b.positions != 0
-            index = keep.flatten().nonzero().squeeze(1)
+            index = kept_tokens(b.attention_mask, b.positions, self.drop_bos).flatten().nonzero().squeeze(1)
             meta = {"token_ids": b.input_ids.flatten()[index], "doc_ids": b.doc_ids.flatten()[index],
                     "positions": b.positions.flatten()[index]}
             return index, meta
@@ -283,9 +286,9 @@ class ActivationCollector:
                 "positions": torch.arange(seq).repeat(n // seq) if seq else torch.zeros(0, dtype=torch.long)}
         return None, meta
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+    def _to_device(self, x: torch.Tensor, owned: bool) -> torch.Tensor:
         if x.device == self.device:
-            return x.clone() if x.data_ptr() else x  # never alias the model's own buffers
+            return x if owned else x.clone()  # never keep a view of the model's own tensors
         if x.is_cuda and self.device.type == "cpu":
             host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
             host.copy_(x, non_blocking=True)  # waited for once, in get_activations()
@@ -297,14 +300,17 @@ class ActivationCollector:
         if room > 0:
             index, meta = self._keep_index(x)
             flat = x.detach().reshape(-1, x.shape[-1])
+            owned = index is not None or (self.dtype is not None and self.dtype != flat.dtype)
             if index is not None:
                 index = index[:room]
+                if flat.is_cuda:  # a copy from pageable memory would synchronise the stream
+                    index = index.pin_memory()
                 flat = flat.index_select(0, index.to(flat.device, non_blocking=True))
             else:
                 flat = flat[:room]
             if self.dtype is not None:
                 flat = flat.to(self.dtype)
-            self._chunks[hook_point].append(self._to_device(flat))
+            self._chunks[hook_point].append(self._to_device(flat, owned))
             for field in _META_FIELDS:
                 self._meta[hook_point][field].append(meta[field][: flat.shape[0]])
             self.counts[hook_point] += flat.shape[0]
@@ -356,7 +362,7 @@ class ActivationCollector:
             tensors[hp] = acts.cpu()
             for field, values in self.get_metadata(hp)[hp].items():
                 tensors[f"{hp}/{field}"] = values
-        _atomic_save_safetensors(tensors, path, metadata={"format": "fastsae.activations",
+        atomic_save_safetensors(tensors, path, metadata={"format": "fastsae.activations",
                                                           "hook_points": ",".join(self.hook_points)})
 
     @staticmethod

@@ -1,0 +1,380 @@
+"""An on-disk activation store: sharded safetensors files plus a JSON manifest.
+
+Layout of a store directory::
+
+    manifest.json               what was collected, from which model and corpus, and the shard list
+    shard_000000.safetensors    activations [n, d_in] + token_ids, doc_ids, positions, token_index [n]
+    shard_000001.safetensors    ...
+
+Writing streams: every shard holds exactly `shard_tokens` tokens (the last may hold fewer) and
+is written to a temp file and renamed; the manifest is rewritten the same way after each shard.
+Only shards listed in the manifest count, so an interrupted collection leaves a valid prefix,
+and rerunning collect_to_store with the same arguments resumes after the last full shard,
+giving the same files as an uninterrupted run (the corpus is replayed, the stored part skipped
+without running the model).
+
+Reading never loads the whole store: shards are memory-mapped (safetensors safe_open) and read
+in blocks; blocks from all shards are shuffled with a seeded generator and mixed in a bounded
+buffer, so every token is seen exactly once per epoch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fastsae.hooks import (
+    ActivationCollector,
+    atomic_save_safetensors,
+    kept_tokens,
+    resolve_hook_point,
+    run_collector_batch,
+)
+
+__all__ = ["ActivationStore", "StoreMismatchError", "collect_to_store", "model_fingerprint"]
+
+MANIFEST = "manifest.json"
+FORMAT = "fastsae.activation_store"
+VERSION = 1
+METADATA_FIELDS = ("token_ids", "doc_ids", "positions", "token_index")
+
+
+class StoreMismatchError(ValueError):
+    """The store on disk was collected from another model, hook point or setting."""
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """A short hash identifying a model's weights: every parameter's name, shape and dtype, plus
+    up to 1024 evenly strided values of each (cheap even for large models, and changes when any
+    tensor is retrained)."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 1024)][:1024].float().cpu()
+        h.update(f"{name}:{tuple(param.shape)}:{param.dtype}|".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _read_manifest(store_dir: Path) -> dict | None:
+    path = store_dir / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fastsae activation store manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def _differences(stored: dict, wanted: dict) -> list[str]:
+    return [f"{key}: store has {stored.get(key)!r}, now {value!r}" for key, value in wanted.items()
+            if stored.get(key) != value]
+
+
+class ActivationStore:
+    """Read access to a store directory written by collect_to_store.
+
+    Pass `model`, `hook_point` and/or `d_in` to check the store was collected for them
+    (StoreMismatchError otherwise). An interrupted (incomplete) store raises unless
+    allow_incomplete=True.
+    """
+
+    def __init__(self, store_dir: str | os.PathLike, model: nn.Module | None = None, hook_point: str | None = None,
+                 d_in: int | None = None, allow_incomplete: bool = False):
+        self.store_dir = Path(store_dir)
+        manifest = _read_manifest(self.store_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"no activation store at {self.store_dir} (missing {MANIFEST})")
+        self.manifest = manifest
+        expected = {"hook_point": hook_point, "d_in": d_in,
+                    "model_fingerprint": model_fingerprint(model) if model is not None else None}
+        diffs = _differences(manifest, {k: v for k, v in expected.items() if v is not None})
+        if diffs:
+            raise StoreMismatchError(f"activation store {self.store_dir} does not match: " + "; ".join(diffs))
+        if not manifest["complete"] and not allow_incomplete:
+            raise RuntimeError(f"activation store {self.store_dir} is incomplete: collection stopped after "
+                               f"{manifest['token_count']} of {manifest['max_tokens']} tokens. Rerun collect_to_store "
+                               "with the same arguments to resume, or pass allow_incomplete=True.")
+        self._check_shards()
+
+    def _check_shards(self) -> None:
+        """Every listed shard exists and holds the number of tokens the manifest says."""
+        from safetensors import safe_open
+
+        for shard in self.shards:
+            path = self.store_dir / shard["file"]
+            if not path.is_file():
+                raise FileNotFoundError(f"activation store {self.store_dir}: shard {shard['file']} is missing")
+            with safe_open(path, framework="pt") as f:
+                shape = f.get_slice("activations").get_shape()
+            if shape != [shard["num_tokens"], self.d_in]:
+                raise ValueError(f"activation store {self.store_dir}: shard {shard['file']} has shape {shape}, "
+                                 f"manifest says [{shard['num_tokens']}, {self.d_in}]")
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.manifest["shards"]
+
+    @property
+    def d_in(self) -> int:
+        return self.manifest["d_in"]
+
+    @property
+    def hook_point(self) -> str:
+        return self.manifest["hook_point"]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.manifest["token_count"]
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def read_shard(self, index: int) -> dict[str, torch.Tensor]:
+        """One whole shard: {"activations", "token_ids", "doc_ids", "positions", "token_index"}."""
+        from safetensors.torch import load_file
+
+        return load_file(self.store_dir / self.shards[index]["file"])
+
+    def load_all(self) -> torch.Tensor:
+        """Every activation in store order, as one [N, d_in] tensor (only for stores that fit in memory)."""
+        return torch.cat([self.read_shard(i)["activations"] for i in range(len(self.shards))])
+
+    def _blocks(self, block_tokens: int) -> list[tuple[int, int, int]]:
+        return [(i, start, min(start + block_tokens, shard["num_tokens"]))
+                for i, shard in enumerate(self.shards) for start in range(0, shard["num_tokens"], block_tokens)]
+
+    def _read_blocks(self, blocks: list[tuple[int, int, int]], with_metadata: bool) -> dict[str, torch.Tensor]:
+        """Read the given (shard, start, end) row ranges through memory maps, opening each shard once."""
+        from safetensors import safe_open
+
+        fields = ("activations",) + (METADATA_FIELDS if with_metadata else ())
+        parts: dict[str, list[torch.Tensor]] = defaultdict(list)
+        by_shard: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for shard, start, end in blocks:
+            by_shard[shard].append((start, end))
+        for shard, ranges in by_shard.items():
+            with safe_open(self.store_dir / self.shards[shard]["file"], framework="pt") as f:
+                for start, end in ranges:
+                    for name in fields:
+                        parts[name].append(f.get_slice(name)[start:end])
+        return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, epoch: int = 0,
+                     device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
+                     drop_last: bool = False, buffer_tokens: int = 1 << 18, block_tokens: int = 1024,
+                     with_metadata: bool = False, dtype: torch.dtype | None = None) -> Iterator:
+        """Batches of [batch_size, d_in] activations on `device`; one pass is one epoch.
+
+        Every token is yielded exactly once per epoch (drop_last aside). With shuffle, blocks of
+        `block_tokens` rows from all shards come in a random order seeded by (seed, epoch), and
+        tokens are permuted within a buffer of about `buffer_tokens` rows, which bounds memory.
+        With world_size > 1, rank r reads only every world_size-th block (the same seeded
+        order on every rank), so ranks are disjoint and together cover every token.
+        with_metadata=True yields (activations, {"token_ids", "doc_ids", "positions", "token_index"}).
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        device = torch.device(device)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        blocks = self._blocks(block_tokens)
+        if shuffle:
+            blocks = [blocks[i] for i in torch.randperm(len(blocks), generator=generator).tolist()]
+        blocks = blocks[rank::world_size]
+
+        carry: dict[str, torch.Tensor] | None = None
+        for window in _windows(blocks, buffer_tokens):
+            data = self._read_blocks(window, with_metadata)
+            if carry is not None:
+                data = {k: torch.cat([carry[k], v]) for k, v in data.items()}
+            if shuffle:
+                perm = torch.randperm(len(data["activations"]), generator=generator)
+                data = {k: v[perm] for k, v in data.items()}
+            full = len(data["activations"]) // batch_size * batch_size
+            for start in range(0, full, batch_size):
+                yield self._deliver(data, start, start + batch_size, device, dtype, with_metadata)
+            carry = {k: v[full:] for k, v in data.items()}
+        if carry is not None and len(carry["activations"]) and not drop_last:
+            yield self._deliver(carry, 0, len(carry["activations"]), device, dtype, with_metadata)
+
+    @staticmethod
+    def _deliver(data, start, end, device, dtype, with_metadata):
+        acts = data["activations"][start:end]
+        if dtype is not None:
+            acts = acts.to(dtype)
+        if device.type == "cuda":
+            acts = acts.pin_memory().to(device, non_blocking=True)
+        elif device != acts.device:
+            acts = acts.to(device)
+        if not with_metadata:
+            return acts
+        return acts, {k: data[k][start:end] for k in METADATA_FIELDS}
+
+    def __iter__(self):
+        return self.iter_batches(batch_size=4096)
+
+
+def _windows(blocks: list[tuple[int, int, int]], buffer_tokens: int) -> Iterator[list[tuple[int, int, int]]]:
+    window, size = [], 0
+    for block in blocks:
+        window.append(block)
+        size += block[2] - block[1]
+        if size >= buffer_tokens:
+            yield window
+            window, size = [], 0
+    if window:
+        yield window
+
+
+def _existing_manifest(store_dir: Path, identity: dict, overwrite: bool) -> dict | None:
+    """The manifest of this same collection already in store_dir, or None to start afresh."""
+    manifest = _read_manifest(store_dir)
+    for tmp in store_dir.glob(".*.tmp"):  # leftovers of a write that was killed
+        tmp.unlink()
+    if manifest is not None and overwrite:
+        for shard in store_dir.glob("shard_*.safetensors"):
+            shard.unlink()
+        (store_dir / MANIFEST).unlink()
+        return None
+    if manifest is not None:
+        diffs = _differences(manifest, identity)
+        if diffs:
+            raise StoreMismatchError(f"activation store {store_dir} was collected differently: " + "; ".join(diffs)
+                                     + ". Use another store_dir, or overwrite=True to replace it.")
+    return manifest
+
+
+def _keep_full_shards(manifest: dict) -> dict:
+    """Drop a last partial shard: it is collected again, so that extending a store gives the
+    same shards as collecting the larger amount in one go."""
+    manifest["shards"] = [s for s in manifest["shards"] if s["num_tokens"] == manifest["shard_tokens"]]
+    manifest["token_count"] = sum(s["num_tokens"] for s in manifest["shards"])
+    manifest["complete"] = False
+    return manifest
+
+
+def _write_shard(store_dir: Path, index: int, data: dict[str, torch.Tensor]) -> dict:
+    name = f"shard_{index:06d}.safetensors"
+    atomic_save_safetensors(data, store_dir / name, metadata={"format": FORMAT})
+    return {"file": name, "num_tokens": int(data["activations"].shape[0])}
+
+
+def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_point: str,
+                     store_dir: str | os.PathLike, max_tokens: int, batch_size: int = 32, context_length: int = 128,
+                     *, shard_tokens: int = 1 << 16, dtype: torch.dtype | None = None, drop_bos: bool = False,
+                     model_name: str | None = None, overwrite: bool = False,
+                     on_shard: Callable[[int, dict], None] | None = None, progress: bool = True) -> ActivationStore:
+    """Tokenize `corpus`, run the model, and stream activations at `hook_point` into `store_dir`.
+
+    Stops after max_tokens tokens (padding, and BOS with drop_bos, are not counted) or when the
+    corpus ends. If `store_dir` already holds part of this same collection, it resumes; a store
+    from another model, hook point or setting raises StoreMismatchError (overwrite=True replaces it).
+    `on_shard(index, manifest)` is called after each shard is committed. Returns the ActivationStore.
+    """
+    from fastsae.corpus import iter_token_batches
+
+    resolve_hook_point(model, hook_point)  # a bad name fails before anything touches the disk
+    if max_tokens <= 0 or shard_tokens <= 0:
+        raise ValueError(f"max_tokens and shard_tokens must be positive, got {max_tokens}, {shard_tokens}")
+    store_dir = Path(store_dir)
+    store_dir.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or next(model.parameters()).dtype
+    identity = {
+        "model_fingerprint": model_fingerprint(model), "hook_point": hook_point,
+        "dtype": str(dtype).removeprefix("torch."),
+        "corpus": {"name": getattr(corpus, "name", type(corpus).__name__),
+                   "fingerprint": getattr(corpus, "fingerprint", None)},
+        "context_length": context_length, "batch_size": batch_size, "shard_tokens": shard_tokens, "drop_bos": drop_bos,
+    }
+    manifest = _existing_manifest(store_dir, identity, overwrite)
+    if manifest is not None and (manifest["token_count"] >= max_tokens or manifest["corpus_exhausted"]):
+        # Holds at least what was asked (or all the corpus has): a store is never trimmed in place.
+        if not manifest["complete"]:
+            manifest["complete"] = True
+            _atomic_write_json(store_dir / MANIFEST, manifest)
+        return ActivationStore(store_dir)
+    if manifest is not None:
+        manifest = _keep_full_shards(manifest)
+    else:
+        manifest = {"format": FORMAT, "version": VERSION,
+                    "model_name": model_name or getattr(getattr(model, "config", None), "_name_or_path", None)
+                    or type(model).__name__, **identity, "d_in": None,
+                    "token_count": 0, "shards": [], "complete": False, "corpus_exhausted": False}
+    manifest["max_tokens"] = max_tokens
+
+    done = manifest["token_count"]  # tokens already on disk: replayed without running the model
+    seen = 0  # tokens of the token stream passed so far
+    buffer: dict[str, list[torch.Tensor]] = defaultdict(list)
+    buffered = 0
+
+    def commit(count: int) -> None:
+        nonlocal buffered
+        data = {k: torch.cat(v) for k, v in buffer.items()}
+        shard = _write_shard(store_dir, len(manifest["shards"]), {k: v[:count] for k, v in data.items()})
+        manifest["shards"].append(shard)
+        manifest["token_count"] += shard["num_tokens"]
+        _atomic_write_json(store_dir / MANIFEST, manifest)
+        buffer.clear()
+        rest = {k: v[count:] for k, v in data.items()}
+        for k, v in rest.items():
+            buffer[k].append(v)
+        buffered = len(rest["activations"])
+        if on_shard is not None:
+            on_shard(len(manifest["shards"]) - 1, manifest)
+
+    collector = ActivationCollector(model, [hook_point], max_activations=2**62, device="cpu", dtype=dtype,
+                                    drop_bos=drop_bos)
+    bar = tqdm(total=max_tokens, initial=done, unit="tok", desc=f"collect {hook_point}", disable=not progress)
+    exhausted = True
+    with collector, bar:
+        for batch in iter_token_batches(tokenizer, corpus, context_length, batch_size):
+            keep = kept_tokens(batch.attention_mask, batch.positions, drop_bos)
+            n = int(keep.sum())
+            if seen + n <= done:  # entirely on disk already
+                seen += n
+                continue
+            run_collector_batch(collector, model, batch)
+            acts, meta = collector.pop(hook_point)
+            if manifest["d_in"] is None:
+                manifest["d_in"] = int(acts.shape[1])
+            elif manifest["d_in"] != acts.shape[1]:
+                raise StoreMismatchError(f"activation store {store_dir}: d_in is {manifest['d_in']}, "
+                                         f"the model gives {acts.shape[1]}")
+            meta["token_index"] = torch.arange(seen, seen + n)
+            skip = max(0, done - seen)  # part of this batch that is already stored
+            take = min(n, max_tokens - seen)
+            for k, v in {"activations": acts, **meta}.items():
+                buffer[k].append(v[skip:take])
+            buffered += take - skip
+            bar.update(take - skip)
+            seen += n
+            while buffered >= shard_tokens:
+                commit(shard_tokens)
+            if seen >= max_tokens:
+                exhausted = False
+                break
+        if buffered:
+            commit(buffered)
+    manifest["complete"] = True
+    manifest["corpus_exhausted"] = exhausted
+    _atomic_write_json(store_dir / MANIFEST, manifest)
+    return ActivationStore(store_dir)
