@@ -221,10 +221,12 @@ def test_gated_encode_matches_reference(backend):
     f = R.csr_to_dense(mag, indices, offsets, 19)
     p = R.csr_to_dense(pi, indices, offsets, 19)
     rf, rp = R.gated_codes(x, W, b, r_mag, b_mag, b_dec)
-    torch.testing.assert_close(f, rf)
-    torch.testing.assert_close(p, rp)
+    # Row 0 has inputs of size 80: float32 sums in another order differ by ~1e-5 relative.
+    tol = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {}
+    torch.testing.assert_close(f, rf, **tol)
+    torch.testing.assert_close(p, rp, **tol)
     got, want = grads([f, p], inputs), grads([rf, rp], inputs)
-    assert_close_all(got, want)
+    assert_close_all(got, want, **tol)
     assert all(t is not None and t.abs().sum() > 0 for t in got)  # the gate is trained too
 
 
