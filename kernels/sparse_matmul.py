@@ -24,13 +24,14 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _INDEX_DTYPES = (torch.int64, torch.int32)
 
 
-def _interpreting() -> bool:
-    # Triton decides at decoration time whether @triton.jit functions are interpreted, so
-    # what matters is the environment this module was imported under.
-    return _INTERPRET
-
-
+# Triton decides at decoration time whether @triton.jit functions are interpreted, so what
+# matters is the environment this module was imported under, not the current one.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _interpreting() -> bool:
+    """Whether this module's kernels run under the Triton interpreter (CPU tensors)."""
+    return _INTERPRET
 
 # Index values can only be range-checked by reading them; on a GPU that is a host sync per
 # call, which the training and hooked-inference hot paths cannot afford. Indices there come
@@ -226,7 +227,10 @@ def _launch_gather(values, indices, offsets, W, bias, n_rows, k, csr):
     # Unused pointer arguments still need a tensor; the constexpr flags keep them unread.
     offsets = indices if offsets is None else offsets
     bias_arg = W if bias is None else bias
-    grid = lambda meta: (n_rows, triton.cdiv(d, meta["BLOCK_D"]))
+
+    def grid(meta):
+        return (n_rows, triton.cdiv(d, meta["BLOCK_D"]))
+
     _gather_kernel[grid](values, indices, offsets, W, bias_arg, out, d, W.stride(0), out.stride(0),
                          K=k, IS_CSR=csr, HAS_BIAS=bias is not None)
     return out
@@ -392,7 +396,10 @@ def _launch_scatter(values, latents, g, num_rows, k=None, row_ids=None):
     # searchsorted instead of bincount: bincount on CUDA reads the maximum back to the host.
     bounds = torch.arange(num_rows + 1, device=g.device, dtype=sorted_latents.dtype)
     latent_offsets = torch.searchsorted(sorted_latents, bounds)
-    grid = lambda meta: (num_rows, triton.cdiv(d, meta["BLOCK_D"]))
+
+    def grid(meta):
+        return (num_rows, triton.cdiv(d, meta["BLOCK_D"]))
+
     _scatter_kernel[grid](values, rows, latent_offsets, g, out, d, g.stride(0), out.stride(0))
     return out
 

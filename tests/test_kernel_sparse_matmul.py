@@ -135,7 +135,7 @@ def test_pairs_primitives(device, n, d, m, k, kind):
     assert (out.cpu()[unused] == 0).all()
 
 
-def test_pairs_int32_indices_match_int64(device):
+def test_int32_indices_and_offsets_match_int64(device):
     values, indices = pairs_code(7, 50, 5, "repeat")
     W, g = torch.randn(50, 63), torch.randn(7, 63)
     v, i64, W, g = _to(device, values, indices, W, g)
@@ -143,6 +143,12 @@ def test_pairs_int32_indices_match_int64(device):
     assert torch.equal(sm.gather(v, i32, W), sm.gather(v, i64, W))
     assert torch.equal(sm.gather_dot(g, i32, W), sm.gather_dot(g, i64, W))
     assert torch.equal(sm.scatter_add(v, i32, g, 50), sm.scatter_add(v, i64, g, 50))
+    offsets = torch.arange(8, device=device) * 5
+    vf, if32, if64 = v.reshape(-1), i32.reshape(-1), i64.reshape(-1)
+    for o in (offsets, offsets.to(torch.int32)):
+        assert torch.equal(sm.csr_gather(vf, if32, o, W), sm.csr_gather(vf, if64, offsets, W))
+        assert torch.equal(sm.csr_gather_dot(g, if32, o, W), sm.csr_gather_dot(g, if64, offsets, W))
+        assert torch.equal(sm.csr_scatter_add(vf, if32, o, g, 50), sm.csr_scatter_add(vf, if64, offsets, g, 50))
 
 
 def test_pairs_zero_k(device):
