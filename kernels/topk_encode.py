@@ -40,6 +40,8 @@ fp32 reference does not have. ``b - W b_dec`` is one pass over ``W`` (a GEMV, ~1
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -54,6 +56,10 @@ _MAX_D_SAE = 1 << 31
 
 def _on_cuda() -> bool:
     return torch.cuda.is_available()
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _cuda_configs():
@@ -284,8 +290,6 @@ def _check_tensor(name, t, ndim, dtype, device):
         raise TypeError(f"{name} must have dtype {dtype} (the dtype of x), got {t.dtype}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} must be on {device} (the device of x), got {t.device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous; call .contiguous() first")
 
 
 def _check_int(name, v):
@@ -298,6 +302,8 @@ def _validate(x, W, b, b_dec, k, dead_mask, k_aux):
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float32, bfloat16 or float16, got {x.dtype}")
     dev = x.device
+    if dev.type != "cuda" and not _interpreting():
+        raise ValueError(f"x must be a CUDA tensor (got device {dev}); CPU tensors run only under TRITON_INTERPRET=1")
     _check_tensor("W", W, 2, x.dtype, dev)
     n, d_in = x.shape
     d_sae = W.shape[0]
@@ -322,6 +328,10 @@ def _validate(x, W, b, b_dec, k, dead_mask, k_aux):
         _check_tensor("dead_mask", dead_mask, 1, torch.bool, dev)
         if dead_mask.shape[0] != d_sae:
             raise ValueError(f"dead_mask must have shape [{d_sae}] (d_sae), got {tuple(dead_mask.shape)}")
+    # Checked last, so a wrong shape is reported as such rather than as a stride problem.
+    for name, t in (("x", x), ("W", W), ("b", b), ("b_dec", b_dec), ("dead_mask", dead_mask)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; call .contiguous() first")
 
 
 def _log2(v: int) -> int:
@@ -332,10 +342,10 @@ def _next_pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def _blocks(kp: int, kap: int, d_sae: int):
+def _blocks(kp: int, kap: int, d_sae: int, on_gpu: bool):
     """(BLOCK_N, BLOCK_M) for a running top-KP (and top-KAP)."""
     widest = max(kp, kap)
-    if not _on_cuda():
+    if not on_gpu:
         # The interpreter pays per tensor op far more than per element: few, wide tiles.
         return 32, max(widest, min(128, _next_pow2(d_sae)))
     # The tile must be at least KP wide for the top-k; the running top-k lives in registers, so
@@ -351,7 +361,7 @@ def _launch(x, W, b, b_dec, k, dead_mask, k_aux, num_splits=None, blocks=None):
     has_aux = dead_mask is not None and k_aux > 0
     kp = _next_pow2(k)
     kap = _next_pow2(k_aux) if has_aux else 1
-    block_n, block_m = blocks if blocks is not None else _blocks(kp, kap if has_aux else 1, d_sae)
+    block_n, block_m = blocks if blocks is not None else _blocks(kp, kap, d_sae, x.is_cuda)
     if block_m < max(kp, kap):
         raise ValueError(f"BLOCK_M ({block_m}) must be >= the padded k ({max(kp, kap)})")
 
