@@ -1,0 +1,604 @@
+"""SAE training: fast, resumable, data-parallel.
+
+One step: forward (``sae.loss``), backward, gradient all-reduce (data parallel), removal of
+each decoder row's parallel gradient, clipping, Adam, decoder renormalisation, dead-latent
+bookkeeping. Everything in a step stays on the device; the host waits for it only at
+logging, evaluation and checkpoint steps.
+
+Definitions a user may want to know:
+
+* Inputs are scaled by ``s`` (E||s x||^2 = d_in, estimated on a sample) while training; the
+  SAEs written to ``best_model`` / ``final_model`` and the trainer's ``sae`` after ``train``
+  returns have ``s`` folded in, so they take raw activations. Checkpoints hold the
+  training-space weights plus ``s``.
+* A latent is dead once it has not fired for ``min(config.dead_tokens_threshold,
+  10% of the run's tokens)`` tokens: the cap lets short runs see (and fix) dead latents.
+  Warmup is likewise capped at 10% of the run's steps.
+* Data order: epoch e is a permutation of the rows seeded by (config.seed, e); step t of the
+  epoch takes the t-th global batch of it, rank r the r-th slice of that batch. A checkpoint's
+  step therefore fixes the data position exactly.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from fastsae import ops
+from fastsae.config import SAEConfig
+from fastsae.io import atomic_save_tensors, atomic_write, atomic_write_json, atomic_write_text, save_sae
+from fastsae.models import BaseSAE, create_sae
+from fastsae.normalize import estimate_norm_scale, fold_normalization, geometric_median, unfold_normalization
+
+__all__ = ["SAETrainer", "train_sae_from_activations", "resolve_device", "split_activations", "plot_metrics"]
+
+INIT_SAMPLE_ROWS = 8192  # rows for the input scale and the b_dec geometric median
+RESAMPLE_SAMPLE_ROWS = 16384  # rows scored when resampling dead latents
+RUN_FRACTION_CAP = 0.1  # dead-token threshold and warmup are capped at this fraction of the run
+DECAY_FRACTION = 0.2  # linear LR decay to 0 over the last 20% of steps (config.lr_decay)
+RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: 0.2 x mean alive encoder norm
+_NEVER = 2**62  # "no bad step yet"
+_AUXK = ("topk", "batchtopk")
+_RESAMPLED = ("relu", "gated", "jumprelu")
+_PER_LATENT = ("enc_weight", "W_dec", "b_enc", "r_mag", "b_mag", "log_threshold")
+
+
+# ----------------------------------------------------------------------------- setup helpers
+
+def resolve_device(device) -> torch.device:
+    """torch.device for ``device``; CUDA falls back to CPU (with a warning) when absent, and
+    under torchrun an index-less "cuda" means this process's LOCAL_RANK GPU."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn("device 'cuda' was requested but CUDA is not available; training on CPU", stacklevel=3)
+        return torch.device("cpu")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def _writable_dir(path) -> Path:
+    """Create ``path`` and prove it is writable now, not hours into a run."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test"):
+            pass
+    except OSError as e:
+        raise OSError(f"save_dir {str(path)!r} is not a writable directory: {e.strerror or e}") from None
+    return path
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _Rows:
+    """Random access to the rows of an activation source: a Tensor [N, d_in] or a store with
+    ``__len__`` and row indexing by a LongTensor (read in sorted order for locality)."""
+
+    def __init__(self, source, name: str, d_in: int):
+        if isinstance(source, torch.Tensor):
+            if source.dim() != 2:
+                raise ValueError(f"{name} must be a 2-D tensor [N, d_in], got shape {tuple(source.shape)}")
+            self.num_rows, self.width = source.shape
+            self._read = lambda idx: source[idx.to(source.device)]
+        elif hasattr(source, "__getitem__") and hasattr(source, "__len__") and hasattr(source, "d_in"):
+            self.num_rows, self.width = len(source), int(source.d_in)
+            self._read = lambda idx: source[idx]
+        else:
+            raise TypeError(f"{name} must be a torch.Tensor [N, d_in] or an activation store, "
+                            f"got {type(source).__name__}")
+        if self.width != d_in:
+            raise ValueError(f"{name} have width {self.width} but config.d_in is {d_in}; "
+                             "they must come from the hook point the SAE is configured for")
+        if self.num_rows == 0:
+            raise ValueError(f"{name} is empty")
+
+    def read(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(self._read(idx))
+
+
+def split_activations(activations: torch.Tensor, val_split: float, seed: int = 0):
+    """(train, val) rows of a tensor, split at random (seeded); val is None when val_split is 0."""
+    if not 0 <= val_split < 1:
+        raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+    n_val = int(len(activations) * val_split)
+    if n_val == 0:
+        return activations, None
+    perm = torch.randperm(len(activations), generator=torch.Generator().manual_seed(seed))
+    return activations[perm[n_val:].to(activations.device)], activations[perm[:n_val].to(activations.device)]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class SAETrainer:
+    """Train ``sae`` on ``activations`` (Tensor [N, d_in] or an activation store).
+
+    Under torch.distributed (torchrun) every rank builds the same trainer on the same data;
+    each reads its slice of every global batch of ``config.batch_size`` rows, and gradients
+    are averaged, so N ranks follow the single-process run.
+    """
+
+    def __init__(self, sae: BaseSAE, config: SAEConfig, activations, val_activations=None, device="cuda",
+                 save_dir=None, log_every: int = 50, keep_checkpoints: int = 3):
+        if sae.d_in != config.d_in or sae.d_sae != config.d_sae:
+            raise ValueError(f"sae has d_in={sae.d_in}, d_sae={sae.d_sae} but config says "
+                             f"d_in={config.d_in}, d_sae={config.d_sae}")
+        self.config = config
+        self.device = resolve_device(device)
+        self.sae = sae.to(self.device).train()
+        self.rows = _Rows(activations, "activations", config.d_in)
+        self.val_rows = None if val_activations is None else _Rows(val_activations, "val_activations", config.d_in)
+        self.save_dir = None if save_dir is None else _writable_dir(save_dir)
+        self.log_every, self.keep_checkpoints = int(log_every), int(keep_checkpoints)
+        self.rank, self.world_size = _dist_info()
+        self.global_batch = min(int(config.batch_size), self.rows.num_rows)
+        if self.global_batch % self.world_size:
+            raise ValueError(f"batch_size {self.global_batch} must be divisible by the world size {self.world_size}")
+        self.local_batch = self.global_batch // self.world_size
+        self.steps_per_epoch = self.rows.num_rows // self.global_batch
+        self.total_steps = self.steps_per_epoch * int(config.num_epochs)
+        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=config.learning_rate)
+        self.step = 0
+        self.scale: float | None = None  # input normalisation, set on the first train()
+        self.best_val_fvu = math.inf
+        self.history: list[dict] = []
+        self.last_checkpoint: Path | None = None
+        self.tokens_since_fired = torch.zeros(config.d_sae, dtype=torch.long, device=self.device)
+        self._first_bad = torch.full((2,), _NEVER, dtype=torch.long, device=self.device)  # [input, loss]
+        self._resample_gen = torch.Generator().manual_seed(config.seed + 1)
+        self._perm_epoch, self._perm = None, None
+        self._folded = False
+        self._last_log = (time.perf_counter(), 0)
+
+    # ---- schedules (plain functions of the step, so a resumed run follows the same curve)
+    def lr_at(self, step: int) -> float:
+        warmup = min(self.config.warmup_steps, int(RUN_FRACTION_CAP * self.total_steps))
+        lr = self.config.learning_rate * min(1.0, (step + 1) / warmup if warmup > 0 else 1.0)
+        if self.config.lr_decay:
+            decay_steps = max(1, int(DECAY_FRACTION * self.total_steps))
+            lr *= min(1.0, (self.total_steps - step) / decay_steps)
+        return lr
+
+    def sparsity_scale_at(self, step: int) -> float:
+        warm = self.config.l1_warmup_steps
+        return 1.0 if warm <= 0 else min(1.0, (step + 1) / warm)
+
+    @property
+    def dead_tokens_threshold(self) -> int:
+        run_tokens = self.total_steps * self.global_batch
+        return min(int(self.config.dead_tokens_threshold), max(self.global_batch, int(RUN_FRACTION_CAP * run_tokens)))
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired > self.dead_tokens_threshold
+
+    # ---- data
+    def _epoch_permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm_epoch != epoch:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.rows.num_rows, generator=gen), epoch
+        return self._perm
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, torch.float32, non_blocking=True) * self.scale
+
+    def batch_at(self, step: int) -> torch.Tensor:
+        """This rank's normalised slice of global batch ``step``."""
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        start = pos * self.global_batch + self.rank * self.local_batch
+        return self._normalized(self.rows.read(self._epoch_permutation(epoch)[start:start + self.local_batch]))
+
+    def _sample_rows(self, n: int, seed_offset: int) -> torch.Tensor:
+        """Up to n rows spread over the data (the same on every rank)."""
+        gen = torch.Generator().manual_seed(self.config.seed + seed_offset)
+        idx = torch.randperm(self.rows.num_rows, generator=gen)[:n]
+        return self.rows.read(idx.sort().values).float()
+
+    @torch.no_grad()
+    def _initialise(self) -> None:
+        """Input scale and b_dec (geometric median of the scaled sample) for a fresh run."""
+        sample = self._sample_rows(INIT_SAMPLE_ROWS, seed_offset=2)
+        self.scale = estimate_norm_scale(sample) if self.config.normalize_activations else 1.0
+        self.sae.b_dec.copy_(geometric_median(sample * self.scale).to(self.device))
+
+    # ---- one step
+    def _autocast(self):
+        enabled = self.device.type == "cuda" and self.config.extra.get("autocast", True)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self, x: torch.Tensor) -> dict:
+        """One optimisation step on this rank's normalised batch ``x``; returns sae.loss's dict."""
+        dead = self.dead_mask() if self.config.activation in _AUXK else None
+        with self._autocast():
+            out = self.sae.loss(x, dead_mask=dead, sparsity_scale=self.sparsity_scale_at(self.step))
+        self.optimizer.zero_grad(set_to_none=True)
+        out["total_loss"].backward()
+        fired = _fire_counts(out["code"], self.config.d_sae)
+        bad = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(out["total_loss"].detach())])
+        if self.world_size > 1:
+            fired, bad = self._all_reduce(fired, bad)
+        if self.config.normalize_decoder:
+            self.sae.remove_parallel_decoder_grad()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.config.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.step)
+        self.optimizer.step()
+        if self.config.normalize_decoder:
+            self.sae.normalize_decoder_weights()
+        self.tokens_since_fired = torch.where(fired > 0, 0, self.tokens_since_fired + self.global_batch)
+        self._first_bad = torch.minimum(self._first_bad, torch.where(bad, self.step, _NEVER))
+        self.step += 1
+        return out
+
+    def _all_reduce(self, fired, bad):
+        """Average gradients and sum fire counts and NaN flags across ranks in one collective."""
+        params = list(self.sae.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [fired, bad.float()])
+        dist.all_reduce(flat)
+        n_grad = flat.numel() - fired.numel() - 2
+        flat[:n_grad].div_(self.world_size)
+        for p, g in zip(params, torch.split(flat[:n_grad], [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+        return flat[n_grad:-2], flat[-2:] > 0
+
+    def _raise_if_nonfinite(self) -> None:
+        """Stop on the first non-finite batch or loss (a host sync: called only at log/save steps)."""
+        first_input, first_loss = self._first_bad.tolist()
+        if min(first_input, first_loss) == _NEVER:
+            return
+        what = "activations contain NaN or Inf" if first_input <= first_loss else "the loss became NaN or Inf"
+        step = min(first_input, first_loss) + 1  # steps are counted from 1 in logs and checkpoints
+        kept = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                else "no checkpoint was saved")
+        raise FloatingPointError(f"training stopped at step {step} (epoch {(step - 1) // self.steps_per_epoch}): "
+                                 f"{what} in that step's batch; {kept}")
+
+    # ---- the loop
+    def train(self, num_epochs: int | None = None, verbose: bool = True, resume: bool = False,
+              max_steps: int | None = None) -> list[dict]:
+        """Train for ``num_epochs`` (default config.num_epochs). ``resume=True`` continues from the
+        latest checkpoint in save_dir; ``max_steps`` stops early (with a checkpoint) without
+        changing the schedule, so a later resume follows the uninterrupted run exactly."""
+        from tqdm.auto import tqdm
+
+        if num_epochs is not None:
+            self.total_steps = self.steps_per_epoch * int(num_epochs)
+        if resume:
+            self._resume_latest()
+        if self._folded:
+            unfold_normalization(self.sae, self.scale)
+            self._folded = False
+        if self.scale is None:
+            self._initialise()
+        self._write_config()
+        stop = self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not verbose or self.rank != 0,
+                   desc="train SAE", unit="step", dynamic_ncols=True)
+        self._last_log = (time.perf_counter(), self.step)
+        self.sae.train()
+        try:
+            with ops.input_checks(False):  # NaN scans would sync every op; checked at log steps instead
+                while self.step < stop:
+                    out = self.train_step(self.batch_at(self.step))
+                    bar.update(1)
+                    self._after_step(out, bar, last=self.step == stop)
+        except KeyboardInterrupt:
+            self._raise_if_nonfinite()
+            self._save_checkpoint()
+            raise
+        finally:
+            bar.close()
+        if self.step == self.total_steps:
+            self._finish()
+        fold_normalization(self.sae, self.scale)
+        self._folded = True
+        return self.history
+
+    def _after_step(self, out: dict, bar, last: bool) -> None:
+        step, cfg = self.step, self.config
+        if step % self.log_every == 0 or last:
+            self._log(out, bar)
+        if cfg.activation in _RESAMPLED and cfg.resample_interval > 0 and step % cfg.resample_interval == 0:
+            self.resample_dead_latents()
+        if self.val_rows is not None and (step % cfg.eval_every == 0 or last):
+            self._raise_if_nonfinite()
+            self._evaluate_and_keep_best()
+        if step % cfg.save_every == 0 or last:
+            self._raise_if_nonfinite()
+            self._save_checkpoint()
+
+    def _log(self, out: dict, bar) -> None:
+        self._raise_if_nonfinite()
+        now, (then, then_step) = time.perf_counter(), self._last_log
+        tokens_per_s = (self.step - then_step) * self.global_batch / max(now - then, 1e-9)
+        self._last_log = (now, self.step)
+        record = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch,
+                  "tokens": self.step * self.global_batch, "lr": self.lr_at(self.step - 1),
+                  "tokens_per_s": tokens_per_s, "dead_fraction": self.dead_mask().float().mean().item()}
+        for key in ("total_loss", "mse_loss", "fvu", "l0", "aux_loss", "l1_loss", "l0_loss"):
+            if key in out:
+                record[key] = float(out[key].detach().float())
+        self._record(record)
+        bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}",
+                        dead=f"{100 * record['dead_fraction']:.1f}%", refresh=False)
+
+    def _record(self, record: dict) -> None:
+        self.history.append(record)
+        if self.save_dir is not None and self.rank == 0:
+            with open(self.save_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- validation and saved models
+    @torch.no_grad()
+    def evaluate(self, batch_size: int | None = None) -> float:
+        """FVU on the validation rows (in the normalised space; FVU does not depend on the scale)."""
+        if self.val_rows is None:
+            raise ValueError("no val_activations were given")
+        batch_size = batch_size or self.global_batch
+        was_training = self.sae.training
+        self.sae.eval()
+        err = sum_x = sum_sq = 0.0
+        n = self.val_rows.num_rows
+        with ops.input_checks(False), self._autocast():
+            for start in range(0, n, batch_size):
+                x = self._normalized(self.val_rows.read(torch.arange(start, min(start + batch_size, n))))
+                recon = self.sae.loss(x)["reconstruction"].float()
+                err = err + (recon - x).pow(2).sum().double()
+                sum_x = sum_x + x.double().sum(0)
+                sum_sq = sum_sq + x.double().pow(2).sum()
+        self.sae.train(was_training)
+        total_var = sum_sq - sum_x.pow(2).sum() / n
+        return float(err / total_var)
+
+    def _evaluate_and_keep_best(self) -> None:
+        if self.rank != 0:
+            return
+        fvu = self.evaluate()
+        self._record({"step": self.step, "val_fvu": fvu})
+        if fvu < self.best_val_fvu:
+            self.best_val_fvu = fvu
+            if self.save_dir is not None:
+                self.save_raw_sae(self.save_dir / "best_model", val_fvu=fvu)
+
+    def raw_sae(self) -> BaseSAE:
+        """A copy of the SAE that takes raw (unnormalised) activations."""
+        sae = copy.deepcopy(self.sae)
+        if not self._folded:
+            fold_normalization(sae, self.scale)
+        return sae.eval()
+
+    def save_raw_sae(self, path, **metadata) -> Path:
+        return save_sae(self.raw_sae(), self.config, path, step=self.step, normalization_scale=self.scale,
+                        **metadata)
+
+    def _finish(self) -> None:
+        if self.save_dir is None or self.rank != 0:
+            return
+        self.save_raw_sae(self.save_dir / "final_model", best_val_fvu=self.best_val_fvu)
+        try:
+            plot_metrics(self.save_dir / "metrics.jsonl", self.save_dir / "loss_curves.png")
+        except Exception as e:  # a missing plot must not cost a finished run
+            warnings.warn(f"could not plot the loss curves: {e}", stacklevel=2)
+
+    def _write_config(self) -> None:
+        if self.save_dir is not None and self.rank == 0:
+            atomic_write_json(self.save_dir / "config.json", self.config.to_dict())
+
+    # ---- dead-latent resampling (ReLU / Gated / JumpReLU)
+    @torch.no_grad()
+    def resample_dead_latents(self) -> int:
+        """Re-initialise dead latents towards inputs the SAE reconstructs badly; returns how many.
+
+        Inputs are drawn with probability proportional to their squared reconstruction error;
+        a dead latent's decoder row becomes the unit direction of its input (minus b_dec), its
+        encoder row the same direction at 0.2x the mean alive encoder norm, its biases zero, and
+        its Adam moments are cleared so stale statistics do not fling it straight away.
+        """
+        dead = self.dead_mask().nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        x = self._normalized(self._sample_rows(RESAMPLE_SAMPLE_ROWS, seed_offset=3 + self.step))
+        weights = self._squared_errors(x).cpu().double()
+        if not bool((weights > 0).any()):
+            weights = torch.ones_like(weights)
+        replace = dead.numel() > int((weights > 0).sum())
+        pick = torch.multinomial(weights, dead.numel(), replacement=replace, generator=self._resample_gen)
+        directions = x[pick.to(self.device)] - self.sae.b_dec
+        directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        alive = ~self.dead_mask()
+        enc_norm = self.sae.enc_weight[alive].norm(dim=1).mean() if bool(alive.any()) else torch.tensor(1.0)
+        sae = self.sae
+        sae.W_dec[dead] = directions
+        sae.enc_weight[dead] = directions * (RESAMPLE_ENCODER_SCALE * enc_norm)
+        sae.b_enc[dead] = 0.0
+        if hasattr(sae, "r_mag"):
+            sae.r_mag[dead] = 0.0
+            sae.b_mag[dead] = 0.0
+        if hasattr(sae, "log_threshold"):
+            sae.log_threshold[dead] = math.log(self.config.jumprelu_init_threshold)
+        self._reset_adam_rows(dead)
+        self.tokens_since_fired[dead] = 0
+        return int(dead.numel())
+
+    def _squared_errors(self, x: torch.Tensor) -> torch.Tensor:
+        errs = []
+        for chunk in x.split(self.global_batch):
+            errs.append((self.sae.loss(chunk)["reconstruction"].float() - chunk).pow(2).sum(1))
+        return torch.nan_to_num(torch.cat(errs), nan=0.0, posinf=0.0)
+
+    def _reset_adam_rows(self, rows: torch.Tensor) -> None:
+        for name, p in self.sae.named_parameters():
+            state = self.optimizer.state.get(p)
+            if name in _PER_LATENT and state:
+                state["exp_avg"][rows] = 0.0
+                state["exp_avg_sq"][rows] = 0.0
+
+    # ---- checkpoints
+    def _save_checkpoint(self) -> None:
+        """save_dir/checkpoints/step_{N}/: training-space weights, Adam state, trainer state.
+        Written to a temporary directory and renamed, so a checkpoint is whole or absent."""
+        if self.save_dir is None or self.rank != 0:
+            return
+        root = self.save_dir / "checkpoints"
+        final, tmp = root / f"step_{self.step}", root / f".step_{self.step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors["trainer.tokens_since_fired"] = self.tokens_since_fired
+        atomic_save_tensors(tmp / "state.safetensors", tensors)
+        opt_tensors, groups = _flatten_optimizer(self.optimizer)
+        atomic_save_tensors(tmp / "optimizer.safetensors", opt_tensors, metadata={"param_groups": groups})
+        atomic_write_json(tmp / "trainer_state.json", self._trainer_state())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        self.last_checkpoint = final
+        self._prune_checkpoints(root)
+
+    def _trainer_state(self) -> dict:
+        rng = {"resample": self._resample_gen.get_state().tolist(), "torch": torch.get_rng_state().tolist()}
+        if torch.cuda.is_available():
+            rng["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+        return {"format": 1, "step": self.step, "epoch": self.step // self.steps_per_epoch,
+                "position_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "global_batch": self.global_batch, "total_steps": self.total_steps, "world_size": self.world_size,
+                "best_val_fvu": None if math.isinf(self.best_val_fvu) else self.best_val_fvu,
+                "normalization_scale": self.scale, "rng": rng, "config": self.config.to_dict()}
+
+    def _prune_checkpoints(self, root: Path) -> None:
+        for old in _checkpoint_dirs(root)[:-self.keep_checkpoints or None]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _resume_latest(self) -> None:
+        found = _checkpoint_dirs(self.save_dir / "checkpoints") if self.save_dir is not None else []
+        if not found:
+            warnings.warn("resume=True but no checkpoint found in save_dir; starting from scratch", stacklevel=3)
+            return
+        self.load_checkpoint(found[-1])
+
+    def load_checkpoint(self, path) -> None:
+        """Restore a checkpoint directory (or the latest under a save_dir / checkpoints dir)."""
+        path = Path(path)
+        if not (path / "trainer_state.json").exists():
+            found = _checkpoint_dirs(path / "checkpoints") or _checkpoint_dirs(path)
+            if not found:
+                raise FileNotFoundError(f"{path} is not a trainer checkpoint (no trainer_state.json) "
+                                        "and holds no checkpoints/step_N/")
+            path = found[-1]
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["global_batch"] != self.global_batch:
+            raise ValueError(f"checkpoint {path} was trained with a global batch of {state['global_batch']} rows, "
+                             f"this trainer uses {self.global_batch}; the data order would not match")
+        tensors = load_file(str(path / "state.safetensors"), device=str(self.device))
+        self.sae.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("sae.")})
+        self.tokens_since_fired = tensors["trainer.tokens_since_fired"].to(self.device)
+        self.optimizer.load_state_dict(_unflatten_optimizer(path / "optimizer.safetensors"))
+        self.step, self.total_steps = int(state["step"]), int(state["total_steps"])
+        self.scale = state["normalization_scale"]
+        self.best_val_fvu = math.inf if state["best_val_fvu"] is None else float(state["best_val_fvu"])
+        self._resample_gen.set_state(torch.tensor(state["rng"]["resample"], dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["rng"]["cuda"]])
+        self._first_bad.fill_(_NEVER)
+        self._folded = False
+        self.last_checkpoint = path
+        self._trim_metrics(self.step)
+
+    def _trim_metrics(self, step: int) -> None:
+        """Drop logged lines from beyond the checkpoint, which the resumed run will log again."""
+        self.history = [r for r in self.history if r["step"] <= step]
+        log = None if self.save_dir is None else self.save_dir / "metrics.jsonl"
+        if log is None or self.rank != 0 or not log.exists():
+            return
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(log, "".join(ln + "\n" for ln in lines))
+
+
+def _fire_counts(code, d_sae: int) -> torch.Tensor:
+    """How many tokens of the batch each latent fired on (float [d_sae], no host sync)."""
+    values, indices = code.flat()
+    return torch.zeros(d_sae, device=values.device).index_add_(0, indices, (values.detach() > 0).float())
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "trainer_state.json").exists()
+             and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _flatten_optimizer(optimizer) -> tuple[dict, str]:
+    """Adam state as flat tensors "{param_index}.{exp_avg|exp_avg_sq|step}" plus JSON param groups."""
+    sd = optimizer.state_dict()
+    tensors = {f"{i}.{key}": torch.as_tensor(value) for i, s in sd["state"].items() for key, value in s.items()}
+    return tensors, json.dumps(sd["param_groups"])
+
+
+def _unflatten_optimizer(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+        state: dict[int, dict] = {}
+        for name in f.keys():
+            index, key = name.split(".", 1)
+            state.setdefault(int(index), {})[key] = f.get_tensor(name)
+    return {"state": state, "param_groups": groups}
+
+
+def plot_metrics(metrics_path, png_path) -> Path:
+    """Loss, FVU, L0 and dead fraction against step, from a metrics.jsonl, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    fig = Figure(figsize=(10, 7))
+    FigureCanvasAgg(fig)
+    panels = [("total_loss", "loss", True), ("fvu", "FVU (train; val dashed)", True), ("l0", "L0", False),
+              ("dead_fraction", "dead fraction", False)]
+    for i, (key, title, log_y) in enumerate(panels):
+        ax = fig.add_subplot(2, 2, i + 1)
+        pts = [(r["step"], r[key]) for r in records if key in r]
+        if pts:
+            ax.plot(*zip(*pts))
+        if key == "fvu":
+            val = [(r["step"], r["val_fvu"]) for r in records if "val_fvu" in r]
+            if val:
+                ax.plot(*zip(*val), linestyle="--")
+        if log_y and pts and min(v for _, v in pts) > 0:
+            ax.set_yscale("log")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    return atomic_write(png_path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def train_sae_from_activations(activations, config: SAEConfig, val_split: float = 0.1, device="cuda",
+                               save_dir=None, verbose: bool = True, **trainer_kwargs):
+    """Build an SAE from ``config``, train it on ``activations`` (a random ``val_split`` held out
+    for validation) and return (sae, trainer); the SAE takes raw activations."""
+    if isinstance(activations, torch.Tensor):
+        train_rows, val_rows = split_activations(activations, val_split, config.seed)
+    else:
+        train_rows, val_rows = activations, None
+    sae = create_sae(config)
+    trainer = SAETrainer(sae, config, train_rows, val_rows, device=device, save_dir=save_dir, **trainer_kwargs)
+    trainer.train(verbose=verbose)
+    return trainer.sae, trainer
