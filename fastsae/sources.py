@@ -97,7 +97,7 @@ def load_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu", d
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     # Causal LMs keep their head, so the same model can generate for tracking and steering.
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal else AutoModel
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = auto.from_pretrained(path, local_files_only=True, **kwargs).to(device).eval()
