@@ -13,14 +13,20 @@ from fastsae import torch_backend as tb
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16/fp16 kernels are checked on a GPU (interpreter bf16 is broken)")
 
-# (N, d, m, k): tails in every dimension, k=1, k=m, and k > 16 so entry chunks loop.
-PAIR_SHAPES = [
-    (1, 5, 3, 1),
-    (7, 63, 50, 1),
-    (7, 70, 3, 3),
-    (33, 70, 130, 8),
-    (7, 63, 50, 50),
-    (33, 5, 130, 20),
+# (N, d, m, k, kind): tails in every dimension, k=1, k=m, k > 16 so entry chunks loop, and each
+# kind of code (see pairs_code) on a small and a larger shape.
+PAIR_CASES = [
+    (1, 5, 3, 1, "repeat"),
+    (7, 63, 50, 1, "distinct"),
+    (7, 70, 3, 3, "distinct"),
+    (7, 70, 3, 3, "repeat"),
+    (7, 63, 50, 50, "distinct"),
+    (7, 63, 50, 8, "skewed"),
+    (7, 70, 50, 8, "unused"),
+    (33, 70, 130, 8, "distinct"),
+    (33, 70, 130, 8, "unused"),
+    (33, 5, 130, 20, "repeat"),
+    (33, 5, 130, 20, "skewed"),
 ]
 
 
@@ -101,11 +107,8 @@ def close(actual, expected, rtol=1e-5, atol=1e-5):
 # ----------------------------------------------------------------------------- fixed-k code
 
 
-@pytest.mark.parametrize("kind", ["distinct", "repeat", "unused", "skewed"])
-@pytest.mark.parametrize("n,d,m,k", PAIR_SHAPES)
+@pytest.mark.parametrize("n,d,m,k,kind", PAIR_CASES)
 def test_pairs_primitives(device, n, d, m, k, kind):
-    if kind == "distinct" and k > m:
-        pytest.skip("k > m cannot be distinct")
     values, indices = pairs_code(n, m, k, kind, seed=n * 1000 + d + m + k)
     gen = _gen(1)
     W = torch.randn(m, d, generator=gen)
@@ -137,7 +140,7 @@ def test_pairs_primitives(device, n, d, m, k, kind):
 
 def test_int32_indices_and_offsets_match_int64(device):
     values, indices = pairs_code(7, 50, 5, "repeat")
-    W, g = torch.randn(50, 63), torch.randn(7, 63)
+    W, g = torch.randn(50, 20), torch.randn(7, 20)
     v, i64, W, g = _to(device, values, indices, W, g)
     i32 = i64.to(torch.int32)
     assert torch.equal(sm.gather(v, i32, W), sm.gather(v, i64, W))
