@@ -33,6 +33,7 @@ def _interpreting() -> bool:
     """Whether this module's kernels run under the Triton interpreter (CPU tensors)."""
     return _INTERPRET
 
+
 # Index values can only be range-checked by reading them; on a GPU that is a host sync per
 # call, which the training and hooked-inference hot paths cannot afford. Indices there come
 # from the encode kernels. CPU tensors (the interpreter) are always checked, and the
