@@ -1,0 +1,367 @@
+"""Feature tracking and steering while a model runs: ``InterpretableModel``.
+
+Tracking and steering are separate forward hooks with separate handles, so either context
+can be entered or left without touching the other. At a hook point with both, steering runs
+first and tracking records the features of the activation the rest of the model sees.
+
+Steering edits features without dropping the SAE's error: the activation becomes
+``x + decode(f') - decode(f) = x + (f' - f) @ W_dec``, computed only over the edited latents'
+decoder rows. A feature's edit is ``f' = a * f + b``: add (a=1, b=s), clamp (a=0, b=v),
+scale (a=s, b=0), ablate (a=0, b=0). Edits that cannot change anything (scale 1, add 0) are
+dropped, so they leave the model's output bit-identical.
+
+Hooks never read a tensor back to the host (no .item(), .cpu() or Python branching on
+tensor values) and run with fastsae's NaN scan off, so a decode step on a GPU is not
+synchronised; what they record is merged and printed later (see ``fastsae.trace``). The
+variable-L0 encoders (ReLU, JumpReLU, Gated, BatchTopK at inference) size their output from
+the data and so do read a count back; TopK does not.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fastsae import ops
+from fastsae.hooks import resolve_hook_point
+from fastsae.trace import HookTrace, Trace
+
+__all__ = ["FeatureEdit", "InterpretableModel", "ablate", "add", "clamp", "scale"]
+
+EDIT_MODES = ("add", "clamp", "scale", "ablate")
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    """An edit of one latent: mode in EDIT_MODES, value the strength / clamp value / factor."""
+
+    feature: int
+    mode: str = "scale"
+    value: float = 1.0
+
+    def __post_init__(self):
+        if self.mode not in EDIT_MODES:
+            raise ValueError(f"edit mode must be one of {EDIT_MODES}, got {self.mode!r}")
+        if isinstance(self.feature, bool) or not isinstance(self.feature, int):
+            raise TypeError(f"feature index must be an int, got {type(self.feature).__name__}")
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool):
+            raise TypeError(f"edit value must be a number, got {type(self.value).__name__}")
+
+    @property
+    def is_noop(self) -> bool:
+        return (self.mode == "scale" and self.value == 1.0) or (self.mode == "add" and self.value == 0.0)
+
+    def coefficients(self) -> tuple[float, float]:
+        """(a, b) with f' = a * f + b."""
+        return {"add": (1.0, self.value), "clamp": (0.0, self.value), "scale": (self.value, 0.0),
+                "ablate": (0.0, 0.0)}[self.mode]
+
+
+def add(feature: int, strength: float) -> FeatureEdit:
+    """Add ``strength`` to the feature (its decoder row times strength, on every token)."""
+    return FeatureEdit(feature, "add", strength)
+
+
+def clamp(feature: int, value: float) -> FeatureEdit:
+    """Set the feature to ``value`` on every token."""
+    return FeatureEdit(feature, "clamp", value)
+
+
+def scale(feature: int, factor: float) -> FeatureEdit:
+    """Multiply the feature by ``factor`` (the seed's ``(feature_idx, strength)`` meaning)."""
+    return FeatureEdit(feature, "scale", factor)
+
+
+def ablate(feature: int) -> FeatureEdit:
+    """Remove the feature: x - f * W_dec[feature]."""
+    return FeatureEdit(feature, "ablate", 0.0)
+
+
+# ----------------------------------------------------------------------------- hook plumbing
+
+def _split(value):
+    """(activation tensor, rebuild) for a module output or input: a Tensor, or a tuple/list whose
+    first element is one (Hugging Face blocks return (hidden, ...))."""
+    if isinstance(value, torch.Tensor):
+        return value, lambda new: new
+    if isinstance(value, (tuple, list)) and value:
+        inner, rebuild = _split(value[0])
+        return inner, lambda new: type(value)([rebuild(new), *value[1:]])
+    raise TypeError(f"hooked module produced {type(value).__name__}; expected a Tensor or a tuple starting with one")
+
+
+def _register(module: nn.Module, kind: str, fn, prepend: bool = False):
+    """Hook ``fn(x) -> new x | None`` on a module's output ("output") or first input ("pre")."""
+    if kind == "pre":
+        def pre_hook(_module, args, kwargs):
+            if args:
+                x, rebuild = _split(args[0])
+                new = fn(x)
+                return None if new is None else ((rebuild(new), *args[1:]), kwargs)
+            key = next(iter(kwargs))  # e.g. hidden_states=... for Hugging Face layers
+            x, rebuild = _split(kwargs[key])
+            new = fn(x)
+            return None if new is None else (args, {**kwargs, key: rebuild(new)})
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
+
+    def hook(_module, _args, output):
+        x, rebuild = _split(output)
+        new = fn(x)
+        return None if new is None else rebuild(new)
+    return module.register_forward_hook(hook, prepend=prepend)
+
+
+def _input_ids(args, kwargs) -> torch.Tensor | None:
+    """The token ids of a top-level forward call, if it has them."""
+    for value in (*args[:1], kwargs.get("input_ids"), kwargs.get("idx")):
+        if isinstance(value, torch.Tensor) and not value.is_floating_point():
+            return value
+    return None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _is_hf_generator(model: nn.Module) -> bool:
+    # nanochat's GPT also has a .generate (a token-by-token Python generator with another
+    # signature); Hugging Face models are told apart by their generation_config.
+    return hasattr(model, "generation_config") and callable(getattr(model, "generate", None))
+
+
+class _Plan:
+    """The edits at one hook point as tensors: latent ids, f' = a * f + b coefficients, and their
+    decoder rows (gathered once, so a step touches only these rows)."""
+
+    def __init__(self, sae, edits: list[FeatureEdit]):
+        device = sae.W_dec.device
+        self.features = torch.tensor([e.feature for e in edits], dtype=torch.long, device=device)
+        coef = torch.tensor([e.coefficients() for e in edits], dtype=sae.dtype, device=device)
+        self.a, self.b = coef[:, 0], coef[:, 1]
+        self.rows = sae.W_dec.detach()[self.features]  # [E, d_in]
+        # Pure additions do not depend on the activation: one constant vector, no encode.
+        self.constant = self.b @ self.rows if all(e.mode == "add" for e in edits) else None
+
+
+# ----------------------------------------------------------------------------- the model
+
+class InterpretableModel(nn.Module):
+    """A model with SAEs at hook points: track features and steer them while it runs.
+
+    ``saes`` maps hook point names (``blocks.{i}.hook_resid_post`` etc., or module paths; see
+    ``fastsae.hooks``) to SAEs. The SAEs are moved to ``device`` (default: the model's) and put
+    in eval mode. Activations are cast to each SAE's dtype at the hook and edits cast back.
+
+    ``track_k``: latents recorded per token (default: the SAE's k for TopK SAEs, else 64);
+    ``max_examples``: max-activating examples kept per feature; ``keep_trace=False`` keeps
+    only those examples, not every token's features.
+    """
+
+    def __init__(self, model: nn.Module, saes: dict, device=None, track_k: int | None = None,
+                 max_examples: int = 10, keep_trace: bool = True):
+        super().__init__()
+        if not saes:
+            raise ValueError("saes is empty: give at least one {hook_point: SAE}")
+        self.model = model
+        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.saes = {hp: sae.to(self.device).eval() for hp, sae in saes.items()}
+        # Hook point names contain dots, which ModuleDict keys may not: the modules are also
+        # registered under escaped keys so .to() and state_dict() reach them.
+        self._sae_modules = nn.ModuleDict({hp.replace(".", "__"): sae for hp, sae in self.saes.items()})
+        self._targets = {hp: resolve_hook_point(model, hp) for hp in self.saes}  # unknown names fail here
+        self.track_k = track_k
+        self.max_examples = max_examples
+        self.keep_trace = keep_trace
+        self.trace: Trace | None = None
+        self._tracking = False
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    # -- input at a hook ------------------------------------------------------------------------
+    def _sae_input(self, hook_point: str, x: torch.Tensor) -> torch.Tensor:
+        """The activation as [N, d_in] in the SAE's dtype, after checks that read no tensor values."""
+        sae = self.saes[hook_point]
+        if not x.is_floating_point():
+            raise TypeError(f"activation at {hook_point!r} has dtype {x.dtype}; an SAE needs a floating-point "
+                            "activation (is this hook point reading token ids?)")
+        if x.shape[-1] != sae.d_in:
+            raise ValueError(f"activation at {hook_point!r} has shape {tuple(x.shape)}: last dimension "
+                             f"{x.shape[-1]} != the SAE's d_in={sae.d_in}")
+        if x.device != sae.device:
+            raise ValueError(f"activation at {hook_point!r} is on {x.device} but its SAE is on {sae.device}; "
+                             "pass device= to InterpretableModel")
+        return x.detach().reshape(-1, sae.d_in).to(sae.dtype)
+
+    def _encode(self, hook_point: str, flat: torch.Tensor):
+        with torch.no_grad(), ops.input_checks(False):  # the NaN scan would read back to the host
+            return self.saes[hook_point].encode_sparse(flat)
+
+    # -- tracking -------------------------------------------------------------------------------
+    def _track_width(self, sae) -> int:
+        if self.track_k is not None:
+            return min(self.track_k, sae.d_sae)
+        return sae.config.k if sae.config.activation == "topk" else min(64, sae.d_sae)
+
+    def _top_features(self, hook_point: str, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, m] values and latent ids, strongest first."""
+        sae = self.saes[hook_point]
+        m = self._track_width(sae)
+        code = self._encode(hook_point, flat)
+        if code.row_offsets is None and code.values.shape[1] >= m:
+            return code.values[:, :m], code.indices[:, :m]  # fixed-k codes come sorted
+        values, order = code.to_dense().topk(m, dim=1)
+        return values, order
+
+    def _track(self, hook_point: str, x: torch.Tensor) -> None:
+        values, indices = self._top_features(hook_point, self._sae_input(hook_point, x))
+        lead = x.shape[:-1]
+        tokens = lead[-1] if len(lead) else 1
+        self.trace.hooks[hook_point].record(values, indices, values.shape[0] // max(tokens, 1), tokens,
+                                            self.trace.step)
+
+    def reset_tracking(self) -> Trace:
+        """Start a fresh trace (entering interpretation_enabled() does this)."""
+        self.trace = Trace()
+        for hp, sae in self.saes.items():
+            self.trace.hooks[hp] = HookTrace(hp, sae.d_sae, sae.device, self.max_examples, self.keep_trace)
+        return self.trace
+
+    @contextlib.contextmanager
+    def interpretation_enabled(self):
+        """Record the top features of every token at every hook point until the block exits.
+
+        The trace (``self.trace``) stays readable after exit, until the next entry.
+        """
+        if self._tracking:
+            raise RuntimeError("interpretation_enabled() is already active on this model")
+        self.reset_tracking()
+        handles = []
+        try:
+            handles.append(self.model.register_forward_pre_hook(
+                lambda _m, args, kwargs: self.trace.start_step(_input_ids(args, kwargs)), with_kwargs=True))
+            for hp, (module, kind) in self._targets.items():
+                handles.append(_register(module, kind, lambda x, hp=hp: self._track(hp, x)))
+            self._tracking = True
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._tracking = False
+
+    def get_active_features(self, hook_point: str | None = None, top_k: int | None = None) -> dict:
+        """{hook_point: dense features [N, d_sae]} of every token tracked so far (prefill and each
+        decode step, in order), or with top_k {hook_point: (indices [N, top_k], values [N, top_k])}."""
+        if self.trace is None or all(not h._chunks for h in self.trace.hooks.values()):
+            raise RuntimeError("no features recorded: run the model inside interpretation_enabled()")
+        if hook_point is not None and hook_point not in self.saes:
+            raise ValueError(f"no SAE at hook point {hook_point!r}; SAEs are at {list(self.saes)}")
+        points = [hook_point] if hook_point is not None else [hp for hp, h in self.trace.hooks.items() if h._chunks]
+        out = {}
+        for hp in points:
+            dense = self.trace[hp].dense()
+            if top_k is None:
+                out[hp] = dense
+            else:
+                values, indices = dense.topk(min(top_k, dense.shape[1]), dim=1)
+                out[hp] = (indices, values)
+        return out
+
+    # -- steering -------------------------------------------------------------------------------
+    def _edits(self, hook_point: str, spec) -> list[FeatureEdit]:
+        """Normalise one hook point's steering spec to a checked list of edits."""
+        if hook_point not in self.saes:
+            raise ValueError(f"no SAE at hook point {hook_point!r}; SAEs are at {list(self.saes)}")
+        specs = spec if isinstance(spec, list) else [spec]
+        edits = []
+        for s in specs:
+            if isinstance(s, tuple):  # the seed's (feature_idx, strength): strength multiplies the feature
+                if len(s) != 2:
+                    raise ValueError(f"steering spec for {hook_point!r} must be (feature_idx, strength), got {s!r}")
+                s = scale(*s)
+            if not isinstance(s, FeatureEdit):
+                raise TypeError(f"steering spec for {hook_point!r} must be (feature_idx, strength) or a FeatureEdit, "
+                                f"got {type(s).__name__}")
+            d_sae = self.saes[hook_point].d_sae
+            if not 0 <= s.feature < d_sae:
+                raise IndexError(f"feature index {s.feature} out of range for the SAE at {hook_point!r} "
+                                 f"(d_sae={d_sae}, valid 0..{d_sae - 1})")
+            edits.append(s)
+        features = [e.feature for e in edits]
+        if len(set(features)) != len(features):
+            raise ValueError(f"steering spec for {hook_point!r} edits a feature twice: {features}")
+        return [e for e in edits if not e.is_noop]
+
+    def _steer_activation(self, hook_point: str, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+        """x + (f' - f) @ W_dec[edited], cast back to x's dtype."""
+        flat = self._sae_input(hook_point, x)
+        if plan.constant is not None:
+            delta = plan.constant.expand_as(flat)
+        else:
+            code = self._encode(hook_point, flat)
+            if code.row_offsets is None:  # f of each edited latent: match it among the k stored ones
+                hit = code.indices.unsqueeze(2) == plan.features
+                f = (code.values.unsqueeze(2) * hit).sum(1)
+            else:
+                f = code.to_dense()[:, plan.features]
+            delta = (f * (plan.a - 1) + plan.b) @ plan.rows  # f' - f, exactly 0 where f' == f
+        return x + delta.reshape(x.shape).to(x.dtype)
+
+    @contextlib.contextmanager
+    def steering_enabled(self, steering_config: dict):
+        """Edit features while the block runs.
+
+        ``steering_config``: {hook_point: spec}, spec one of ``(feature_idx, strength)`` (scale,
+        as in the seed API), a ``FeatureEdit`` (``add``, ``clamp``, ``scale``, ``ablate``), or a
+        list of those. Errors (unknown hook point, feature out of range) are raised on entry.
+        """
+        plans = {}
+        for hp, spec in steering_config.items():
+            edits = self._edits(hp, spec)
+            if edits:
+                plans[hp] = _Plan(self.saes[hp], edits)
+        handles = []
+        try:
+            for hp, plan in plans.items():
+                module, kind = self._targets[hp]
+                # prepend: edits run before tracking hooks, which then see the edited activation
+                handles.append(_register(module, kind, lambda x, hp=hp, plan=plan: self._steer_activation(hp, plan, x),
+                                         prepend=True))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def steer(self, input_ids: torch.Tensor, feature_id: tuple[str, int], strength: float, mode: str = "scale",
+              **generate_kwargs) -> torch.Tensor:
+        """Generate from ``input_ids`` with one feature edited (default: scaled by ``strength``).
+
+        Returns the token ids (prompt + generated). See ``generate`` for the keyword arguments.
+        """
+        hook_point, feature = feature_id
+        with self.steering_enabled({hook_point: FeatureEdit(feature, mode, strength)}):
+            return self.generate(input_ids, **generate_kwargs)
+
+    # -- generation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, kv_cache=None, **kwargs) -> torch.Tensor:
+        """Greedy generation. Hugging Face models use their own ``generate`` (kwargs pass through);
+        other models are called as ``model(ids)`` per step, or with ``kv_cache`` as
+        ``model(ids, kv_cache=kv_cache)``: the prompt once, then one token per step (nanochat)."""
+        if _is_hf_generator(self.model):
+            kwargs.setdefault("do_sample", False)
+            return self.model.generate(input_ids, max_new_tokens=max_new_tokens, **kwargs)
+        if kwargs:
+            raise TypeError(f"generate() got unexpected keyword arguments {sorted(kwargs)} for a model "
+                            "without Hugging Face generate()")
+        ids = input_ids
+        step_input = ids
+        for _ in range(max_new_tokens):
+            logits = self.model(step_input) if kv_cache is None else self.model(step_input, kv_cache=kv_cache)
+            next_id = logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id.to(ids.dtype)], 1)
+            step_input = ids if kv_cache is None else next_id
+        return ids

@@ -1,0 +1,247 @@
+"""What the runtime records while a model runs: per-token top features and max-activating examples.
+
+Everything recorded stays on the activations' device and nothing here reads a tensor back to
+the host while the model runs: a hook appends device tensors to lists and notes shapes (host
+ints it already knows); concatenation, the max-activating-examples merge and every printout
+happen later, on demand. The only host reads are in the query methods (``table``, ``html``,
+``max_activating``), which run after generation.
+
+Positions: a forward whose activation has T > 1 tokens starts a new sequence at position 0 (a
+prefill, or a full-sequence forward); a forward with T == 1 and the same batch size as the
+previous one continues it (a KV-cache decode step). Chunked prefill is not recognised: call
+``Trace.new_sequence()`` between prompts fed one token at a time.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import torch
+
+# Columns of the per-row "where" record: the forward call (step), the batch row, the position.
+WHERE_FIELDS = ("step", "batch", "position")
+
+
+@dataclass
+class _Chunk:
+    values: torch.Tensor   # [R, m] top feature values of R = B*T tokens
+    indices: torch.Tensor  # [R, m] their latent indices
+    step: int
+    seq: int
+    batch: int
+    tokens: int            # T
+    offset: int            # position of the chunk's first token
+
+
+def _chunk_where(chunk: _Chunk) -> torch.Tensor:
+    """[R, 3] int64 (step, batch, position) per row, built on the chunk's device from host ints."""
+    r = torch.arange(chunk.batch * chunk.tokens, device=chunk.values.device)
+    step = torch.full_like(r, chunk.step)
+    return torch.stack([step, r // chunk.tokens, chunk.offset + r % chunk.tokens], 1)
+
+
+class MaxExamples:
+    """Top-n activations of every feature with their (step, batch, position), kept on the device.
+
+    ``update`` merges a batch of sparse entries without a host read and without a d_sae-wide
+    pass: entries are grouped by feature with two stable sorts, each entry's feature gets its
+    chunk candidates (the group's first n) merged with its current record by one top-k, and
+    rows are written back with index_put. Entries of the same feature compute identical rows,
+    so duplicate writes agree.
+    """
+
+    def __init__(self, d_sae: int, n: int, device: torch.device):
+        if n < 1:
+            raise ValueError(f"max_examples must be >= 1, got {n}")
+        self.d_sae, self.n = d_sae, n
+        self.values = torch.full((d_sae, n), float("-inf"), device=device)
+        self.where = torch.full((d_sae, n, 3), -1, dtype=torch.long, device=device)
+
+    def update(self, values: torch.Tensor, features: torch.Tensor, where: torch.Tensor) -> None:
+        """Merge entries: values[E], features[E] (latent ids), where[E, 3]."""
+        if values.numel() == 0:
+            return
+        v = values.float()
+        v = torch.where(v > 0, v, float("-inf"))  # a zero is no activation
+        by_value = torch.argsort(v, descending=True, stable=True)
+        perm = by_value[torch.argsort(features[by_value], stable=True)]  # grouped by feature, value desc
+        f, v, w = features[perm], v[perm], where[perm]
+        # scatter_add, not bincount: bincount reads the maximum back to the host on CUDA.
+        counts = torch.zeros(self.d_sae, dtype=torch.long, device=f.device).scatter_add_(0, f, torch.ones_like(f))
+        first = (torch.cumsum(counts, 0) - counts)[f]
+        slot = torch.arange(self.n, device=f.device)
+        valid = slot < counts[f].unsqueeze(1)
+        take = (first.unsqueeze(1) + slot).clamp(max=v.numel() - 1)
+        cand_v = torch.where(valid, v[take], float("-inf"))
+        merged_v = torch.cat([self.values[f], cand_v], 1)
+        merged_w = torch.cat([self.where[f], w[take]], 1)
+        top_v, pick = merged_v.topk(self.n, dim=1)
+        self.values[f] = top_v
+        self.where[f] = merged_w.gather(1, pick.unsqueeze(2).expand(-1, -1, 3))
+
+    def top(self, feature: int) -> list[dict]:
+        """The recorded examples of one feature, strongest first (a host read)."""
+        if not 0 <= feature < self.d_sae:
+            raise IndexError(f"feature {feature} out of range [0, d_sae={self.d_sae})")
+        values, where = self.values[feature].cpu(), self.where[feature].cpu()
+        keep = torch.isfinite(values)
+        return [{"value": float(v), **dict(zip(WHERE_FIELDS, map(int, w)))}
+                for v, w in zip(values[keep], where[keep])]
+
+
+class HookTrace:
+    """Per-token top features at one hook point across every forward while tracking."""
+
+    def __init__(self, hook_point: str, d_sae: int, device: torch.device, max_examples: int = 10,
+                 keep_rows: bool = True, fold_every: int = 32):
+        self.hook_point, self.d_sae = hook_point, d_sae
+        self.keep_rows = keep_rows
+        self.fold_every = fold_every
+        self.examples = MaxExamples(d_sae, max_examples, device)
+        self._chunks: list[_Chunk] = []
+        self._pending: list[_Chunk] = []  # not yet merged into the examples
+        self._rows: dict | None = None     # concatenation cache
+        self._seq, self._next_pos, self._last_batch = -1, 0, None
+
+    def new_sequence(self) -> None:
+        self._last_batch = None
+
+    def record(self, values: torch.Tensor, indices: torch.Tensor, batch: int, tokens: int, step: int) -> None:
+        """Append one forward's [B*T, m] top features (device tensors; no host read)."""
+        continues = tokens == 1 and self._last_batch == batch
+        if not continues:
+            self._seq, self._next_pos = self._seq + 1, 0
+        chunk = _Chunk(values, indices, step, self._seq, batch, tokens, self._next_pos)
+        self._next_pos += tokens
+        self._last_batch = batch
+        if self.keep_rows:
+            self._chunks.append(chunk)
+            self._rows = None
+        self._pending.append(chunk)
+        # Merging in batches keeps the per-step cost to an append; memory stays bounded.
+        if len(self._pending) >= self.fold_every:
+            self.fold()
+
+    def fold(self) -> None:
+        """Merge pending chunks into the max-activating examples."""
+        if not self._pending:
+            return
+        chunks, self._pending = self._pending, []
+        m = chunks[0].values.shape[1]
+        values = torch.cat([c.values.reshape(-1) for c in chunks])
+        indices = torch.cat([c.indices.reshape(-1) for c in chunks])
+        where = torch.cat([_chunk_where(c).repeat_interleave(m, 0) for c in chunks])
+        self.examples.update(values, indices, where)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(c.batch * c.tokens for c in self._chunks)
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        """Every recorded token: values/indices [N, m] and step/seq/batch/position [N] (device tensors)."""
+        if not self.keep_rows:
+            raise RuntimeError("this trace was made with keep_rows=False: only max-activating examples are kept")
+        if self._rows is None:
+            if not self._chunks:
+                raise RuntimeError(f"nothing recorded at {self.hook_point!r} yet: run the model while tracking")
+            where = torch.cat([_chunk_where(c) for c in self._chunks])
+            seq = torch.cat([torch.full((c.batch * c.tokens,), c.seq, dtype=torch.long, device=where.device)
+                             for c in self._chunks])
+            self._rows = {"values": torch.cat([c.values for c in self._chunks]),
+                          "indices": torch.cat([c.indices for c in self._chunks]),
+                          "step": where[:, 0], "seq": seq, "batch": where[:, 1], "position": where[:, 2]}
+        return self._rows
+
+    def dense(self) -> torch.Tensor:
+        """[N, d_sae] features of every recorded token (zero where not recorded)."""
+        rows = self.rows()
+        out = torch.zeros(rows["values"].shape[0], self.d_sae, dtype=rows["values"].dtype,
+                          device=rows["values"].device)
+        return out.scatter_(1, rows["indices"], rows["values"])
+
+    def max_activating(self, feature: int) -> list[dict]:
+        self.fold()
+        return self.examples.top(feature)
+
+
+class Trace:
+    """Everything tracked during one ``interpretation_enabled()`` session, per hook point."""
+
+    def __init__(self):
+        self.hooks: dict[str, HookTrace] = {}
+        self.tokens: list[torch.Tensor | None] = []  # input ids of each forward (step), when seen
+        self.step = -1
+
+    def start_step(self, input_ids: torch.Tensor | None) -> None:
+        self.step += 1
+        self.tokens.append(None if input_ids is None else input_ids.detach())
+
+    def new_sequence(self) -> None:
+        for h in self.hooks.values():
+            h.new_sequence()
+
+    def __getitem__(self, hook_point: str) -> HookTrace:
+        return self.hooks[hook_point]
+
+    def max_activating(self, hook_point: str, feature: int) -> list[dict]:
+        return self._hook(hook_point).max_activating(feature)
+
+    def _hook(self, hook_point: str | None) -> HookTrace:
+        if hook_point is None:
+            if not self.hooks:
+                raise RuntimeError("nothing tracked: no hook points")
+            hook_point = next(iter(self.hooks))
+        if hook_point not in self.hooks:
+            raise KeyError(f"no trace for hook point {hook_point!r}; tracked: {list(self.hooks)}")
+        return self.hooks[hook_point]
+
+    def _token(self, step: int, batch: int, position: int, offset: int) -> int | None:
+        ids = self.tokens[step] if 0 <= step < len(self.tokens) else None
+        if ids is None or ids.dim() != 2:
+            return None
+        return int(ids[batch, position - offset]) if position - offset < ids.shape[1] else None
+
+    def records(self, hook_point: str | None = None, top: int = 5) -> list[dict]:
+        """One dict per recorded token: seq, step, batch, position, token id (or None), features
+        [(latent, value), ...] strongest first, zeros left out (host read)."""
+        h = self._hook(hook_point)
+        rows = {k: v.cpu() for k, v in h.rows().items()}
+        order = torch.argsort(rows["values"].float(), dim=1, descending=True)[:, :top]
+        values, indices = rows["values"].gather(1, order), rows["indices"].gather(1, order)
+        offsets = {c.step: c.offset for c in h._chunks}
+        out = []
+        for n in range(values.shape[0]):
+            step, batch, pos = int(rows["step"][n]), int(rows["batch"][n]), int(rows["position"][n])
+            feats = [(int(i), float(v)) for i, v in zip(indices[n], values[n]) if v > 0]
+            out.append({"seq": int(rows["seq"][n]), "step": step, "batch": batch, "position": pos,
+                        "token": self._token(step, batch, pos, offsets[step]), "features": feats})
+        return out
+
+    def table(self, tokenizer=None, hook_point: str | None = None, top: int = 5) -> str:
+        """A plain-text table: one line per token with its strongest features."""
+        lines = [f"{'seq':>3} {'step':>4} {'b':>2} {'pos':>4}  {'token':<16} top features (latent:value)"]
+        for r in self.records(hook_point, top):
+            feats = " ".join(f"{i}:{v:.3g}" for i, v in r["features"])
+            lines.append(f"{r['seq']:>3} {r['step']:>4} {r['batch']:>2} {r['position']:>4}  "
+                         f"{_token_text(r['token'], tokenizer)[:16]!r:<16} {feats}")
+        return "\n".join(lines)
+
+    def html(self, tokenizer=None, hook_point: str | None = None, top: int = 5) -> str:
+        """The same table as an HTML string; every token string is escaped."""
+        head = "<tr><th>seq</th><th>step</th><th>batch</th><th>pos</th><th>token</th><th>top features</th></tr>"
+        body = []
+        for r in self.records(hook_point, top):
+            feats = ", ".join(f"{i}: {v:.3g}" for i, v in r["features"])
+            token = html.escape(_token_text(r["token"], tokenizer))
+            body.append(f"<tr><td>{r['seq']}</td><td>{r['step']}</td><td>{r['batch']}</td><td>{r['position']}</td>"
+                        f"<td><code>{token}</code></td><td>{feats}</td></tr>")
+        name = html.escape(self._hook(hook_point).hook_point)
+        return f"<table class=\"fastsae-trace\"><caption>{name}</caption>{head}{''.join(body)}</table>"
+
+
+def _token_text(token: int | None, tokenizer) -> str:
+    if token is None:
+        return "?"
+    if tokenizer is None:
+        return str(token)
+    return tokenizer.decode([token])
