@@ -7,11 +7,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from runtime_stub import KVCache, TinyGPT  # noqa: E402
+
 import fastsae  # noqa: E402
 from fastsae.config import SAEConfig  # noqa: E402
 from fastsae.models import create_sae  # noqa: E402
 from fastsae.runtime import FeatureEdit, InterpretableModel, ablate, add, clamp, scale  # noqa: E402
-from runtime_stub import KVCache, TinyGPT  # noqa: E402
 
 HP = "blocks.1.hook_resid_post"
 PRE = "blocks.2.hook_resid_pre"
