@@ -1,0 +1,336 @@
+"""Evaluating an SAE: reconstruction and sparsity metrics, and the downstream loss when its
+reconstruction is spliced into the model.
+
+Every metric is on the scale training reports (``fastsae.reference``): ``mse_loss`` is the
+elementwise mean squared error and ``fvu`` the fraction of variance unexplained. Metrics are
+accumulated as exact sums over batches (float64), so the batch size never changes a number.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastsae.config import SAEConfig
+from fastsae.models import BaseSAE, SparseCode
+
+# A latent active on more than this fraction of tokens counts as "dense" (too frequent to be
+# a specific feature); the usual threshold in SAE evaluations.
+DENSE_THRESHOLD = 0.1
+
+
+@dataclass
+class SAEMetrics:
+    """Evaluation metrics.
+
+    ``explained_variance`` = ``reconstruction_score`` = 1 - fvu (the seed defined both as
+    1 - MSE / variance; fastsae does not clamp them at 0, so a bad SAE shows as negative).
+    ``mean_activation`` is the mean of the non-zero latent activations. ``density`` is
+    the per-latent firing frequency; ``density_histogram`` bins log10 of the live ones.
+    """
+
+    mse_loss: float
+    explained_variance: float
+    reconstruction_score: float
+    l0_mean: float
+    l0_std: float
+    l1_mean: float
+    dead_latent_fraction: float
+    max_activation: float
+    mean_activation: float
+    fvu: float = float("nan")
+    cosine_similarity: float = float("nan")
+    dense_fraction: float = float("nan")
+    num_tokens: int = 0
+    density_histogram: dict = field(default_factory=dict)
+    loss_recovered: dict | None = None
+    density: torch.Tensor | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.pop("density")
+        return out
+
+    def __str__(self) -> str:
+        lines = [f"tokens               {self.num_tokens}",
+                 f"mse_loss             {self.mse_loss:.6g}",
+                 f"fvu                  {self.fvu:.4f}  (explained variance {self.explained_variance:.4f})",
+                 f"cosine_similarity    {self.cosine_similarity:.4f}",
+                 f"l0                   {self.l0_mean:.2f} +- {self.l0_std:.2f}",
+                 f"l1_mean              {self.l1_mean:.4g}",
+                 f"dead latents         {100 * self.dead_latent_fraction:.2f}%",
+                 f"dense latents        {100 * self.dense_fraction:.2f}% (> {DENSE_THRESHOLD:.0%} of tokens)",
+                 f"max / mean activation {self.max_activation:.4g} / {self.mean_activation:.4g}"]
+        if self.loss_recovered:
+            lr = self.loss_recovered
+            lines.append(f"loss recovered       {lr['fraction_recovered']:.4f} ({lr['kind']}: clean "
+                         f"{lr['loss_clean']:.4g}, sae {lr['loss_sae']:.4g}, zero {lr['loss_zero']:.4g})")
+        return "\n".join(lines)
+
+
+def density_histogram(density: torch.Tensor, num_tokens: int, bins: int = 40) -> dict:
+    """Histogram of log10 firing frequency of live latents; dead ones are counted apart."""
+    live = density[density > 0].double()
+    low = np.floor(np.log10(1.0 / max(num_tokens, 1)))
+    counts, edges = np.histogram(live.log10().numpy(), bins=bins, range=(min(low, -1.0), 0.0))
+    return {"log10_density_edges": edges.tolist(), "counts": counts.tolist(),
+            "dead": int((density == 0).sum())}
+
+
+def _check_activations(x: torch.Tensor, d_in: int) -> None:
+    if x.dim() != 2 or x.shape[1] != d_in:
+        raise ValueError(f"activations must have shape [N, d_in={d_in}], got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("activations contain NaN or Inf")
+
+
+class _Sums:
+    """Exact running sums from which every metric follows."""
+
+    def __init__(self, d_in: int, d_sae: int):
+        self.n = 0
+        self.sse = 0.0
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
+        self.sum_x2 = torch.zeros(d_in, dtype=torch.float64)
+        self.l0 = self.l0_sq = self.l1 = self.cos = 0.0
+        self.active_sum = 0.0
+        self.max_act = 0.0
+        self.counts = torch.zeros(d_sae, dtype=torch.float64)
+
+    def add(self, x: torch.Tensor, recon: torch.Tensor, code: SparseCode) -> None:
+        x64, r64 = x.double().cpu(), recon.double().cpu()
+        self.n += x.shape[0]
+        self.sse += (r64 - x64).pow(2).sum().item()
+        self.sum_x += x64.sum(0)
+        self.sum_x2 += x64.pow(2).sum(0)
+        self.cos += F.cosine_similarity(r64, x64, dim=1).sum().item()
+        values, indices = code.flat()
+        values, indices = values.detach().cpu(), indices.cpu()
+        active = values != 0
+        l0 = code.l0().double().cpu()
+        self.l0 += l0.sum().item()
+        self.l0_sq += l0.pow(2).sum().item()
+        self.l1 += values.abs().double().sum().item()
+        self.active_sum += values[active].double().sum().item()
+        if active.any():
+            self.max_act = max(self.max_act, values[active].max().item())
+        self.counts += torch.bincount(indices[active].long(), minlength=self.counts.numel()).double()
+
+    def metrics(self, d_in: int, compute_dead_latents: bool) -> SAEMetrics:
+        n = max(self.n, 1)
+        total_var = (self.sum_x2 - self.sum_x.pow(2) / n).sum().item()
+        fvu = self.sse / total_var if total_var > 0 else float("nan")
+        l0_mean = self.l0 / n
+        l0_var = (self.l0_sq - n * l0_mean ** 2) / (n - 1) if n > 1 else 0.0
+        num_active = self.counts.sum().item()
+        density = (self.counts / n).float()
+        return SAEMetrics(
+            mse_loss=self.sse / (n * d_in), explained_variance=1.0 - fvu, reconstruction_score=1.0 - fvu,
+            l0_mean=l0_mean, l0_std=max(l0_var, 0.0) ** 0.5, l1_mean=self.l1 / n,
+            dead_latent_fraction=(density == 0).double().mean().item() if compute_dead_latents else 0.0,
+            max_activation=self.max_act, mean_activation=self.active_sum / num_active if num_active else 0.0,
+            fvu=fvu, cosine_similarity=self.cos / n,
+            dense_fraction=(density > DENSE_THRESHOLD).double().mean().item(), num_tokens=self.n,
+            density_histogram=density_histogram(density, self.n), density=density)
+
+
+def reconstruct(sae: BaseSAE, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
+    """(reconstruction, code) of rows x [N, d_in] in the SAE's dtype and device."""
+    x = x.to(device=sae.device, dtype=sae.dtype)
+    code = sae.encode_sparse(x)
+    return sae.decode_sparse(code), code
+
+
+class _EvalMode:
+    """Run an SAE in eval mode (BatchTopK then uses its inference threshold), then restore."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.was_training = self.module.training
+        self.module.eval()
+
+    def __exit__(self, *exc):
+        self.module.train(self.was_training)
+
+
+class SAEEvaluator:
+    """Seed-compatible evaluator: ``evaluate`` for metrics, plus per-feature analysis."""
+
+    def __init__(self, sae: BaseSAE, config: SAEConfig | None = None):
+        self.sae = sae
+        self.config = config or sae.config
+
+    @torch.no_grad()
+    def evaluate(self, activations: torch.Tensor, batch_size: int = 4096,
+                 compute_dead_latents: bool = True) -> SAEMetrics:
+        """Metrics over every row of ``activations`` [N, d_in]."""
+        _check_activations(activations, self.sae.d_in)
+        if activations.shape[0] == 0:
+            raise ValueError("activations is empty")
+        sums = _Sums(self.sae.d_in, self.sae.d_sae)
+        with _EvalMode(self.sae):
+            for start in range(0, activations.shape[0], batch_size):
+                x = activations[start:start + batch_size].to(device=self.sae.device, dtype=self.sae.dtype)
+                recon, code = reconstruct(self.sae, x)
+                sums.add(x, recon, code)
+        return sums.metrics(self.sae.d_in, compute_dead_latents)
+
+    @torch.no_grad()
+    def feature_activations(self, feature_idx: int, activations: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+        """Activation of one latent on every row [N], without a dense N x d_sae tensor."""
+        if not 0 <= feature_idx < self.sae.d_sae:
+            raise ValueError(f"feature_idx must be in [0, {self.sae.d_sae}), got {feature_idx}")
+        out = []
+        with _EvalMode(self.sae):
+            for start in range(0, activations.shape[0], batch_size):
+                _, code = reconstruct(self.sae, activations[start:start + batch_size])
+                values, indices = code.flat()
+                hit = indices == feature_idx
+                col = torch.zeros(code.num_rows, dtype=torch.float32, device=values.device)
+                out.append(col.index_add_(0, code.row_ids()[hit], values[hit].float()).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def get_top_activating_examples(self, feature_idx: int, activations: torch.Tensor, k: int = 10,
+                                    batch_size: int = 4096) -> torch.Tensor:
+        """Row indices of the k rows where the latent is largest (descending)."""
+        acts = self.feature_activations(feature_idx, activations, batch_size)
+        return torch.topk(acts, min(k, acts.numel())).indices
+
+    def analyze_feature(self, feature_idx: int, activations: torch.Tensor, batch_size: int = 4096) -> dict:
+        acts = self.feature_activations(feature_idx, activations, batch_size)
+        active = acts[acts > 0]
+        return {"activation_frequency": (acts > 0).float().mean().item(),
+                "mean_activation": acts.mean().item(),
+                "mean_when_active": active.mean().item() if active.numel() else 0.0,
+                "max_activation": acts.max().item() if acts.numel() else 0.0,
+                "std_activation": acts.std().item() if acts.numel() > 1 else 0.0}
+
+    def get_feature_dashboard_data(self, feature_idx: int, activations: torch.Tensor, top_k: int = 10) -> dict:
+        acts = self.feature_activations(feature_idx, activations)
+        top = torch.topk(acts, min(top_k, acts.numel()))
+        return {"feature_idx": feature_idx, "statistics": self.analyze_feature(feature_idx, activations),
+                "top_activating_indices": top.indices.tolist(), "top_activations": top.values.tolist()}
+
+
+# ----------------------------------------------------------------------------- downstream loss
+
+def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(input_ids, attention_mask) of a token-id tensor, a dict, a TokenBatch or an (x, y) pair."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, Mapping):
+        return batch["input_ids"], batch.get("attention_mask")
+    if hasattr(batch, "input_ids"):
+        return batch.input_ids, getattr(batch, "attention_mask", None)
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0], None
+    raise TypeError(f"batch of type {type(batch).__name__}: expected token ids, a dict or a TokenBatch")
+
+
+def _splice(module: torch.nn.Module, hook_kind: str, replace):
+    """Hook ``module`` so its activation (output, or first input for "pre") becomes ``replace(x)``."""
+    if hook_kind == "pre":
+        def pre_hook(_m, args, kwargs):
+            if args:
+                return (replace(args[0]), *args[1:]), kwargs
+            name = next(iter(kwargs))
+            return args, {**kwargs, name: replace(kwargs[name])}
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def hook(_m, _args, output):
+        if isinstance(output, tuple):
+            return (replace(output[0]), *output[1:])
+        return replace(output)
+    return module.register_forward_hook(hook)
+
+
+def _sae_replacement(sae: BaseSAE):
+    def replace(x):
+        recon, _ = reconstruct(sae, x.reshape(-1, x.shape[-1]))
+        return recon.to(x.dtype).reshape(x.shape)
+    return replace
+
+
+def _output_kind(output) -> str:
+    if isinstance(output, torch.Tensor) or getattr(output, "logits", None) is not None:
+        return "ce"
+    if getattr(output, "last_hidden_state", None) is not None:
+        return "embedding"
+    raise TypeError(f"cannot tell what the model's output {type(output).__name__} is: expected logits "
+                    "(a Tensor or .logits) or .last_hidden_state")
+
+
+def _ce_sums(output, input_ids, mask) -> tuple[float, int]:
+    """Summed next-token cross-entropy over positions where both token and next token are real."""
+    logits = output if isinstance(output, torch.Tensor) else output.logits
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), input_ids[:, 1:].flatten(), reduction="none")
+    return ce[valid.flatten()].double().sum().item(), int(valid.sum())
+
+
+def _pooled(output, mask) -> torch.Tensor:
+    """Mean-pooled sentence embedding (the sentence-transformers pooling for MiniLM)."""
+    hidden = output.last_hidden_state.float()
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def loss_recovered(model: torch.nn.Module, sae: BaseSAE, hook_point: str | None, batches: Iterable,
+                   kind: str = "auto") -> dict:
+    """Fraction of loss recovered when the SAE reconstruction replaces the activation at the hook.
+
+    fraction = (L_zero - L_sae) / (L_zero - L_clean), with L_zero the loss when the hook's
+    activation is zeroed. ``kind``:
+
+    - "ce": causal LMs (output is logits): mean next-token cross-entropy over real tokens;
+    - "embedding": encoders such as MiniLM (output has last_hidden_state): the loss is the mean
+      over sentences of 1 - cos(pooled embedding, clean pooled embedding), so L_clean = 0;
+    - "auto": "ce" when the model returns logits, else "embedding".
+    """
+    from fastsae.hooks import forward_tokens, model_device, resolve_hook_point
+
+    if kind not in ("auto", "ce", "embedding"):
+        raise ValueError(f"kind must be 'auto', 'ce' or 'embedding', got {kind!r}")
+    module, hook_kind = resolve_hook_point(model, hook_point or sae.config.hook_point)
+    device = model_device(model)
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    count = 0
+    with _EvalMode(sae):
+        for batch in batches:
+            input_ids, mask = _unpack(batch)
+            input_ids = input_ids.to(device)
+            mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+            clean = forward_tokens(model, input_ids, mask)
+            kind = _output_kind(clean) if kind == "auto" else kind
+            outputs = {"clean": clean}
+            for name, replace in (("sae", _sae_replacement(sae)), ("zero", torch.zeros_like)):
+                handle = _splice(module, hook_kind, replace)
+                try:
+                    outputs[name] = forward_tokens(model, input_ids, mask)
+                finally:
+                    handle.remove()
+            if kind == "ce":
+                for name, out in outputs.items():
+                    total, n = _ce_sums(out, input_ids, mask)
+                    totals[name] += total
+                count += n
+            else:
+                ref = _pooled(clean, mask)
+                del outputs["clean"]  # 0 by definition (1 - cos(a, a) may round to 6e-8)
+                for name, out in outputs.items():
+                    totals[name] += (1 - F.cosine_similarity(_pooled(out, mask), ref, dim=1)).double().sum().item()
+                count += input_ids.shape[0]
+    if count == 0:
+        raise ValueError("batches held no token to score")
+    loss = {name: total / count for name, total in totals.items()}
+    gap = loss["zero"] - loss["clean"]
+    return {"kind": kind, "loss_clean": loss["clean"], "loss_sae": loss["sae"], "loss_zero": loss["zero"],
+            "fraction_recovered": (loss["zero"] - loss["sae"]) / gap if gap != 0 else float("nan"),
+            "metric": ("next-token cross-entropy" if kind == "ce"
+                       else "1 - cosine of mean-pooled output embedding vs clean")}
