@@ -31,14 +31,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Gathered rows are materialised chunk by chunk so memory stays bounded by this many
-# elements whatever N, k and d are.
-_CHUNK_ELEMENTS = 1 << 22
-
-
-def _rows_per_chunk(row_cost: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // max(1, row_cost))
-
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -52,15 +44,23 @@ def gather(values, indices, W, bias=None):
     return out.to(W.dtype)
 
 
-def gather_dot(g, indices, W):
+def _bag_dot(g, indices_flat, offsets, W):
+    """<g[bag], W[i]> for every entry i of every bag: the per-sample-weight gradient of an
+    embedding bag, which PyTorch computes without materialising the gathered rows."""
     acc = _acc_dtype(W.dtype)
+    weights = torch.ones(indices_flat.shape[0], dtype=acc, device=g.device, requires_grad=True)
+    with torch.enable_grad():
+        out = F.embedding_bag(indices_flat, W.to(acc), offsets, per_sample_weights=weights, mode="sum")
+        (grad,) = torch.autograd.grad(out, weights, g.to(acc))
+    return grad.to(g.dtype)
+
+
+def gather_dot(g, indices, W):
     n, k = indices.shape
-    out = torch.empty(n, k, dtype=acc, device=g.device)
-    step = _rows_per_chunk(k * W.shape[1])
-    for start in range(0, n, step):
-        rows = W[indices[start:start + step]].to(acc)  # [c, k, d]
-        out[start:start + step] = torch.bmm(rows, g[start:start + step].to(acc).unsqueeze(-1)).squeeze(-1)
-    return out.to(g.dtype)
+    if n * k == 0:
+        return torch.zeros(n, k, dtype=g.dtype, device=g.device)
+    offsets = torch.arange(0, n * k, k, device=g.device)
+    return _bag_dot(g, indices.reshape(-1), offsets, W).reshape(n, k)
 
 
 def _sparse_rows_matrix(values, latent, row, num_rows, num_cols, acc):
@@ -101,15 +101,9 @@ def csr_gather(values, indices, row_offsets, W, bias=None):
 
 
 def csr_gather_dot(g, indices, row_offsets, W):
-    acc = _acc_dtype(W.dtype)
-    nnz = indices.numel()
-    row = csr_row_ids(row_offsets, nnz)
-    out = torch.empty(nnz, dtype=acc, device=g.device)
-    step = _rows_per_chunk(W.shape[1])
-    for start in range(0, nnz, step):
-        sl = slice(start, start + step)
-        out[sl] = (W[indices[sl]].to(acc) * g[row[sl]].to(acc)).sum(-1)
-    return out.to(g.dtype)
+    if indices.numel() == 0:
+        return torch.zeros(0, dtype=g.dtype, device=g.device)
+    return _bag_dot(g, indices, row_offsets[:-1], W)
 
 
 def csr_scatter_add(values, indices, row_offsets, g, num_rows):
