@@ -28,11 +28,13 @@ __all__ = [
     "HOOK_KINDS",
     "ActivationCollector",
     "TokenBatch",
+    "add_hook",
     "collect_activations_from_dataloader",
     "find_blocks",
     "forward_tokens",
     "hook_point_map",
     "list_hook_points",
+    "model_device",
     "resolve_hook_point",
 ]
 
@@ -229,6 +231,7 @@ class ActivationCollector:
         self._handles: list = []
         self._batch: TokenBatch | None = None
         self._fired: set[str] = set()
+        self._pending_copies = False
         self.clear()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -292,6 +295,7 @@ class ActivationCollector:
         if x.is_cuda and self.device.type == "cpu":
             host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
             host.copy_(x, non_blocking=True)  # waited for once, in get_activations()
+            self._pending_copies = True
             return host
         return x.to(self.device, non_blocking=True)
 
@@ -327,8 +331,9 @@ class ActivationCollector:
         return [hook_point]
 
     def _concat(self, chunks: list[torch.Tensor]) -> torch.Tensor:
-        if any(c.is_pinned() for c in chunks) and torch.cuda.is_available():
-            torch.cuda.synchronize()  # the pending non_blocking copies
+        if self._pending_copies:
+            torch.cuda.synchronize()  # the non_blocking device-to-host copies must have landed
+            self._pending_copies = False
         return torch.cat(chunks) if chunks else torch.empty(0)
 
     def get_activations(self, hook_point: str | None = None) -> dict[str, torch.Tensor]:
