@@ -42,16 +42,21 @@ DEFAULT_CAPACITY = 256
 
 # The smallest BLOCK_N among the configs below: the per-row L1 partial sums have one column
 # per latent tile of that width, so every config fits the same buffer.
-_MIN_BLOCK_N = 32
+_MIN_BLOCK_N = 32  # keep in step with _configs()
 
 
 def _configs():
     if torch.cuda.is_available():
+        # Compiled for sm_90 (ptxas resource usage): 64x128 tiles with 8 warps hold the
+        # epilogue (cumsum, slot arithmetic, three scattered stores) in registers without
+        # spilling for 16-bit inputs; the larger tiles spill a few hundred bytes per thread in
+        # the epilogue but amortise W loads better, so let the tuner choose. 128x256 tiles
+        # need more than 228 KB of shared memory and are left out.
         return [
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
         ]
     # The interpreter cannot benchmark configs (and is slow per op): one small tile, small
     # enough that test shapes span several latent tiles and so exercise the slot atomics.
@@ -89,15 +94,20 @@ def _encode_kernel(
     # order, so CPU tests exercise the launcher's per-row sort as a GPU's scheduling would.
     pid_n = num_pid_n - 1 - (pid % per_group) // group_rows
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    local_rows = tl.arange(0, BLOCK_M)
+    local_cols = tl.arange(0, BLOCK_N)
+    rows = pid_m * BLOCK_M + local_rows
+    cols = pid_n * BLOCK_N + local_cols
     ks = tl.arange(0, BLOCK_K)
     row_ok = rows < n_rows
     col_ok = cols < m_lat
-    # 64-bit offsets: N * capacity and d_sae * d_in can pass 2**31 at real sizes.
-    rows64 = rows.to(tl.int64)
-    x_ptrs = x_ptr + rows64[:, None] * stride_xn + ks[None, :]
-    w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wm + ks[:, None]  # a [K, N] tile of W^T
+    # Offsets past 2**31 (N * capacity, d_sae * d_in at real sizes) go into the scalar base
+    # pointers in 64-bit; the per-element offsets stay int32 and within one tile. Per-element
+    # int64 offsets cost registers the epilogue does not have (they made every config spill).
+    row0 = (pid_m * BLOCK_M).to(tl.int64)
+    x_ptrs = x_ptr + row0 * stride_xn + local_rows[:, None] * stride_xn + ks[None, :]
+    # A [K, N] tile of W^T.
+    w_ptrs = w_ptr + (pid_n * BLOCK_N).to(tl.int64) * stride_wm + local_cols[None, :] * stride_wm + ks[:, None]
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, d_in, BLOCK_K):
@@ -120,7 +130,7 @@ def _encode_kernel(
         # result does not depend on the order the programs ran in.
         dnorm = tl.load(dnorm_ptr + cols, mask=col_ok, other=0.0)
         part = tl.sum(tl.where(keep, pre * dnorm[None, :], 0.0), axis=1)
-        tl.store(l1_ptr + rows64 * stride_l1 + pid_n, part, mask=row_ok)
+        tl.store(l1_ptr + row0 * stride_l1 + local_rows * stride_l1 + pid_n, part, mask=row_ok)
 
     flag = keep.to(tl.int32)
     n_keep = tl.sum(flag, axis=1)
@@ -131,13 +141,16 @@ def _encode_kernel(
     # Slots past the capacity are dropped; the counter still records them, and the launcher
     # recomputes such rows with room for all of them.
     store = keep & (slot < capacity)
-    buf = rows64[:, None] * stride_buf + slot
+    buf = local_rows[:, None] * stride_buf + slot
+    idx_ptr += row0 * stride_buf
+    val_ptr += row0 * stride_buf
     tl.store(idx_ptr + buf, (cols[None, :] + tl.zeros_like(flag)), mask=store)
     if GATED:
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         bmag = tl.load(bmag_ptr + cols, mask=col_ok, other=0.0)
         mag = tl.maximum(pre * scale[None, :] + bmag[None, :], 0.0)
         tl.store(val_ptr + buf, mag.to(val_ptr.dtype.element_ty), mask=store)
+        pi_ptr += row0 * stride_buf
         tl.store(pi_ptr + buf, pre.to(pi_ptr.dtype.element_ty), mask=store)
     else:
         tl.store(val_ptr + buf, pre.to(val_ptr.dtype.element_ty), mask=store)
