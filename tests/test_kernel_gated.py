@@ -7,9 +7,9 @@ which entries pass the cutoff, even for values that sit exactly on it.
 """
 import pytest
 import torch
-from fastsae.kernels.gated import gated_encode, threshold_encode
 
 from fastsae import torch_backend as tb
+from fastsae.kernels.gated import gated_encode, threshold_encode
 
 SHAPES_N = (1, 6, 19)
 SHAPES_D = (3, 21, 40)
