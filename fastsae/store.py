@@ -35,6 +35,7 @@ from fastsae.hooks import (
     ActivationCollector,
     atomic_save_safetensors,
     kept_tokens,
+    model_device,
     resolve_hook_point,
     run_collector_batch,
 )
@@ -329,7 +330,7 @@ def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_po
     def commit(count: int) -> None:
         nonlocal buffered
         data = {k: torch.cat(v) for k, v in buffer.items()}
-        shard = _write_shard(store_dir, len(manifest["shards"]), {k: v[:count] for k, v in data.items()})
+        shard = _write_shard(store_dir, len(manifest["shards"]), {k: v[:count].cpu() for k, v in data.items()})
         manifest["shards"].append(shard)
         manifest["token_count"] += shard["num_tokens"]
         _atomic_write_json(store_dir / MANIFEST, manifest)
@@ -341,8 +342,10 @@ def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_po
         if on_shard is not None:
             on_shard(len(manifest["shards"]) - 1, manifest)
 
-    collector = ActivationCollector(model, [hook_point], max_activations=2**62, device="cpu", dtype=dtype,
-                                    drop_bos=drop_bos)
+    # Activations stay on the model's device until a shard is full: one device-to-host copy (and
+    # one synchronisation) per shard, not per batch.
+    collector = ActivationCollector(model, [hook_point], max_activations=2**62, device=model_device(model),
+                                    dtype=dtype, drop_bos=drop_bos)
     bar = tqdm(total=max_tokens, initial=done, unit="tok", desc=f"collect {hook_point}", disable=not progress)
     exhausted = True
     with collector, bar:
@@ -354,6 +357,9 @@ def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_po
                 continue
             run_collector_batch(collector, model, batch)
             acts, meta = collector.pop(hook_point)
+            if acts is None:
+                raise RuntimeError(f"hook point {hook_point!r} did not run during the forward pass: "
+                                   "the model never calls that module")
             if manifest["d_in"] is None:
                 manifest["d_in"] = int(acts.shape[1])
             elif manifest["d_in"] != acts.shape[1]:

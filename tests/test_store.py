@@ -104,6 +104,21 @@ def test_shuffle_covers_every_token_once_per_epoch(full_store):
     assert torch.equal(unshuffled, everything)
 
 
+def test_reading_holds_one_buffer_not_the_store(full_store, monkeypatch):
+    reads = []
+    read_blocks = full_store._read_blocks
+
+    def spy(blocks, with_metadata):
+        data = read_blocks(blocks, with_metadata)
+        reads.append(len(data["activations"]))
+        return data
+
+    monkeypatch.setattr(full_store, "_read_blocks", spy)
+    total = sum(len(b) for b in full_store.iter_batches(300, buffer_tokens=3000, block_tokens=500))
+    assert total == TOKENS and sum(reads) == TOKENS
+    assert max(reads) < 3000 + 500  # a buffer's worth at a time, never the whole store
+
+
 def test_ranks_are_disjoint_and_cover_everything(full_store):
     seen = []
     for rank in range(3):
@@ -248,3 +263,11 @@ def test_a_missing_shard_is_detected(tiny, tmp_path):
     (tmp_path / "shard_000001.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="shard shard_000001.safetensors is missing"):
         ActivationStore(tmp_path)
+
+
+def test_a_module_the_forward_never_calls_is_reported(tiny, tmp_path):
+    model, tok = tiny
+    model.unused = torch.nn.Linear(16, 16)
+    with pytest.raises(RuntimeError, match="hook point 'unused' did not run"):
+        collect_to_store(model, tok, docs(), "unused", tmp_path, 100, progress=False)
+    assert not (tmp_path / "manifest.json").exists()
