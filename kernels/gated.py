@@ -40,9 +40,6 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # recomputation of that row only.
 DEFAULT_CAPACITY = 256
 
-# The smallest BLOCK_N among the configs below: the per-row L1 partial sums have one column
-# per latent tile of that width, so every config fits the same buffer.
-_MIN_BLOCK_N = 32  # keep in step with _configs()
 
 
 def _configs():
@@ -61,6 +58,13 @@ def _configs():
     # The interpreter cannot benchmark configs (and is slow per op): one small tile, small
     # enough that test shapes span several latent tiles and so exercise the slot atomics.
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+
+
+
+# The smallest BLOCK_N among the configs: the per-row L1 partial sums get one column per
+# latent tile of that width, so whichever config the tuner picks fits the same buffer
+# (16384 x 1024 fp32 = 64 MB at d_sae = 131072 on a GPU).
+_MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs())
 
 
 @triton.autotune(
