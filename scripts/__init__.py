@@ -1,0 +1,1 @@
+"""Seed-compatible command lines: ``python -m scripts.sae_train``."""
