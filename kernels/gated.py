@@ -41,7 +41,6 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_CAPACITY = 256
 
 
-
 def _configs():
     if torch.cuda.is_available():
         # Compiled for sm_90 (ptxas resource usage): 64x128 tiles with 8 warps hold the
@@ -58,7 +57,6 @@ def _configs():
     # The interpreter cannot benchmark configs (and is slow per op): one small tile, small
     # enough that test shapes span several latent tiles and so exercise the slot atomics.
     return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
-
 
 
 # The smallest BLOCK_N among the configs: the per-row L1 partial sums get one column per
