@@ -50,6 +50,8 @@ def add_train_arguments(p) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--output_dir", default="sae_outputs")
     out.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    out.add_argument("--max_steps", type=int, default=None,
+                     help="stop after this many steps (keeping a checkpoint; --resume continues the same run)")
     out.add_argument("--prepare_neuronpedia", action="store_true", help="also write a Neuronpedia export")
     out.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -80,7 +82,7 @@ def _train(args) -> int:
                        **({"l1_coefficient": args.l1_coefficient} if args.l1_coefficient is not None else {}))
     train, val = split_store(store, args.val_split)
     trainer = SAETrainer(create_sae(config), config, train, val, device=device, save_dir=layer_dir)
-    trainer.train(verbose=not args.quiet, resume=args.resume)
+    trainer.train(verbose=not args.quiet, resume=args.resume, max_steps=args.max_steps)
     if rank == 0:
         best = layer_dir / ("best_model" if (layer_dir / "best_model").exists() else "final_model")
         fvu = f"best val FVU {trainer.best_val_fvu:.4f}" if val is not None else "no validation split"

@@ -14,9 +14,10 @@ Definitions a user may want to know:
 * A latent is dead once it has not fired for ``min(config.dead_tokens_threshold,
   10% of the run's tokens)`` tokens: the cap lets short runs see (and fix) dead latents.
   Warmup is likewise capped at 10% of the run's steps.
-* Data order: epoch e is a permutation of the rows seeded by (config.seed, e); step t of the
-  epoch takes the t-th global batch of it, rank r the r-th slice of that batch. A checkpoint's
-  step therefore fixes the data position exactly.
+* Data order: for a tensor, epoch e is a permutation of the rows seeded by (config.seed, e);
+  step t of the epoch takes the t-th global batch of it, rank r the r-th slice of that batch.
+  For an ActivationStore, the store's seeded block shuffle with its rank slicing. Either way a
+  checkpoint's step fixes the data position exactly.
 """
 from __future__ import annotations
 
@@ -85,30 +86,85 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-class _Rows:
-    """Random access to the rows of an activation source: a Tensor [N, d_in] or a store with
-    ``__len__`` and row indexing by a LongTensor (read in sorted order for locality)."""
+class _TensorSource:
+    """Rows of a Tensor [N, d_in]. Epoch e is a permutation seeded by (seed, e); batch t of it
+    is rows [t*B, (t+1)*B) of the permutation, rank r reading the r-th slice."""
 
-    def __init__(self, source, name: str, d_in: int):
-        if isinstance(source, torch.Tensor):
-            if source.dim() != 2:
-                raise ValueError(f"{name} must be a 2-D tensor [N, d_in], got shape {tuple(source.shape)}")
-            self.num_rows, self.width = source.shape
-            self._read = lambda idx: source[idx.to(source.device)]
-        elif hasattr(source, "__getitem__") and hasattr(source, "__len__") and hasattr(source, "d_in"):
-            self.num_rows, self.width = len(source), int(source.d_in)
-            self._read = lambda idx: source[idx]
-        else:
-            raise TypeError(f"{name} must be a torch.Tensor [N, d_in] or an activation store, "
-                            f"got {type(source).__name__}")
-        if self.width != d_in:
-            raise ValueError(f"{name} have width {self.width} but config.d_in is {d_in}; "
-                             "they must come from the hook point the SAE is configured for")
-        if self.num_rows == 0:
-            raise ValueError(f"{name} is empty")
+    def __init__(self, x: torch.Tensor, name: str):
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor [N, d_in], got shape {tuple(x.shape)}")
+        self.x = x
+        self.num_rows, self.width = x.shape
+        self._perm_epoch, self._perm = None, None
 
-    def read(self, idx: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(self._read(idx))
+    def _permutation(self, epoch: int, seed: int) -> torch.Tensor:
+        if self._perm_epoch != (seed, epoch):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.num_rows, generator=gen), (seed, epoch)
+        return self._perm
+
+    def epoch_batches(self, epoch, start, steps, seed, global_batch, rank, world_size):
+        perm, local = self._permutation(epoch, seed), global_batch // world_size
+        for t in range(start, steps):
+            begin = t * global_batch + rank * local
+            yield self.x[perm[begin:begin + local].to(self.x.device)]
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        idx = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(seed))[:n]
+        return self.x[idx.sort().values.to(self.x.device)]
+
+    def sequential(self, batch_size: int):
+        yield from self.x.split(batch_size)
+
+    def min_rank_rows(self, world_size: int, global_batch: int) -> int:
+        return self.num_rows
+
+
+class _StoreSource:
+    """An ActivationStore, read through its own shuffled, rank-sliced ``iter_batches`` (block
+    order seeded by (seed, epoch)); resuming mid-epoch replays the epoch's reads up to the step."""
+
+    def __init__(self, store, name: str):
+        self.store = store
+        self.num_rows, self.width = len(store), int(store.d_in)
+
+    def epoch_batches(self, epoch, start, steps, seed, global_batch, rank, world_size):
+        it = self.store.iter_batches(global_batch // world_size, shuffle=True, seed=seed, epoch=epoch, rank=rank,
+                                     world_size=world_size, drop_last=True)
+        for t, x in enumerate(it):
+            if t >= steps:
+                return
+            if t >= start:
+                yield x
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        return next(iter(self.store.iter_batches(n, shuffle=True, seed=seed, buffer_tokens=n)))
+
+    def sequential(self, batch_size: int):
+        yield from self.store.iter_batches(batch_size, shuffle=False)
+
+    def min_rank_rows(self, world_size: int, global_batch: int) -> int:
+        """Rows the unluckiest rank gets per epoch: ranks read whole blocks (1024 rows; one short
+        block per shard), so every rank can take the same number of steps."""
+        if world_size == 1:
+            return self.num_rows
+        blocks = sum(math.ceil(s["num_tokens"] / 1024) for s in self.store.shards)
+        return max(0, (blocks // world_size - len(self.store.shards)) * 1024) * world_size
+
+
+def _source(data, name: str, d_in: int):
+    if isinstance(data, torch.Tensor):
+        source = _TensorSource(data, name)
+    elif hasattr(data, "iter_batches") and hasattr(data, "d_in"):
+        source = _StoreSource(data, name)
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor [N, d_in] or an ActivationStore, got {type(data).__name__}")
+    if source.width != d_in:
+        raise ValueError(f"{name} have width {source.width} but config.d_in is {d_in}; "
+                         "they must come from the hook point the SAE is configured for")
+    if source.num_rows == 0:
+        raise ValueError(f"{name} is empty")
+    return source
 
 
 def split_activations(activations: torch.Tensor, val_split: float, seed: int = 0):
@@ -140,16 +196,19 @@ class SAETrainer:
         self.config = config
         self.device = resolve_device(device)
         self.sae = sae.to(self.device).train()
-        self.rows = _Rows(activations, "activations", config.d_in)
-        self.val_rows = None if val_activations is None else _Rows(val_activations, "val_activations", config.d_in)
+        self.data = _source(activations, "activations", config.d_in)
+        self.val_data = None if val_activations is None else _source(val_activations, "val_activations", config.d_in)
         self.save_dir = None if save_dir is None else _writable_dir(save_dir)
         self.log_every, self.keep_checkpoints = int(log_every), int(keep_checkpoints)
         self.rank, self.world_size = _dist_info()
-        self.global_batch = min(int(config.batch_size), self.rows.num_rows)
+        self.global_batch = min(int(config.batch_size), self.data.num_rows)
         if self.global_batch % self.world_size:
             raise ValueError(f"batch_size {self.global_batch} must be divisible by the world size {self.world_size}")
         self.local_batch = self.global_batch // self.world_size
-        self.steps_per_epoch = self.rows.num_rows // self.global_batch
+        self.steps_per_epoch = self.data.min_rank_rows(self.world_size, self.global_batch) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"too few activations ({self.data.num_rows}) for one step of {self.global_batch} rows "
+                             f"on {self.world_size} rank(s)")
         self.total_steps = self.steps_per_epoch * int(config.num_epochs)
         self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=config.learning_rate)
         self.step = 0
@@ -160,7 +219,6 @@ class SAETrainer:
         self.tokens_since_fired = torch.zeros(config.d_sae, dtype=torch.long, device=self.device)
         self._first_bad = torch.full((2,), _NEVER, dtype=torch.long, device=self.device)  # [input, loss]
         self._resample_gen = torch.Generator().manual_seed(config.seed + 1)
-        self._perm_epoch, self._perm = None, None
         self._folded = False
         self._last_log = (time.perf_counter(), 0)
 
@@ -186,26 +244,22 @@ class SAETrainer:
         return self.tokens_since_fired > self.dead_tokens_threshold
 
     # ---- data
-    def _epoch_permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm_epoch != epoch:
-            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.rows.num_rows, generator=gen), epoch
-        return self._perm
-
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, torch.float32, non_blocking=True) * self.scale
 
-    def batch_at(self, step: int) -> torch.Tensor:
-        """This rank's normalised slice of global batch ``step``."""
+    def _batches(self, step: int):
+        """This rank's raw batches from ``step`` to the end of that step's epoch."""
         epoch, pos = divmod(step, self.steps_per_epoch)
-        start = pos * self.global_batch + self.rank * self.local_batch
-        return self._normalized(self.rows.read(self._epoch_permutation(epoch)[start:start + self.local_batch]))
+        return self.data.epoch_batches(epoch, pos, self.steps_per_epoch, self.config.seed, self.global_batch,
+                                       self.rank, self.world_size)
+
+    def batch_at(self, step: int) -> torch.Tensor:
+        """This rank's normalised batch of ``step``."""
+        return self._normalized(next(iter(self._batches(step))))
 
     def _sample_rows(self, n: int, seed_offset: int) -> torch.Tensor:
         """Up to n rows spread over the data (the same on every rank)."""
-        gen = torch.Generator().manual_seed(self.config.seed + seed_offset)
-        idx = torch.randperm(self.rows.num_rows, generator=gen)[:n]
-        return self.rows.read(idx.sort().values).float()
+        return self.data.sample(n, self.config.seed * 1_000_003 + seed_offset).float()
 
     @torch.no_grad()
     def _initialise(self) -> None:
@@ -294,9 +348,12 @@ class SAETrainer:
         try:
             with ops.input_checks(False):  # NaN scans would sync every op; checked at log steps instead
                 while self.step < stop:
-                    out = self.train_step(self.batch_at(self.step))
-                    bar.update(1)
-                    self._after_step(out, bar, last=self.step == stop)
+                    for x in self._batches(self.step):
+                        out = self.train_step(self._normalized(x))
+                        bar.update(1)
+                        self._after_step(out, bar, last=self.step == stop)
+                        if self.step == stop:
+                            break
         except KeyboardInterrupt:
             self._raise_if_nonfinite()
             self._save_checkpoint()
@@ -315,7 +372,7 @@ class SAETrainer:
             self._log(out, bar)
         if cfg.activation in _RESAMPLED and cfg.resample_interval > 0 and step % cfg.resample_interval == 0:
             self.resample_dead_latents()
-        if self.val_rows is not None and (step % cfg.eval_every == 0 or last):
+        if self.val_data is not None and (step % cfg.eval_every == 0 or last):
             self._raise_if_nonfinite()
             self._evaluate_and_keep_best()
         if step % cfg.save_every == 0 or last:
@@ -347,16 +404,16 @@ class SAETrainer:
     @torch.no_grad()
     def evaluate(self, batch_size: int | None = None) -> float:
         """FVU on the validation rows (in the normalised space; FVU does not depend on the scale)."""
-        if self.val_rows is None:
+        if self.val_data is None:
             raise ValueError("no val_activations were given")
         batch_size = batch_size or self.global_batch
         was_training = self.sae.training
         self.sae.eval()
         err = sum_x = sum_sq = 0.0
-        n = self.val_rows.num_rows
+        n = self.val_data.num_rows
         with ops.input_checks(False), self._autocast():
-            for start in range(0, n, batch_size):
-                x = self._normalized(self.val_rows.read(torch.arange(start, min(start + batch_size, n))))
+            for raw in self.val_data.sequential(batch_size):
+                x = self._normalized(raw)
                 recon = self.sae.loss(x)["reconstruction"].float()
                 err = err + (recon - x).pow(2).sum().double()
                 sum_x = sum_x + x.double().sum(0)

@@ -287,7 +287,7 @@ def test_nan_mid_run_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_pat
     x, _ = sparse_dictionary_data(n=4096)
     cfg = small_config(save_every=5)
     probe = make_trainer(x, cfg)
-    bad_row = int(probe._epoch_permutation(0)[7 * 256 + 3])  # in the batch of step 8
+    bad_row = int(probe.data._permutation(0, cfg.seed)[7 * 256 + 3])  # in the batch of step 8
     x[bad_row, 5] = float("nan")
     trainer = make_trainer(x, cfg, tmp_path, log_every=100)
     with pytest.raises(FloatingPointError, match=r"step 8 .*activations contain NaN.*step_5"):
@@ -332,3 +332,38 @@ def test_lr_schedule_warms_up_and_decays():
     assert lrs[0] == pytest.approx(3e-3 / 5) and lrs[10] == pytest.approx(3e-3)
     assert lrs[99] == pytest.approx(3e-3 / 20) and all(b <= a for a, b in zip(lrs[80:], lrs[81:]))
     assert not math.isnan(sum(lrs))
+
+
+# ----------------------------------------------------------------------------- activation store
+
+@pytest.fixture(scope="module")
+def tiny_store(tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "stubs"))
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import ByteTokenizer
+
+    from fastsae.corpus import Corpus
+    from fastsae.store import collect_to_store
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_embd=16)).eval()
+    docs = Corpus("numbers", lambda: [f"document number {i} " * (1 + i % 5) for i in range(400)], "numbers-400")
+    return collect_to_store(model, ByteTokenizer(), docs, "blocks.1.hook_resid_post", tmp_path_factory.mktemp("s"),
+                            6144, shard_tokens=2048, context_length=64, progress=False)
+
+
+def test_trains_from_a_store_and_resumes_exactly(tiny_store, tmp_path):
+    cfg = small_config(d_in=16, d_sae=64, num_epochs=2, save_every=4)
+    full = make_trainer(tiny_store, cfg, tmp_path / "full", log_every=1)
+    full.train(verbose=False)
+    assert full.steps_per_epoch == 6144 // 256
+    part = make_trainer(tiny_store, cfg, tmp_path / "part", log_every=1)
+    part.train(verbose=False, max_steps=30)  # mid second epoch
+    resumed = make_trainer(tiny_store, cfg, tmp_path / "part", log_every=1)
+    resumed.train(verbose=False, resume=True)
+    expected, got = losses(full.history), losses(resumed.history)
+    assert min(got) == 31 and all(got[s] == expected[s] for s in got)
+    assert expected[48] < 0.5 * expected[1]

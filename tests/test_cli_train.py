@@ -1,0 +1,87 @@
+"""``fastsae train`` and ``python -m scripts.sae_train``: collection, training, outputs, resume,
+errors; on the embedded MiniLM and on a nanochat checkpoint (the stand-in package)."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsae.cli import main
+from fastsae.io import load_sae
+
+REPO = Path(__file__).resolve().parents[1]
+STUBS = REPO / "tests" / "stubs"
+SMALL = ["--num_activations", "4096", "--batch_size", "256", "--num_epochs", "1", "--expansion_factor", "1",
+         "--k", "8", "--learning_rate", "1e-3", "--context_length", "64", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_fastsae_train_on_default_model_then_resume(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--layer", "1", "--output_dir", str(out), "--max_steps", "5", *SMALL]) == 0
+    layer = out / "layer_1"
+    assert (layer / "checkpoints" / "step_5").is_dir() and not (layer / "final_model").exists()
+    manifest = json.loads((layer / "activations" / "manifest.json").read_text())
+    assert manifest["token_count"] == 4096 and len(manifest["shards"]) == 4
+
+    assert main(["train", "--layer", "1", "--output_dir", str(out), "--resume", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "best val FVU" in printed and "blocks.1.hook_resid_post" in printed
+    steps = [json.loads(ln)["step"] for ln in (layer / "metrics.jsonl").read_text().splitlines()]
+    assert steps[0] <= 5 and max(steps) == 12  # 3 training shards of 1024 rows / 256: one epoch = 12 steps
+    assert steps == sorted(steps)
+    sae = load_sae(layer / "best_model")
+    assert sae.config.hook_point == "blocks.1.hook_resid_post" and sae.d_in == 384 and sae.d_sae == 384
+    for name in ("config.json", "loss_curves.png", "final_model"):
+        assert (layer / name).exists(), name
+
+
+def _nanochat_checkpoint(directory: Path) -> None:
+    sys.path.insert(0, str(STUBS))
+    try:
+        from nanochat.checkpoint_manager import save_checkpoint
+        from nanochat.gpt import GPT, GPTConfig
+    finally:
+        sys.path.remove(str(STUBS))
+    torch.manual_seed(0)
+    config = GPTConfig(n_layer=2, n_embd=16)
+    save_checkpoint(str(directory), 7, GPT(config).state_dict(), {"model_config": asdict(config), "step": 7})
+
+
+def test_seed_script_on_a_nanochat_checkpoint(tmp_path):
+    ckpt = tmp_path / "base_checkpoints" / "d2"
+    _nanochat_checkpoint(ckpt)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STUBS), str(REPO)]))
+    args = [sys.executable, "-m", "scripts.sae_train", "--checkpoint", str(ckpt), "--layer", "1", "--hook_type",
+            "mlp", "--activation", "relu", "--output_dir", str(tmp_path / "sae_outputs"), *SMALL,
+            "--expansion_factor", "4", "--num_activations", "2048", "--batch_size", "128"]
+    done = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    sae = load_sae(tmp_path / "sae_outputs" / "layer_1" / "best_model")
+    assert sae.config.activation == "relu" and sae.config.hook_point == "blocks.1.hook_mlp_out"
+    assert sae.d_in == 16 and sae.d_sae == 64
+    assert sae.metadata["normalization_scale"] > 0
+
+
+def test_unwritable_output_dir_is_reported_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["train", "--layer", "1", "--output_dir", str(blocker), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert "fastsae train: error: save_dir" in err and "is not a writable directory" in err
+
+
+def test_layer_out_of_range(tmp_path, capsys):
+    assert main(["train", "--layer", "9", "--output_dir", str(tmp_path), *SMALL]) == 1
+    assert "--layer 9 is out of range" in capsys.readouterr().err
