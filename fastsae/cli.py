@@ -9,6 +9,7 @@ from fastsae._version import __version__
 # Subcommands live in their own modules; each registers a parser and a handler.
 _SUBCOMMAND_MODULES = [
     "fastsae.cli_info",
+    "fastsae.cli_eval", "fastsae.cli_viz",
     "fastsae.cli_train",
 ]
 

@@ -1,0 +1,186 @@
+"""``fastsae eval``: evaluate SAEs on real activations of their model, with the downstream loss
+recovered, and optionally write feature dashboards and a Neuronpedia export.
+
+The model is a nanochat checkpoint (``--checkpoint``), a local Hugging Face model (``--model``)
+or, with neither, the embedded all-MiniLM-L6-v2. Text is ``--texts`` files or the default
+corpus (Python's own documentation). Results go to ``{output_dir}/layer_{L}/``.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+import sys
+from pathlib import Path
+
+# Both spellings are accepted, so the seed's scripts (underscores) share these parsers.
+
+
+def _opt(parser, name: str, **kwargs):
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    parser.add_argument(*sorted(spellings), dest=name, **kwargs)
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where activations come from: model, text, how many tokens."""
+    _opt(parser, "checkpoint", default=None, help="nanochat checkpoint directory (e.g. base_checkpoints/d20)")
+    _opt(parser, "step", type=int, default=None, help="nanochat checkpoint step (default: latest)")
+    _opt(parser, "model", default=None, help="local Hugging Face model directory (default: embedded MiniLM)")
+    _opt(parser, "texts", nargs="*", default=None, help=".txt/.jsonl files (default: Python's documentation)")
+    _opt(parser, "layer", type=int, default=None,
+         help="--sae_dir: only this layer's SAE; --sae_path: apply it at this layer")
+    _opt(parser, "hook_point", default=None, help="override the SAE's hook point")
+    _opt(parser, "num_tokens", type=int, default=20_000, help="tokens of activations to use")
+    _opt(parser, "context_length", type=int, default=128)
+    _opt(parser, "batch_size", type=int, default=16, help="sequences per forward pass")
+    _opt(parser, "device", default=None, help="default: cuda if available")
+    _opt(parser, "output_dir", default="sae_eval", help="where results are written")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate SAEs on real model activations (metrics, loss recovered, dashboards)")
+    add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--sae-path", "--sae_path", dest="sae_path", help="one SAE (directory or .pt)")
+    group.add_argument("--sae-dir", "--sae_dir", dest="sae_dir", help="a directory of SAEs (layer_*/...)")
+    add_source_arguments(p)
+    _opt(p, "generate_dashboards", action="store_true", help="also write HTML feature dashboards")
+    _opt(p, "max_features", type=int, default=256, help="dashboard pages for this many most frequent features")
+    _opt(p, "neuronpedia", action="store_true", help="also write a Neuronpedia export")
+    _opt(p, "loss_batches", type=int, default=4, help="batches for the loss-recovered test (0 to skip)")
+
+
+# ----------------------------------------------------------------------------- shared steps
+
+def device_of(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_source(args):
+    """(model, tokenizer, name) from --checkpoint, --model or the embedded default."""
+    from fastsae import sources
+
+    if args.checkpoint and args.model:
+        raise ValueError("give --checkpoint or --model, not both")
+    if args.checkpoint:
+        model, tok, info = sources.load_nanochat_checkpoint(args.checkpoint, args.step, device_of(args))
+    elif args.model:
+        model, tok, info = sources.load_hf_model(args.model, device_of(args))
+    else:
+        model, tok, info = sources.load_default_model(device_of(args))
+    return model, tok, info.name
+
+
+def load_texts(args):
+    from fastsae.corpus import default_corpus, load_text_corpus
+
+    return load_text_corpus(args.texts) if args.texts else default_corpus()
+
+
+def with_layer(hook_point: str, layer: int | None) -> str:
+    return hook_point if layer is None else re.sub(r"^blocks\.\d+\.", f"blocks.{layer}.", hook_point)
+
+
+def load_selected_saes(args) -> dict:
+    """{hook_point: sae} from --sae_path or --sae_dir, filtered / re-pointed by --layer and --hook_point."""
+    from fastsae.io import load_sae, load_saes
+
+    if args.sae_path:
+        sae = load_sae(args.sae_path, device_of(args))
+        sae.config.hook_point = args.hook_point or with_layer(sae.config.hook_point, args.layer)
+        return {sae.config.hook_point: sae}
+    saes = load_saes(args.sae_dir, device_of(args))
+    if args.layer is not None:
+        saes = {h: s for h, s in saes.items() if h.startswith(f"blocks.{args.layer}.")}
+    if not saes:
+        where = f" for layer {args.layer}" if args.layer is not None else ""
+        raise ValueError(f"no SAE found in {args.sae_dir}{where}")
+    return saes
+
+
+def out_dir(args, hook_point: str) -> Path:
+    layer = re.match(r"blocks\.(\d+)\.", hook_point)
+    name = f"layer_{layer.group(1)}" if layer else re.sub(r"[^\w.-]", "_", hook_point)
+    return Path(args.output_dir) / name
+
+
+def activations_for(args, model, tokenizer, hook_point: str):
+    from fastsae.latent_cache import collect_activations
+
+    return collect_activations(model, tokenizer, load_texts(args), hook_point, args.num_tokens,
+                               args.context_length, args.batch_size, progress=True)
+
+
+def top_features(cache, n: int | None) -> list[int]:
+    """Live latents, most frequent first (all of them when n is None)."""
+    import torch
+
+    counts = cache.counts()
+    order = torch.sort(counts, descending=True, stable=True).indices
+    live = order[counts[order] > 0].tolist()
+    return live if n is None else live[:n]
+
+
+# ----------------------------------------------------------------------------- the command
+
+def evaluate_one(args, sae, hook_point, model, tokenizer, model_name) -> dict:
+    from fastsae.corpus import iter_token_batches
+    from fastsae.evaluator import SAEEvaluator, loss_recovered
+    from fastsae.io import atomic_write_json
+
+    acts, meta = activations_for(args, model, tokenizer, hook_point)
+    metrics = SAEEvaluator(sae).evaluate(acts)
+    if args.loss_batches > 0:
+        batches = itertools.islice(iter_token_batches(tokenizer, load_texts(args), args.context_length,
+                                                      args.batch_size), args.loss_batches)
+        metrics.loss_recovered = loss_recovered(model, sae, hook_point, batches)
+    out = out_dir(args, hook_point)
+    result = {"hook_point": hook_point, "model": model_name, **metrics.to_dict()}
+    atomic_write_json(out / "eval_metrics.json", result)
+    print(f"== {hook_point} ({model_name}, {metrics.num_tokens} tokens)\n{metrics}")
+    if args.generate_dashboards or args.neuronpedia:
+        write_views(args, sae, acts, meta, model, tokenizer, out, top_n=args.max_features, metrics=result,
+                    model_name=model_name)
+    return result
+
+
+def write_views(args, sae, acts, meta, model, tokenizer, out: Path, top_n: int | None, metrics=None,
+                features: list[int] | None = None, model_name: str = "model") -> None:
+    """Dashboard (and Neuronpedia export when asked) from one latent cache."""
+    from fastsae.feature_viz import unembedding, write_dashboard
+    from fastsae.latent_cache import LatentCache
+
+    cache = LatentCache.from_activations(sae, acts, **meta)
+    features = features if features is not None else top_features(cache, top_n)
+    W_U = unembedding(model)
+    metrics = metrics or {}
+    summary = {k: metrics[k] for k in ("mse_loss", "fvu", "l0_mean", "dead_latent_fraction") if k in metrics}
+    if metrics.get("loss_recovered"):
+        summary["loss recovered"] = metrics["loss_recovered"]["fraction_recovered"]
+    index = write_dashboard(cache, out / "dashboard", sae, tokenizer, W_U, features, summary=summary)
+    print(f"dashboard: {index} ({len(features)} features)")
+    if getattr(args, "neuronpedia", False):
+        from fastsae.neuronpedia import NeuronpediaUploader
+
+        export = NeuronpediaUploader(model_name=model_name, model_version="").prepare_sae_for_upload(
+            sae, sae.config, out / "neuronpedia", metadata={"evaluation": metrics}, cache=cache,
+            tokenizer=tokenizer, W_U=W_U, features=features)
+        print(f"neuronpedia export: {export}")
+
+
+def run(args) -> int:
+    try:
+        saes = load_selected_saes(args)
+        model, tokenizer, model_name = load_source(args)
+        for hook_point, sae in saes.items():
+            evaluate_one(args, sae, hook_point, model, tokenizer, model_name)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"fastsae eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0

