@@ -54,28 +54,20 @@ _INDEX_MAX = 0xFFFFFFFF
 _MAX_D_SAE = 1 << 31
 
 
-def _on_cuda() -> bool:
-    return torch.cuda.is_available()
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _cuda_configs():
-    # Block shapes are picked by the launcher (the split count depends on BLOCK_N), so only the
-    # pipeline depth, warp count and d_in step are tuned here.
-    return [
-        triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bk, w, s in ((64, 8, 3), (32, 8, 4), (64, 4, 3), (128, 8, 2))
-    ]
-
-
-def _configs():
-    # Without a GPU, Triton's autotuner cannot benchmark, and more than one config fails.
-    if _on_cuda():
-        return _cuda_configs()
-    return [triton.Config({"BLOCK_K": 16}, num_warps=1, num_stages=1)]
+# Compiled for sm_90 (register counts from cuobjdump): with BLOCK_K 32, 8 warps and 4 stages the
+# block shapes chosen in _blocks() use 184-252 registers and no stack; BLOCK_K 64 with 3 stages
+# spills at BLOCK_N 64 x BLOCK_M 128. Each config is a full compile of a large unrolled sorting
+# network (5-50 s each), so only big problems autotune, over a short list.
+_DEFAULT_CONFIG = dict(BLOCK_K=32, num_warps=8, num_stages=4)
+_TUNE_CONFIGS = [
+    triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=st) for bk, w, st in ((32, 8, 4), (32, 8, 3), (64, 8, 3))
+]
+# Problems below this many multiply-adds run the default config without autotuning.
+_TUNE_MIN_MACS = 1 << 36
 
 
 @triton.jit
@@ -148,9 +140,10 @@ def _topk_desc(x, LOG_ROWS: tl.constexpr, LOG_M: tl.constexpr, LOG_K: tl.constex
     for i in tl.static_range(1, LOG_K + 1):
         h = _merge_stage(h, n_dims, i, i < LOG_M, 1)
     for i in tl.static_range(LOG_K + 1, LOG_M + 1):
-        dims: tl.constexpr = n_dims - (i - LOG_K - 1)
-        h = tl.max(h, axis=dims - 1 - LOG_K)
-        h = _merge_stage(h, dims - 1, LOG_K, i < LOG_M, 1)
+        # Round i starts with n_dims - (i - LOG_K - 1) axes and drops one (a constexpr cannot
+        # be reassigned inside the unrolled loop, so the count is written out).
+        h = tl.max(h, axis=n_dims - (i - LOG_K - 1) - 1 - LOG_K)
+        h = _merge_stage(h, n_dims - (i - LOG_K), LOG_K, i < LOG_M, 1)
     return tl.reshape(h, [2 ** LOG_ROWS, 2 ** LOG_K])
 
 
@@ -188,7 +181,6 @@ def _store_topk(acc, rows, row_mask, val_ptr, idx_ptr, key_ptr, k, key_stride, k
         tl.store(idx_ptr + offs, index, mask=mask)
 
 
-@triton.autotune(configs=_configs(), key=["d_in", "d_sae", "KP", "KAP", "BLOCK_N", "BLOCK_M"])
 @triton.jit
 def _topk_encode_kernel(
     x_ptr, w_ptr, c_ptr, dead_ptr,
@@ -248,6 +240,11 @@ def _topk_encode_kernel(
     if HAS_AUX:
         _store_topk(aux_acc, rows, row_mask, aux_val_ptr, aux_idx_ptr, aux_key_ptr, k_aux,
                     num_splits * KAP, split * KAP, KAP, True, STORE_KEYS)
+
+
+_topk_encode_tuned = triton.autotune(
+    configs=_TUNE_CONFIGS, key=["d_in", "d_sae", "KP", "KAP", "BLOCK_N", "BLOCK_M", "HAS_AUX", "STORE_KEYS"],
+)(_topk_encode_kernel)
 
 
 def _unpack_torch(keys: torch.Tensor):
@@ -348,11 +345,15 @@ def _blocks(kp: int, kap: int, d_sae: int, on_gpu: bool):
     if not on_gpu:
         # The interpreter pays per tensor op far more than per element: few, wide tiles.
         return 32, max(widest, min(128, _next_pow2(d_sae)))
-    # The tile must be at least KP wide for the top-k; the running top-k lives in registers, so
-    # fewer rows per program as k grows.
-    block_m = max(128, widest)
-    block_n = 64 if widest <= 64 else (32 if widest <= 128 else 16)
-    return block_n, block_m
+    # The tile must be at least KP wide for the top-k, and the running top-k lives in registers:
+    # fewer rows per program as k grows (shapes checked for spills, see _DEFAULT_CONFIG).
+    if widest <= 32:
+        return 64, 128
+    if widest == 64:
+        return 64, 64
+    if widest == 128:
+        return 32, 128
+    return 16, widest
 
 
 def _launch(x, W, b, b_dec, k, dead_mask, k_aux, num_splits=None, blocks=None):
@@ -395,13 +396,19 @@ def _launch(x, W, b, b_dec, k, dead_mask, k_aux, num_splits=None, blocks=None):
                            and torch.backends.cuda.matmul.allow_tf32) else "ieee"
 
     grid = (row_blocks * num_splits,)
-    _topk_encode_kernel[grid](
+    if not x.is_cuda:
+        kernel, launch_cfg = _topk_encode_kernel, dict(BLOCK_K=16)
+    elif n * d_sae * max(d_in, 1) >= _TUNE_MIN_MACS:
+        kernel, launch_cfg = _topk_encode_tuned, {}
+    else:
+        kernel, launch_cfg = _topk_encode_kernel, _DEFAULT_CONFIG
+    kernel[grid](
         x, W, c, dead,
         values, indices, aux_values, aux_indices, keys, aux_keys,
         n, d_in, d_sae, k, k_aux, cols_per_split, num_splits,
         BLOCK_N=block_n, BLOCK_M=block_m, KP=kp, KAP=kap,
         HAS_AUX=has_aux, STORE_KEYS=store_keys, INPUT_PRECISION=precision,
-        LOG_N=_log2(block_n), LOG_M=_log2(block_m), LOG_KP=_log2(kp), LOG_KAP=_log2(kap),
+        LOG_N=_log2(block_n), LOG_M=_log2(block_m), LOG_KP=_log2(kp), LOG_KAP=_log2(kap), **launch_cfg,
     )
     if store_keys:
         values, indices = _merge_splits(keys, k, x.dtype, clamp=False)

@@ -7,10 +7,10 @@ import itertools
 
 import pytest
 import torch
-from fastsae.kernels import topk_encode as kmod
-from fastsae.kernels.topk_encode import topk_encode
 
 from fastsae import torch_backend
+from fastsae.kernels import topk_encode as kmod
+from fastsae.kernels.topk_encode import topk_encode
 
 GPU = torch.cuda.is_available()
 
