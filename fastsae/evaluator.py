@@ -88,51 +88,46 @@ def _check_activations(x: torch.Tensor, d_in: int) -> None:
 
 
 class _Sums:
-    """Exact running sums from which every metric follows."""
+    """Exact running sums (float64, on the SAE's device) from which every metric follows; read
+    back once at the end, so a GPU evaluation never waits on the host per batch."""
 
-    def __init__(self, d_in: int, d_sae: int):
+    def __init__(self, d_in: int, d_sae: int, device: torch.device):
         self.n = 0
-        self.sse = 0.0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_x2 = torch.zeros(d_in, dtype=torch.float64)
-        self.l0 = self.l0_sq = self.l1 = self.cos = 0.0
-        self.active_sum = 0.0
-        self.max_act = 0.0
-        self.counts = torch.zeros(d_sae, dtype=torch.float64)
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)  # noqa: E731
+        self.sum_x, self.sum_x2, self.counts = zeros(d_in), zeros(d_in), zeros(d_sae)
+        # sse, cos, l0, l0^2, l1, sum of active values
+        self.scalars = zeros(6)
+        self.max_act = zeros(())
 
     def add(self, x: torch.Tensor, recon: torch.Tensor, code: SparseCode) -> None:
-        x64, r64 = x.double().cpu(), recon.double().cpu()
+        x64, r64 = x.double(), recon.double()
         self.n += x.shape[0]
-        self.sse += (r64 - x64).pow(2).sum().item()
         self.sum_x += x64.sum(0)
         self.sum_x2 += x64.pow(2).sum(0)
-        self.cos += F.cosine_similarity(r64, x64, dim=1).sum().item()
         values, indices = code.flat()
-        values, indices = values.detach().cpu(), indices.cpu()
+        values = values.detach().double()
         active = values != 0
-        l0 = code.l0().double().cpu()
-        self.l0 += l0.sum().item()
-        self.l0_sq += l0.pow(2).sum().item()
-        self.l1 += values.abs().double().sum().item()
-        self.active_sum += values[active].double().sum().item()
-        if active.any():
-            self.max_act = max(self.max_act, values[active].max().item())
+        l0 = code.l0().double()
+        self.scalars += torch.stack([(r64 - x64).pow(2).sum(), F.cosine_similarity(r64, x64, dim=1).sum(),
+                                     l0.sum(), l0.pow(2).sum(), values.abs().sum(), values[active].sum()])
+        self.max_act = torch.maximum(self.max_act, values.max() if values.numel() else self.max_act)
         self.counts += torch.bincount(indices[active].long(), minlength=self.counts.numel()).double()
 
     def metrics(self, d_in: int, compute_dead_latents: bool) -> SAEMetrics:
         n = max(self.n, 1)
         total_var = (self.sum_x2 - self.sum_x.pow(2) / n).sum().item()
-        fvu = self.sse / total_var if total_var > 0 else float("nan")
-        l0_mean = self.l0 / n
-        l0_var = (self.l0_sq - n * l0_mean ** 2) / (n - 1) if n > 1 else 0.0
+        sse, cos, l0, l0_sq, l1, active_sum = self.scalars.tolist()
+        fvu = sse / total_var if total_var > 0 else float("nan")
+        l0_mean = l0 / n
+        l0_var = (l0_sq - n * l0_mean ** 2) / (n - 1) if n > 1 else 0.0
         num_active = self.counts.sum().item()
-        density = (self.counts / n).float()
+        density = (self.counts / n).float().cpu()
         return SAEMetrics(
-            mse_loss=self.sse / (n * d_in), explained_variance=1.0 - fvu, reconstruction_score=1.0 - fvu,
-            l0_mean=l0_mean, l0_std=max(l0_var, 0.0) ** 0.5, l1_mean=self.l1 / n,
+            mse_loss=sse / (n * d_in), explained_variance=1.0 - fvu, reconstruction_score=1.0 - fvu,
+            l0_mean=l0_mean, l0_std=max(l0_var, 0.0) ** 0.5, l1_mean=l1 / n,
             dead_latent_fraction=(density == 0).double().mean().item() if compute_dead_latents else 0.0,
-            max_activation=self.max_act, mean_activation=self.active_sum / num_active if num_active else 0.0,
-            fvu=fvu, cosine_similarity=self.cos / n,
+            max_activation=self.max_act.item(), mean_activation=active_sum / num_active if num_active else 0.0,
+            fvu=fvu, cosine_similarity=cos / n,
             dense_fraction=(density > DENSE_THRESHOLD).double().mean().item(), num_tokens=self.n,
             density_histogram=density_histogram(density, self.n), density=density)
 
@@ -172,7 +167,7 @@ class SAEEvaluator:
         _check_activations(activations, self.sae.d_in)
         if activations.shape[0] == 0:
             raise ValueError("activations is empty")
-        sums = _Sums(self.sae.d_in, self.sae.d_sae)
+        sums = _Sums(self.sae.d_in, self.sae.d_sae, self.sae.device)
         with _EvalMode(self.sae):
             for start in range(0, activations.shape[0], batch_size):
                 x = activations[start:start + batch_size].to(device=self.sae.device, dtype=self.sae.dtype)
