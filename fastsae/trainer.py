@@ -48,6 +48,7 @@ RESAMPLE_SAMPLE_ROWS = 16384  # rows scored when resampling dead latents
 RUN_FRACTION_CAP = 0.1  # dead-token threshold and warmup are capped at this fraction of the run
 DECAY_FRACTION = 0.2  # linear LR decay to 0 over the last 20% of steps (config.lr_decay)
 RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: 0.2 x mean alive encoder norm
+AUX_CHECK_EVERY = 10  # steps between host checks of "any latent dead?" (AuxK costs ~2x when on)
 _NEVER = 2**62  # "no bad step yet"
 _AUXK = ("topk", "batchtopk")
 _RESAMPLED = ("relu", "gated", "jumprelu")
@@ -220,6 +221,7 @@ class SAETrainer:
         self._first_bad = torch.full((2,), _NEVER, dtype=torch.long, device=self.device)  # [input, loss]
         self._resample_gen = torch.Generator().manual_seed(config.seed + 1)
         self._folded = False
+        self._aux_on = False  # AuxK runs only while some latent is dead (checked every AUX_CHECK_EVERY steps)
         self._last_log = (time.perf_counter(), 0)
 
     # ---- schedules (plain functions of the step, so a resumed run follows the same curve)
@@ -275,7 +277,7 @@ class SAETrainer:
 
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimisation step on this rank's normalised batch ``x``; returns sae.loss's dict."""
-        dead = self.dead_mask() if self.config.activation in _AUXK else None
+        dead = self.dead_mask() if self._aux_on else None
         with self._autocast():
             out = self.sae.loss(x, dead_mask=dead, sparsity_scale=self.sparsity_scale_at(self.step))
         self.optimizer.zero_grad(set_to_none=True)
@@ -368,6 +370,8 @@ class SAETrainer:
 
     def _after_step(self, out: dict, bar, last: bool) -> None:
         step, cfg = self.step, self.config
+        if cfg.activation in _AUXK and step % AUX_CHECK_EVERY == 0:
+            self._aux_on = bool(self.dead_mask().any())
         if step % self.log_every == 0 or last:
             self._log(out, bar)
         if cfg.activation in _RESAMPLED and cfg.resample_interval > 0 and step % cfg.resample_interval == 0:
@@ -535,7 +539,7 @@ class SAETrainer:
                 "position_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "global_batch": self.global_batch, "total_steps": self.total_steps, "world_size": self.world_size,
                 "best_val_fvu": None if math.isinf(self.best_val_fvu) else self.best_val_fvu,
-                "normalization_scale": self.scale, "rng": rng, "config": self.config.to_dict()}
+                "normalization_scale": self.scale, "aux_on": self._aux_on, "rng": rng, "config": self.config.to_dict()}
 
     def _prune_checkpoints(self, root: Path) -> None:
         for old in _checkpoint_dirs(root)[:-self.keep_checkpoints or None]:
@@ -567,6 +571,7 @@ class SAETrainer:
         self.optimizer.load_state_dict(_unflatten_optimizer(path / "optimizer.safetensors"))
         self.step, self.total_steps = int(state["step"]), int(state["total_steps"])
         self.scale = state["normalization_scale"]
+        self._aux_on = bool(state.get("aux_on", False))
         self.best_val_fvu = math.inf if state["best_val_fvu"] is None else float(state["best_val_fvu"])
         self._resample_gen.set_state(torch.tensor(state["rng"]["resample"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
