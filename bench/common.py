@@ -31,8 +31,8 @@ def synchronized(fn):
 
 
 def peak_memory(fn, *args, **kwargs):
-    """Peak bytes allocated while fn runs (CUDA allocator on a GPU, tracemalloc-free RSS-free
-    estimate on CPU via torch's CPU allocator profiler)."""
+    """Peak bytes allocated while fn runs: the CUDA allocator's peak on a GPU; on CPU, a running
+    sum of the net allocations of torch's top-level ops, from the profiler."""
     if ON_GPU:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -48,7 +48,8 @@ def peak_memory(fn, *args, **kwargs):
 
 def _peak_from_events(events):
     current = peak = 0
-    for ev in sorted((e for e in events if getattr(e, "cpu_memory_usage", 0)),
+    # Only top-level ops: a parent's figure already includes its children's allocations.
+    for ev in sorted((e for e in events if getattr(e, "cpu_memory_usage", 0) and e.cpu_parent is None),
                      key=lambda e: e.time_range.start):
         current += ev.cpu_memory_usage
         peak = max(peak, current)

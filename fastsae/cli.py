@@ -11,6 +11,7 @@ _SUBCOMMAND_MODULES = [
     "fastsae.cli_info",
     "fastsae.cli_eval", "fastsae.cli_viz",
     "fastsae.cli_train",
+    "fastsae.cli_demo",
 ]
 
 
