@@ -63,13 +63,6 @@ def gather_dot(g, indices, W):
     return _bag_dot(g, indices.reshape(-1), offsets, W).reshape(n, k)
 
 
-def _sparse_rows_matrix(values, latent, row, num_rows, num_cols, acc):
-    """A [num_rows, num_cols] sparse matrix with values at (latent, row)."""
-    coo = torch.sparse_coo_tensor(torch.stack([latent, row]), values.to(acc), (num_rows, num_cols),
-                                  check_invariants=False)
-    return coo.coalesce()
-
-
 def scatter_add(values, indices, g, num_rows):
     n, k = indices.shape
     row = torch.arange(n, device=g.device).repeat_interleave(k)
@@ -77,11 +70,16 @@ def scatter_add(values, indices, g, num_rows):
 
 
 def _csr_scatter(values, latent, row, g, num_rows):
+    """out[m] = sum of values * g[row] over the entries of latent m: entries are grouped by
+    latent with a stable sort into a [num_rows, N] CSR matrix, then one sparse @ dense."""
     acc = _acc_dtype(g.dtype)
     if values.numel() == 0:
         return torch.zeros(num_rows, g.shape[1], dtype=g.dtype, device=g.device)
-    s = _sparse_rows_matrix(values, latent, row, num_rows, g.shape[0], acc)
-    return torch.sparse.mm(s, g.to(acc)).to(g.dtype)
+    order = torch.argsort(latent, stable=True)
+    sorted_latent = latent[order]
+    crow = torch.searchsorted(sorted_latent, torch.arange(num_rows + 1, device=g.device))
+    by_latent = torch.sparse_csr_tensor(crow, row[order], values[order].to(acc), (num_rows, g.shape[0]))
+    return (by_latent @ g.to(acc)).to(g.dtype)
 
 
 def csr_row_ids(row_offsets, nnz: int | None = None):
@@ -143,6 +141,22 @@ def _stable_topk(scores, k):
     return vals, idx
 
 
+def _dead_topk(pre, dead_mask, k_aux):
+    """Top-k_aux of the dead latents' columns, with the reference's padding: when fewer than
+    k_aux latents are dead, the remaining slots take value 0 and the lowest live indices."""
+    dead = dead_mask.nonzero().squeeze(1)  # ascending, so ties keep ascending-index order
+    n = pre.shape[0]
+    values, picked = _stable_topk(pre[:, dead], min(k_aux, dead.numel())) if dead.numel() else (
+        pre.new_zeros(n, 0), torch.zeros(n, 0, dtype=torch.long, device=pre.device))
+    indices = dead[picked]
+    missing = k_aux - indices.shape[1]
+    if missing > 0:
+        live = (~dead_mask).nonzero().squeeze(1)[:missing]
+        values = torch.cat([values, pre.new_zeros(n, missing)], 1)
+        indices = torch.cat([indices, live.expand(n, missing)], 1)
+    return values.clamp_min(0.0), indices
+
+
 def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
     acc = _acc_dtype(x.dtype)
     pre = preactivations(x.to(acc), W.to(acc), b.to(acc), None if b_dec is None else b_dec.to(acc))
@@ -152,9 +166,8 @@ def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
     aux_values = torch.zeros(n, k_aux, dtype=x.dtype, device=x.device)
     aux_indices = torch.zeros(n, k_aux, dtype=torch.long, device=x.device)
     if dead_mask is not None and k_aux > 0:
-        masked = pre.masked_fill_(~dead_mask, float("-inf"))
-        av, ai = _stable_topk(masked, k_aux)
-        aux_values, aux_indices = av.clamp_min(0.0).to(x.dtype), ai
+        aux_values, aux_indices = _dead_topk(pre, dead_mask, k_aux)
+        aux_values = aux_values.to(x.dtype)
     del pre
     return values.to(x.dtype), indices, aux_values, aux_indices
 
