@@ -26,6 +26,7 @@ from torch import nn
 
 from fastsae import ops
 from fastsae.hooks import resolve_hook_point
+from fastsae.models import SparseCode, TopKSAE
 from fastsae.trace import HookTrace, Trace
 
 __all__ = ["FeatureEdit", "InterpretableModel", "ablate", "add", "clamp", "scale"]
@@ -121,6 +122,16 @@ def _input_ids(args, kwargs) -> torch.Tensor | None:
     return None
 
 
+def _plain_topk_encode(sae, x: torch.Tensor) -> SparseCode:
+    """A TopK SAE's code for the hooks on the torch backend: the same GEMM and ReLU as
+    ``encode_sparse``, then torch.topk. Values are identical; only the order among exactly equal
+    values may differ, which the backend's stable tie rule fixes at a cost as large as the GEMM
+    itself at decode sizes (one token, weights cold in cache)."""
+    pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.enc_weight.t()).relu_()
+    values, indices = pre.topk(sae.config.k, dim=1)
+    return SparseCode(values, indices, sae.d_sae)
+
+
 def _model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -197,8 +208,11 @@ class InterpretableModel(nn.Module):
         return x.detach().reshape(-1, sae.d_in).to(sae.dtype)
 
     def _encode(self, hook_point: str, flat: torch.Tensor):
+        sae = self.saes[hook_point]
         with torch.no_grad(), ops.input_checks(False):  # the NaN scan would read back to the host
-            return self.saes[hook_point].encode_sparse(flat)
+            if type(sae) is TopKSAE and ops.resolve_backend(None, flat.device) == "torch":
+                return _plain_topk_encode(sae, flat)
+            return sae.encode_sparse(flat)
 
     # -- tracking -------------------------------------------------------------------------------
     def _track_width(self, sae) -> int:

@@ -20,6 +20,20 @@ import torch
 
 # Columns of the per-row "where" record: the forward call (step), the batch row, the position.
 WHERE_FIELDS = ("step", "batch", "position")
+# The max-activating record packs them into one int64 (a third of the memory traffic):
+# step < 2^23, batch < 2^16, position < 2^24.
+_BATCH_SHIFT, _STEP_SHIFT = 24, 40
+
+
+def pack_where(where: torch.Tensor) -> torch.Tensor:
+    """[..., 3] (step, batch, position) -> [...] int64."""
+    return (where[..., 0] << _STEP_SHIFT) | (where[..., 1] << _BATCH_SHIFT) | where[..., 2]
+
+
+def unpack_where(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_where."""
+    mask = (1 << _BATCH_SHIFT) - 1
+    return torch.stack([packed >> _STEP_SHIFT, (packed >> _BATCH_SHIFT) & 0xFFFF, packed & mask], -1)
 
 
 @dataclass
@@ -33,11 +47,21 @@ class _Chunk:
     offset: int            # position of the chunk's first token
 
 
-def _chunk_where(chunk: _Chunk) -> torch.Tensor:
-    """[R, 3] int64 (step, batch, position) per row, built on the chunk's device from host ints."""
-    r = torch.arange(chunk.batch * chunk.tokens, device=chunk.values.device)
-    step = torch.full_like(r, chunk.step)
-    return torch.stack([step, r // chunk.tokens, chunk.offset + r % chunk.tokens], 1)
+def _chunk_where(chunks: list[_Chunk], device: torch.device) -> torch.Tensor:
+    """[R, 3] int64 (step, batch, position) per row of the chunks, in order.
+
+    Built from host ints with a fixed number of small CPU ops whatever the number of chunks,
+    then copied to the device once (from pinned memory on a GPU, so without a synchronisation).
+    """
+    meta = torch.tensor([[c.step, c.batch * c.tokens, c.tokens, c.offset] for c in chunks], dtype=torch.long)
+    step, rows, tokens, offset = meta.unbind(1)
+    chunk = torch.repeat_interleave(torch.arange(len(chunks)), rows)
+    local = torch.arange(sum(c.batch * c.tokens for c in chunks)) - (torch.cumsum(rows, 0) - rows)[chunk]
+    t = tokens[chunk]
+    where = torch.stack([step[chunk], local // t, offset[chunk] + local % t], 1)
+    if device.type == "cuda":
+        return where.pin_memory().to(device, non_blocking=True)
+    return where.to(device)
 
 
 class MaxExamples:
@@ -55,29 +79,30 @@ class MaxExamples:
             raise ValueError(f"max_examples must be >= 1, got {n}")
         self.d_sae, self.n = d_sae, n
         self.values = torch.full((d_sae, n), float("-inf"), device=device)
-        self.where = torch.full((d_sae, n, 3), -1, dtype=torch.long, device=device)
+        self.where = torch.full((d_sae, n), -1, dtype=torch.long, device=device)  # packed
 
     def update(self, values: torch.Tensor, features: torch.Tensor, where: torch.Tensor) -> None:
-        """Merge entries: values[E], features[E] (latent ids), where[E, 3]."""
+        """Merge entries: values[E], features[E] (latent ids), where[E] (packed, see pack_where)."""
         if values.numel() == 0:
             return
+        n = self.n
         v = values.float()
-        v = torch.where(v > 0, v, float("-inf"))  # a zero is no activation
-        by_value = torch.argsort(v, descending=True, stable=True)
-        perm = by_value[torch.argsort(features[by_value], stable=True)]  # grouped by feature, value desc
+        v = torch.where(v > 0, v, 0.0)  # +0.0 for zeros, -0.0 and NaN: their bits must sort last
+        # One sort groups entries by feature, strongest first: for non-negative floats the bit
+        # pattern orders like the value, so (feature, -value) packs into one int64 key.
+        key = features * (1 << 31) + ((1 << 31) - 1 - v.view(torch.int32).long())
+        perm = torch.argsort(key)
         f, v, w = features[perm], v[perm], where[perm]
+        v = torch.where(v > 0, v, float("-inf"))  # a zero is no activation
         # scatter_add, not bincount: bincount reads the maximum back to the host on CUDA.
         counts = torch.zeros(self.d_sae, dtype=torch.long, device=f.device).scatter_add_(0, f, torch.ones_like(f))
         first = (torch.cumsum(counts, 0) - counts)[f]
-        slot = torch.arange(self.n, device=f.device)
-        valid = slot < counts[f].unsqueeze(1)
+        slot = torch.arange(n, device=f.device)
         take = (first.unsqueeze(1) + slot).clamp(max=v.numel() - 1)
-        cand_v = torch.where(valid, v[take], float("-inf"))
-        merged_v = torch.cat([self.values[f], cand_v], 1)
-        merged_w = torch.cat([self.where[f], w[take]], 1)
-        top_v, pick = merged_v.topk(self.n, dim=1)
+        cand_v = torch.where(slot < counts[f].unsqueeze(1), v[take], float("-inf"))  # the group's first n
+        top_v, pick = torch.cat([self.values[f], cand_v], 1).topk(n, dim=1)
         self.values[f] = top_v
-        self.where[f] = merged_w.gather(1, pick.unsqueeze(2).expand(-1, -1, 3))
+        self.where[f] = torch.cat([self.where[f], w[take]], 1).gather(1, pick)
 
     def top(self, feature: int) -> list[dict]:
         """The recorded examples of one feature, strongest first (a host read)."""
@@ -85,8 +110,8 @@ class MaxExamples:
             raise IndexError(f"feature {feature} out of range [0, d_sae={self.d_sae})")
         values, where = self.values[feature].cpu(), self.where[feature].cpu()
         keep = torch.isfinite(values)
-        return [{"value": float(v), **dict(zip(WHERE_FIELDS, map(int, w)))}
-                for v, w in zip(values[keep], where[keep])]
+        return [{"value": float(v), **dict(zip(WHERE_FIELDS, w))}
+                for v, w in zip(values[keep], unpack_where(where[keep]).tolist())]
 
 
 class HookTrace:
@@ -127,11 +152,11 @@ class HookTrace:
         if not self._pending:
             return
         chunks, self._pending = self._pending, []
-        m = chunks[0].values.shape[1]
-        values = torch.cat([c.values.reshape(-1) for c in chunks])
-        indices = torch.cat([c.indices.reshape(-1) for c in chunks])
-        where = torch.cat([_chunk_where(c).repeat_interleave(m, 0) for c in chunks])
-        self.examples.update(values, indices, where)
+        values = torch.cat([c.values for c in chunks])
+        indices = torch.cat([c.indices for c in chunks])
+        where = pack_where(_chunk_where(chunks, values.device))  # one per token, shared by its m entries
+        where = where.unsqueeze(1).expand(-1, values.shape[1]).reshape(-1)
+        self.examples.update(values.reshape(-1), indices.reshape(-1), where)
 
     @property
     def num_rows(self) -> int:
@@ -144,7 +169,7 @@ class HookTrace:
         if self._rows is None:
             if not self._chunks:
                 raise RuntimeError(f"nothing recorded at {self.hook_point!r} yet: run the model while tracking")
-            where = torch.cat([_chunk_where(c) for c in self._chunks])
+            where = _chunk_where(self._chunks, self._chunks[0].values.device)
             seq = torch.cat([torch.full((c.batch * c.tokens,), c.seq, dtype=torch.long, device=where.device)
                              for c in self._chunks])
             self._rows = {"values": torch.cat([c.values for c in self._chunks]),

@@ -1,0 +1,168 @@
+"""The runtime's overhead budget: generating with feature tracking must cost at most 10% more
+than generating without it, at prefill and per decoded token.
+
+Setup: a nanochat-d20-shaped causal transformer (``bench/toy_transformer.py``: 20 layers,
+d_model 1280, 10 heads, vocab 65536, KV cache so decode steps are (B, 1, D)) with tracking at
+one layer (a TopK SAE, d_sae = 16 x d_model, k = 32, at ``blocks.10.hook_resid_post``).
+Tracking includes every cost it adds: the hook, the encode, the recording, and the merge of
+the max-activating examples (forced at the end of each timed decode run).
+
+Method: each round times a plain run and a tracked run back to back, alternating which goes
+first; the overhead is the median over rounds of tracked / plain - 1, so slow drifts in the
+machine's speed cancel. The test fails when the overhead exceeds BUDGET. On a GPU the clock is
+wall time with synchronisation. On CPU it is the process's CPU time with torch on one thread:
+CI machines are shared, and wall time there measures the neighbours as much as the code
+(single-threaded CPU time is what wall time would be on an idle single core).
+
+Sizes (FASTSAE_BENCH_SIZE, see bench/common.py):
+- "full": the d20 shape above, bf16 model and SAE on a GPU (fp32 on CPU), prompt 512, 64 new tokens.
+- "ci": reduced to run on 2 CPU cores in about a minute: d_model 1280 -> 256 (2 heads of 128),
+  vocab 65536 -> 13107 (the same vocab / d_model ratio), prompt 64, 32 new tokens, fp32.
+  Kept: 20 layers, the SAE at one of them with the same d_in as the model and 16x expansion,
+  k = 32. The SAE's weight and FLOPs relative to the model's are therefore those of d20
+  (16 d^2 against 20 * 12 d^2 + 2 V d, about 4.7%), so the ratio is an honest stand-in.
+
+Run: ``python -m pytest bench/test_bench_overhead.py -q`` (FASTSAE_BENCH_SIZE=full on a GPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Callable, Sequence
+
+import pytest
+import torch
+
+from bench.common import DEVICE, ON_GPU, shapes
+from bench.toy_transformer import D20, KVCache, ToyConfig, ToyGPT
+from fastsae.config import SAEConfig
+from fastsae.models import create_sae
+from fastsae.runtime import InterpretableModel
+
+BUDGET = 0.10
+
+CASE = shapes(
+    ci={"config": ToyConfig(n_layer=20, n_embd=256, n_head=2, vocab_size=13107), "batch": 1, "prompt": 64,
+        "new_tokens": 32, "rounds": {"prefill": 21, "decode": 15}, "dtype": torch.float32},
+    full={"config": D20, "batch": 1, "prompt": 512, "new_tokens": 64, "rounds": {"prefill": 21, "decode": 11},
+          "dtype": torch.bfloat16 if ON_GPU else torch.float32},
+)
+
+
+# ----------------------------------------------------------------------------- the budget check
+
+def overhead(plain: Sequence[float], tracked: Sequence[float]) -> float:
+    """Median over paired rounds of tracked / plain - 1."""
+    if len(plain) != len(tracked) or not plain:
+        raise ValueError(f"need the same number (>0) of plain and tracked timings, got {len(plain)} and {len(tracked)}")
+    return statistics.median(t / p for p, t in zip(plain, tracked)) - 1.0
+
+
+def check_overhead_budget(plain: Sequence[float], tracked: Sequence[float], budget: float = BUDGET,
+                          what: str = "tracking") -> float:
+    """The overhead (a fraction); AssertionError when it exceeds the budget."""
+    ratio = overhead(plain, tracked)
+    assert ratio <= budget, (f"{what} overhead {ratio:.1%} exceeds the {budget:.0%} budget (median of "
+                             f"{len(plain)} paired rounds; plain median {statistics.median(plain):.4g}s, "
+                             f"tracked median {statistics.median(tracked):.4g}s)")
+    return ratio
+
+
+def interleaved(run_plain: Callable[[], float], run_tracked: Callable[[], float], rounds: int):
+    """Run both arms `rounds` times, alternating which goes first; each call returns its own time."""
+    plain, tracked = [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            plain.append(run_plain())
+            tracked.append(run_tracked())
+        else:
+            tracked.append(run_tracked())
+            plain.append(run_plain())
+    return plain, tracked
+
+
+# ----------------------------------------------------------------------------- the workload
+
+def _sync():
+    if ON_GPU:
+        torch.cuda.synchronize()
+
+
+clock = time.perf_counter if ON_GPU else time.process_time
+
+
+def build(case=CASE, device=DEVICE, hook_layer=None, sae_factory=None):
+    """(model, InterpretableModel with one SAE, prompt) for a case."""
+    cfg = case["config"]
+    model = ToyGPT(cfg).to(device=device, dtype=case["dtype"]).eval()
+    layer = cfg.n_layer // 2 if hook_layer is None else hook_layer
+    sae_cfg = SAEConfig(d_in=cfg.n_embd, d_sae=16 * cfg.n_embd, k=32)
+    sae = (sae_factory or create_sae)(sae_cfg).to(device=device, dtype=case["dtype"])
+    im = InterpretableModel(model, {f"blocks.{layer}.hook_resid_post": sae})
+    prompt = torch.randint(0, cfg.vocab_size, (case["batch"], case["prompt"]),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    return model, im, prompt
+
+
+def generation_times(model, im, prompt, new_tokens, tracked, case=CASE):
+    """(prefill seconds, decode seconds per token) of one greedy generation with a KV cache."""
+    cache = KVCache(case["config"], prompt.shape[0], prompt.shape[1] + new_tokens + 1, case["dtype"], prompt.device)
+    context = im.interpretation_enabled() if tracked else contextlib.nullcontext()
+    with torch.inference_mode(), context:
+        _sync()
+        t0 = clock()
+        token = model(prompt, kv_cache=cache)[:, -1:].argmax(-1)
+        _sync()
+        t1 = clock()
+        for _ in range(new_tokens):
+            token = model(token, kv_cache=cache)[:, -1:].argmax(-1)
+        if tracked:  # the max-activating-examples merge is tracking work too
+            for h in im.trace.hooks.values():
+                h.fold()
+        _sync()
+        t2 = clock()
+    return t1 - t0, (t2 - t1) / max(new_tokens, 1)
+
+
+@pytest.fixture(scope="module")
+def workload():
+    threads = torch.get_num_threads()
+    if not ON_GPU:
+        torch.set_num_threads(1)  # see the module docstring: CPU time of one thread
+    model, im, prompt = build()
+    generation_times(model, im, prompt, 2, tracked=True)  # warm up both paths
+    generation_times(model, im, prompt, 2, tracked=False)
+    yield model, im, prompt
+    torch.set_num_threads(threads)
+
+
+def _label():
+    c = CASE["config"]
+    return (f"L{c.n_layer}-d{c.n_embd}-V{c.vocab_size}-sae{16 * c.n_embd}-k32-B{CASE['batch']}-"
+            f"T{CASE['prompt']}-{str(CASE['dtype']).removeprefix('torch.')}")
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_tracking_overhead(benchmark, workload, phase):
+    model, im, prompt = workload
+    new_tokens = 0 if phase == "prefill" else CASE["new_tokens"]
+    pick = 0 if phase == "prefill" else 1
+    plain, tracked = [], []
+
+    def one_round():  # timed by pytest-benchmark as the pair; the ratio uses each arm's own time
+        arms = [(plain, False), (tracked, True)]
+        for times, is_tracked in arms if len(plain) % 2 == 0 else arms[::-1]:
+            times.append(generation_times(model, im, prompt, new_tokens, is_tracked)[pick])
+
+    benchmark.group = f"runtime-overhead-{phase}"
+    benchmark.name = f"{phase}[{_label()}]"
+    benchmark.pedantic(one_round, rounds=CASE["rounds"][phase], iterations=1)
+    ratio = overhead(plain, tracked)
+    benchmark.extra_info.update({"plain_median_s": statistics.median(plain),
+                                 "tracked_median_s": statistics.median(tracked),
+                                 "overhead": ratio, "budget": BUDGET,
+                                 "per": "token" if phase == "decode" else "prompt"})
+    print(f"\n{phase} [{_label()}]: plain {statistics.median(plain) * 1e3:.2f} ms, tracked "
+          f"{statistics.median(tracked) * 1e3:.2f} ms, overhead {ratio:+.1%}")
+    check_overhead_budget(plain, tracked, what=f"{phase} tracking")
