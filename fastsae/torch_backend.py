@@ -28,6 +28,8 @@ Primitives:
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -78,7 +80,10 @@ def _csr_scatter(values, latent, row, g, num_rows):
     order = torch.argsort(latent, stable=True)
     sorted_latent = latent[order]
     crow = torch.searchsorted(sorted_latent, torch.arange(num_rows + 1, device=g.device))
-    by_latent = torch.sparse_csr_tensor(crow, row[order], values[order].to(acc), (num_rows, g.shape[0]))
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
+        warnings.simplefilter("ignore", UserWarning)
+        by_latent = torch.sparse_csr_tensor(crow, row[order], values[order].to(acc), (num_rows, g.shape[0]),
+                                            check_invariants=False)
     return (by_latent @ g.to(acc)).to(g.dtype)
 
 
