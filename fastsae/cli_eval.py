@@ -163,7 +163,8 @@ def write_views(args, sae, acts, meta, model, tokenizer, out: Path, top_n: int |
     summary = {k: metrics[k] for k in ("mse_loss", "fvu", "l0_mean", "dead_latent_fraction") if k in metrics}
     if metrics.get("loss_recovered"):
         summary["loss recovered"] = metrics["loss_recovered"]["fraction_recovered"]
-    index = write_dashboard(cache, out / "dashboard", sae, tokenizer, W_U, features, summary=summary)
+    index = write_dashboard(cache, out / "dashboard", sae, tokenizer, W_U, features, summary=summary,
+                            progress=True)
     print(f"dashboard: {index} ({len(features)} features)")
     if getattr(args, "neuronpedia", False):
         from fastsae.neuronpedia import NeuronpediaUploader

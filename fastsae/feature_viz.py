@@ -16,6 +16,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from fastsae.config import SAEConfig
 from fastsae.io import atomic_write_json, atomic_write_text
@@ -270,7 +271,7 @@ def index_row(data: dict) -> dict:
 
 def write_dashboard(cache: LatentCache, output_dir: str | Path, sae: BaseSAE | None = None, tokenizer=None,
                     W_U: torch.Tensor | None = None, features: list[int] | None = None, title: str | None = None,
-                    summary: dict | None = None, **data_kwargs) -> Path:
+                    summary: dict | None = None, progress: bool = False, **data_kwargs) -> Path:
     """Write index.html and features/{i}.html under ``output_dir``; returns the index path.
 
     ``features`` defaults to every latent that fires at least once in the cache.
@@ -282,7 +283,7 @@ def write_dashboard(cache: LatentCache, output_dir: str | Path, sae: BaseSAE | N
     title = title or (f"SAE features at {sae.config.hook_point}" if sae is not None else "SAE features")
     linked = set(features)
     rows = []
-    for f in features:
+    for f in tqdm(features, desc="feature pages", unit="feature", disable=not progress):
         data = feature_data(cache, f, text, sae, W_U, **data_kwargs)
         atomic_write_text(output_dir / "features" / f"{f}.html", render_feature_page(data, title, linked))
         rows.append(index_row(data))
