@@ -1,0 +1,66 @@
+"""The overhead budget check of bench/test_bench_overhead.py fails when it should."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
+
+from bench.test_bench_overhead import (  # noqa: E402
+    build,
+    check_overhead_budget,
+    generation_times,
+    interleaved,
+    overhead,
+)
+from bench.toy_transformer import ToyConfig  # noqa: E402
+
+TINY = {"config": ToyConfig(n_layer=2, n_embd=64, n_head=2, vocab_size=256, sequence_len=64), "batch": 1,
+        "prompt": 8, "new_tokens": 4, "dtype": torch.float32}
+
+
+def test_overhead_is_the_median_paired_ratio():
+    assert overhead([1.0, 2.0, 4.0], [1.05, 2.1, 4.2]) == pytest.approx(0.05)
+    # One disturbed round (either arm) does not move the median.
+    assert overhead([1.0, 1.0, 1.0, 1.0, 0.1], [1.05, 1.05, 1.05, 1.05, 5.0]) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="same number"):
+        overhead([1.0, 1.0], [1.0])
+    with pytest.raises(ValueError, match="same number"):
+        overhead([], [])
+
+
+def test_budget_check_passes_within_and_fails_beyond_the_budget():
+    assert check_overhead_budget([1.0] * 5, [1.08] * 5) == pytest.approx(0.08)
+    with pytest.raises(AssertionError, match=r"decode overhead 12.0% exceeds the 10% budget \(median of 5"):
+        check_overhead_budget([1.0] * 5, [1.12] * 5, what="decode")
+    with pytest.raises(AssertionError, match="exceeds the 5% budget"):
+        check_overhead_budget([1.0] * 3, [1.08] * 3, budget=0.05)
+
+
+def test_interleaving_alternates_which_arm_goes_first():
+    calls = []
+    plain, tracked = interleaved(lambda: calls.append("p") or 1.0, lambda: calls.append("t") or 2.0, rounds=4)
+    assert calls == ["p", "t", "t", "p", "p", "t", "t", "p"]
+    assert plain == [1.0] * 4 and tracked == [2.0] * 4
+
+
+def test_a_slowed_hook_fails_the_budget_check():
+    """Real timings at a tiny size: tracking plus heavy extra work per hook call must be caught."""
+    model, im, prompt = build(TINY, torch.device("cpu"), hook_layer=1)
+    hp = next(iter(im.saes))
+    ballast = torch.randn(384, 384)
+    track = im._track
+
+    def slow_track(hook_point, x):
+        track(hook_point, x)
+        for _ in range(8):  # several times the tiny model's own work per forward
+            ballast @ ballast
+
+    im._track = slow_track
+    runs = [lambda tracked=tracked: generation_times(model, im, prompt, 4, tracked, TINY)[1]
+            for tracked in (False, True)]
+    plain, tracked = interleaved(*runs, rounds=3)
+    with pytest.raises(AssertionError, match="exceeds the 10% budget"):
+        check_overhead_budget(plain, tracked, what="decode")
+    assert im.trace[hp].num_rows == 8 + 4  # the slowed hook did track
