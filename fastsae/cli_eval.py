@@ -157,6 +157,7 @@ def write_views(args, sae, acts, meta, model, tokenizer, out: Path, top_n: int |
     from fastsae.latent_cache import LatentCache
 
     cache = LatentCache.from_activations(sae, acts, **meta)
+    cache.save(out / "latent_cache.safetensors")  # LatentCache.load() gives every view back without the model
     features = features if features is not None else top_features(cache, top_n)
     W_U = unembedding(model)
     metrics = metrics or {}

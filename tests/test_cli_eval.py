@@ -13,6 +13,7 @@ import torch
 from fastsae.cli import main
 from fastsae.config import SAEConfig
 from fastsae.io import save_sae
+from fastsae.latent_cache import LatentCache
 from fastsae.models import create_sae
 
 STUBS = Path(__file__).parent / "stubs"
@@ -75,6 +76,8 @@ def test_seed_sae_eval_script_on_nanochat_checkpoint(nanochat, tmp_path):
     assert len(pages) == 6
     assert "Promoted output tokens" in pages[0].read_text()  # nanochat has an lm_head
     assert (tmp_path / "layer_1" / "dashboard" / "index.html").is_file()
+    cache = LatentCache.load(tmp_path / "layer_1" / "latent_cache.safetensors")
+    assert cache.num_tokens == 600 and cache.d_sae == 64
 
 
 def test_fastsae_viz_features_and_all_features(nanochat, tmp_path):
