@@ -183,6 +183,9 @@ class InterpretableModel(nn.Module):
         # registered under escaped keys so .to() and state_dict() reach them.
         self._sae_modules = nn.ModuleDict({hp.replace(".", "__"): sae for hp, sae in self.saes.items()})
         self._targets = {hp: resolve_hook_point(model, hp) for hp in self.saes}  # unknown names fail here
+        # Decided once: a per-step backend lookup reads the environment on every call.
+        self._plain_topk = {hp: type(sae) is TopKSAE and ops.resolve_backend(None, self.device) == "torch"
+                            for hp, sae in self.saes.items()}
         self.track_k = track_k
         self.max_examples = max_examples
         self.keep_trace = keep_trace
@@ -209,10 +212,11 @@ class InterpretableModel(nn.Module):
 
     def _encode(self, hook_point: str, flat: torch.Tensor):
         sae = self.saes[hook_point]
-        with torch.no_grad(), ops.input_checks(False):  # the NaN scan would read back to the host
-            if type(sae) is TopKSAE and ops.resolve_backend(None, flat.device) == "torch":
+        with torch.no_grad():
+            if self._plain_topk[hook_point]:
                 return _plain_topk_encode(sae, flat)
-            return sae.encode_sparse(flat)
+            with ops.input_checks(False):  # the NaN scan would read back to the host
+                return sae.encode_sparse(flat)
 
     # -- tracking -------------------------------------------------------------------------------
     def _track_width(self, sae) -> int:
