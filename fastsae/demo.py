@@ -86,7 +86,7 @@ def evaluate(settings, model, tokenizer, sae, config, activations, hook_point):
 
 def run_demo(settings: DemoSettings | None = None) -> dict:
     """Run every stage and return the summary (also written to output_dir/metrics.json)."""
-    from fastsae.feature_viz import FeatureVisualizer
+    from fastsae.feature_viz import write_dashboard
     from fastsae.latent_cache import LatentCache
     from fastsae.neuronpedia import NeuronpediaUploader
 
@@ -104,18 +104,19 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     metrics = evaluate(settings, model, tokenizer, sae, config, activations, hook_point)
 
     cache = LatentCache.from_store(sae, store)
-    visualizer = FeatureVisualizer(sae, config, tokenizer=tokenizer)
-    dashboard = visualizer.save_feature_dashboard(out / "dashboard", cache=cache,
-                                                  max_features=settings.dashboard_features)
+    # The dashboard shows the most frequently firing features (a cheap, useful first look).
+    shown = torch.argsort(cache.density(), descending=True)[:settings.dashboard_features].tolist()
+    dashboard = write_dashboard(cache, out / "dashboard", sae=sae, tokenizer=tokenizer, features=shown,
+                                title=f"{info.name} {hook_point}", progress=True)
     export = NeuronpediaUploader(model_name=info.name, model_version=f"layer{settings.layer}").prepare_sae_for_upload(
-        sae, config, out / "neuronpedia", metadata={"cache": cache})
+        sae, config, out / "neuronpedia", cache=cache, tokenizer=tokenizer, features=shown)
 
     summary = {
         "model": info.name, "hook_point": hook_point, "tokens": int(activations.shape[0]),
         "d_in": config.d_in, "d_sae": config.d_sae, "k": config.k,
         "fvu": metrics.fvu, "explained_variance": metrics.explained_variance, "l0": metrics.l0_mean,
         "dead_fraction": metrics.dead_latent_fraction,
-        "loss_recovered": (metrics.loss_recovered or {}).get("fraction"),
+        "loss_recovered": (metrics.loss_recovered or {}).get("fraction_recovered"),
         "train_steps": trainer.step, "seconds": round(time.perf_counter() - started, 1),
         "sae_dir": str(save_dir / "best_model"), "dashboard": str(dashboard), "neuronpedia": str(export),
     }

@@ -6,9 +6,9 @@ broken) and run wherever CUDA is present.
 """
 import pytest
 import torch
-from fastsae.kernels import sparse_matmul as sm
 
 from fastsae import torch_backend as tb
+from fastsae.kernels import sparse_matmul as sm
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="bf16/fp16 kernels are checked on a GPU (interpreter bf16 is broken)")
