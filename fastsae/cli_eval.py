@@ -132,7 +132,7 @@ def top_features(cache, n: int | None) -> list[int]:
 def evaluate_one(args, sae, hook_point, model, tokenizer, model_name) -> dict:
     from fastsae.corpus import iter_token_batches
     from fastsae.evaluator import SAEEvaluator, loss_recovered
-    from fastsae.io import atomic_write_json
+    from fastsae.files import atomic_write_json
 
     acts, meta = activations_for(args, model, tokenizer, hook_point)
     metrics = SAEEvaluator(sae).evaluate(acts)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from fastsae.config import SAEConfig
-from fastsae.io import atomic_write_json
+from fastsae.files import atomic_write_json
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fastsae.config import SAEConfig
-from fastsae.io import atomic_write_json, atomic_write_text
+from fastsae.files import atomic_write_json, atomic_write_text
 from fastsae.latent_cache import LatentCache
 from fastsae.models import BaseSAE
 

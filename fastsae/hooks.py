@@ -17,12 +17,13 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from fastsae.files import atomic_save_tensors
 
 __all__ = [
     "HOOK_KINDS",
@@ -172,22 +173,6 @@ def kept_tokens(attention_mask: torch.Tensor, positions: torch.Tensor, drop_bos:
 
 class _StopForward(Exception):
     """Raised from a hook once every hook point has its activations: the rest of the forward is waste."""
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 _META_FIELDS = ("token_ids", "doc_ids", "positions")
@@ -367,7 +352,7 @@ class ActivationCollector:
             tensors[hp] = acts.cpu()
             for field, values in self.get_metadata(hp)[hp].items():
                 tensors[f"{hp}/{field}"] = values
-        atomic_save_safetensors(tensors, path, metadata={"format": "fastsae.activations",
+        atomic_save_tensors(path, tensors, metadata={"format": "fastsae.activations",
                                                           "hook_points": ",".join(self.hook_points)})
 
     @staticmethod

@@ -10,15 +10,14 @@ or ``r_mag`` / ``b_mag`` (Gated). Every write is atomic; no pickle is ever loade
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fastsae.config import SAEConfig
+from fastsae.files import atomic_save_tensors, atomic_write_json
 from fastsae.models import SAE_CLASSES, BaseSAE, create_sae
 
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -28,37 +27,6 @@ SPARSITY_FILE = "sparsity.safetensors"
 # fastsae activation -> SAELens architecture
 _ARCHITECTURES = {"topk": "topk", "batchtopk": "topk", "relu": "standard", "jumprelu": "jumprelu",
                   "gated": "gated"}
-
-
-# ----------------------------------------------------------------------------- atomic writes
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``, so a reader never sees a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
-
-
-def atomic_save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 # ----------------------------------------------------------------------------- fastsae / SAELens layout

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from fastsae.io import atomic_save_tensors
+from fastsae.files import atomic_save_tensors
 from fastsae.models import BaseSAE
 
 _FIELDS = ("values", "indices", "row_offsets", "token_ids", "doc_ids", "positions")

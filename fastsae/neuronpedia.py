@@ -22,7 +22,8 @@ import torch
 
 from fastsae.config import SAEConfig
 from fastsae.feature_viz import TokenText, feature_data, logit_effects
-from fastsae.io import atomic_save_tensors, atomic_write_json, atomic_write_text, save_sae
+from fastsae.files import atomic_save_tensors, atomic_write_json, atomic_write_text
+from fastsae.io import save_sae
 from fastsae.latent_cache import LatentCache
 from fastsae.models import BaseSAE
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -31,9 +30,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastsae.files import atomic_save_tensors, atomic_write_json
 from fastsae.hooks import (
     ActivationCollector,
-    atomic_save_safetensors,
     kept_tokens,
     model_device,
     resolve_hook_point,
@@ -63,17 +62,6 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(f"{name}:{tuple(param.shape)}:{param.dtype}|".encode())
         h.update(sample.numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _read_manifest(store_dir: Path) -> dict | None:
@@ -275,7 +263,7 @@ def _keep_full_shards(manifest: dict) -> dict:
 
 def _write_shard(store_dir: Path, index: int, data: dict[str, torch.Tensor]) -> dict:
     name = f"shard_{index:06d}.safetensors"
-    atomic_save_safetensors(data, store_dir / name, metadata={"format": FORMAT})
+    atomic_save_tensors(store_dir / name, data, metadata={"format": FORMAT})
     return {"file": name, "num_tokens": int(data["activations"].shape[0])}
 
 
@@ -311,7 +299,7 @@ def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_po
         # Holds at least what was asked (or all the corpus has): a store is never trimmed in place.
         if not manifest["complete"]:
             manifest["complete"] = True
-            _atomic_write_json(store_dir / MANIFEST, manifest)
+            atomic_write_json(store_dir / MANIFEST, manifest)
         return ActivationStore(store_dir)
     if manifest is not None:
         manifest = _keep_full_shards(manifest)
@@ -333,7 +321,7 @@ def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_po
         shard = _write_shard(store_dir, len(manifest["shards"]), {k: v[:count].cpu() for k, v in data.items()})
         manifest["shards"].append(shard)
         manifest["token_count"] += shard["num_tokens"]
-        _atomic_write_json(store_dir / MANIFEST, manifest)
+        atomic_write_json(store_dir / MANIFEST, manifest)
         buffer.clear()
         rest = {k: v[count:] for k, v in data.items()}
         for k, v in rest.items():
@@ -382,5 +370,5 @@ def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_po
             commit(buffered)
     manifest["complete"] = True
     manifest["corpus_exhausted"] = exhausted
-    _atomic_write_json(store_dir / MANIFEST, manifest)
+    atomic_write_json(store_dir / MANIFEST, manifest)
     return ActivationStore(store_dir)

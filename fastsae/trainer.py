@@ -37,7 +37,8 @@ from safetensors.torch import load_file
 
 from fastsae import ops
 from fastsae.config import SAEConfig
-from fastsae.io import atomic_save_tensors, atomic_write, atomic_write_json, atomic_write_text, save_sae
+from fastsae.files import atomic_save_tensors, atomic_write, atomic_write_json, atomic_write_text
+from fastsae.io import save_sae
 from fastsae.models import BaseSAE, create_sae
 from fastsae.normalize import estimate_norm_scale, fold_normalization, geometric_median, unfold_normalization
 
