@@ -3,9 +3,14 @@
 FASTSAE_BENCH_SIZE selects the shapes: "ci" (small, runs on 2 CPU cores in minutes, Triton
 kernels under the interpreter) or "full" (the roofline shapes, meant for a GPU).
 """
+import importlib
 import os
 
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run under the interpreter on CPU; it must be chosen before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SIZE = os.environ.get("FASTSAE_BENCH_SIZE", "ci")
 if SIZE not in ("ci", "full"):
@@ -18,6 +23,21 @@ ON_GPU = DEVICE.type == "cuda"
 def shapes(ci: dict, full: dict) -> dict:
     """Pick the shape set for the current size."""
     return full if SIZE == "full" else ci
+
+
+# The roofline problem (../shared/KERNEL_NOTES.md) at "full"; a CPU-sized one at "ci".
+MAIN_SHAPE = shapes(
+    ci={"N": 2048, "d": 384, "m": 6144, "k": 32, "dtype": torch.float32},
+    full={"N": 16384, "d": 4096, "m": 131072, "k": 64, "dtype": torch.bfloat16},
+)
+
+
+def triton_kernels(module: str):
+    """``fastsae.kernels.<module>``, or None where Triton cannot be used on this platform."""
+    try:
+        return importlib.import_module(f"fastsae.kernels.{module}")
+    except Exception:  # no usable Triton here: the benches fall back to the other backends
+        return None
 
 
 def synchronized(fn):

@@ -11,28 +11,15 @@ multiplies, and its backward is two more GEMMs. Each group compares the backends
 
 Run: ``python -m pytest bench/test_bench_decode.py -q`` (FASTSAE_BENCH_SIZE=full on a GPU).
 """
-import os
-
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # The interpreter must be chosen before triton is first imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from bench.common import DEVICE, MAIN_SHAPE, ON_GPU, SIZE, synchronized, triton_kernels
+from fastsae import torch_backend
 
-import pytest  # noqa: E402
+triton_backend = triton_kernels("sparse_matmul")
 
-from bench.common import DEVICE, ON_GPU, SIZE, shapes, synchronized  # noqa: E402
-from fastsae import torch_backend  # noqa: E402
-
-try:
-    from fastsae.kernels import sparse_matmul as triton_backend
-except Exception:  # pragma: no cover - no usable Triton on this platform
-    triton_backend = None
-
-MAIN = shapes(
-    ci={"N": 2048, "d": 384, "m": 6144, "k": 32, "dtype": torch.float32},
-    full={"N": 16384, "d": 4096, "m": 131072, "k": 64, "dtype": torch.bfloat16},
-)
+MAIN = MAIN_SHAPE
 # Interpreted Triton runs a few MFLOP/s: this shape keeps one call under a second.
 TINY = {"N": 32, "d": 64, "m": 256, "k": 8, "dtype": torch.float32}
 

@@ -14,21 +14,13 @@ Run: ``python -m pytest bench/test_bench_gated.py -q`` (FASTSAE_BENCH_SIZE=full 
 """
 import os
 
+import pytest
 import torch
 
-if not torch.cuda.is_available():
-    # The interpreter must be chosen before triton is first imported.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from bench.common import DEVICE, ON_GPU, SIZE, peak_memory, shapes, synchronized, triton_kernels
+from fastsae import torch_backend
 
-import pytest  # noqa: E402
-
-from bench.common import DEVICE, ON_GPU, SIZE, peak_memory, shapes, synchronized  # noqa: E402
-from fastsae import torch_backend  # noqa: E402
-
-try:
-    from fastsae.kernels import gated as triton_gated
-except Exception:  # pragma: no cover - no usable Triton on this platform
-    triton_gated = None
+triton_gated = triton_kernels("gated")
 
 MAIN = shapes(
     ci={"N": 2048, "d": 384, "m": 6144, "l0": 64, "dtype": torch.float32},

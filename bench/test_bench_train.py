@@ -10,20 +10,15 @@ Each benchmark reports tokens/s in ``extra_info``; the fastsae one also the rati
 baseline (measured in the same process). Run:
 ``python -m pytest bench/test_bench_train.py -q`` (FASTSAE_BENCH_SIZE=full on a GPU).
 """
-import os
 import time
 
+import pytest
 import torch
+import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from bench.common import DEVICE, ON_GPU, shapes, synchronized  # noqa: E402
-from fastsae import SAEConfig, create_sae, ops  # noqa: E402
-from fastsae.trainer import SAETrainer  # noqa: E402
+from bench.common import DEVICE, ON_GPU, shapes, synchronized
+from fastsae import SAEConfig, create_sae, ops
+from fastsae.trainer import SAETrainer
 
 SHAPE = shapes(ci={"N": 4096, "d": 384, "m": 6144, "k": 32}, full={"N": 16384, "d": 4096, "m": 131072, "k": 64})
 try:
