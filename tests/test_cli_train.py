@@ -19,12 +19,7 @@ SMALL = ["--num_activations", "4096", "--batch_size", "256", "--num_epochs", "1"
          "--k", "8", "--learning_rate", "1e-3", "--context_length", "64", "--device", "cpu", "--quiet"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fastsae_train_on_default_model_then_resume(tmp_path, capsys):

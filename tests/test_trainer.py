@@ -13,14 +13,7 @@ from fastsae.io import load_sae
 from fastsae.normalize import fold_normalization, geometric_median
 from fastsae.trainer import SAETrainer, train_sae_from_activations
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops on a shared 2-core machine run faster, and more predictably, on one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sparse_dictionary_data(n=8192, d_in=32, n_features=64, p_active=0.04, seed=0, offset=2.0, scale=7.0):
