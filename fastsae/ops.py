@@ -183,6 +183,10 @@ def _check_code(values, indices, W, W_name, row_offsets=None):
 
 # ----------------------------------------------------------------------------- shared backward
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _latent_sums(p, values, indices, row_offsets, num_rows):
     """Per-latent sums of per-entry values (deterministic, via the scatter-add primitive)."""
     n = indices.shape[0] if row_offsets is None else row_offsets.numel() - 1
@@ -262,6 +266,8 @@ def topk_encode_aux(x, W_enc, b_enc, k, b_dec=None, dead_mask=None, k_aux=0, bac
         if k_aux:
             return (values, indices) + reference.topk_aux(x, W_enc, b_enc, dead_mask, k_aux, b_dec)
         return (values, indices) + _empty_code(x, 0)
+    if not _needs_grad(x, W_enc, b_enc, b_dec):  # inference: skip the autograd bookkeeping
+        return primitives(name).topk_encode(x, W_enc.contiguous(), b_enc, b_dec, k, dead_mask, k_aux)
     return _TopKEncode.apply(x, W_enc.contiguous(), b_enc, b_dec, k, dead_mask, k_aux, primitives(name))
 
 

@@ -123,16 +123,20 @@ def preactivations(x, W, b, b_dec=None):
 def _stable_topk(scores, k):
     """Top-k along the last dim of a 2-D tensor, ties broken by ascending index.
 
-    torch.topk is fast but its tie order is unspecified. Asking it for k + 1 values shows,
-    per row, whether a tie straddles the k-th place; only such rows are fully (stably)
-    sorted, and the others just have their k winners re-ranked. No second [N, m] tensor.
+    torch.topk is fast but its tie order is unspecified. Asking it for k + 1 values shows
+    where ties are: with none, its answer stands; rows where a tie straddles the k-th place
+    are fully (stably) sorted, and the others just have their k winners re-ranked. No
+    second [N, m] tensor.
     """
     m = scores.shape[-1]
     if k >= m:
         vals, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
         return vals, idx
     vals, idx = torch.topk(scores, k + 1, dim=-1, sorted=True)
-    straddles = vals[:, k - 1] == vals[:, k]
+    adjacent_ties = vals[:, :-1] == vals[:, 1:]
+    if not bool(adjacent_ties.any()):
+        return vals[:, :k], idx[:, :k]  # all distinct: topk's order is already the rule's
+    straddles = adjacent_ties[:, k - 1]
     vals, idx = vals[:, :k], idx[:, :k]
     # Re-rank the winners by (value desc, index asc): sort by index, then stable by value.
     by_index = torch.argsort(idx, dim=-1)

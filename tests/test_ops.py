@@ -318,3 +318,16 @@ def test_input_checks_can_be_disabled():
         ops.topk_encode(x, W, b, 1)  # no scan, no error
     with pytest.raises(ValueError, match="NaN"):
         ops.topk_encode(x, W, b, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_path_matches_autograd_path(backend):
+    # Without gradients the op calls the primitive directly; the result must not change.
+    inputs = make_encoder(5, 7, 20, dtype=torch.float32, seed=11)
+    dead = torch.arange(20) % 3 == 0
+    with_grad = ops.topk_encode_aux(*inputs[:3], 4, inputs[3], dead, 5, backend=backend)
+    with torch.no_grad():
+        without = ops.topk_encode_aux(*inputs[:3], 4, inputs[3], dead, 5, backend=backend)
+    assert all(t.grad_fn is None for t in without)
+    for a, b in zip(with_grad, without):
+        assert torch.equal(a.detach(), b)
