@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastsae import ops, reference
+from fastsae import ops, reference, torch_backend
 from fastsae.config import SAEConfig
 
 
@@ -45,8 +45,7 @@ class SparseCode:
         if self.row_offsets is None:
             n, k = self.values.shape
             return torch.arange(n, device=self.values.device).repeat_interleave(k)
-        return torch.repeat_interleave(torch.arange(self.num_rows, device=self.values.device),
-                                       self.row_offsets.diff())
+        return torch_backend.csr_row_ids(self.row_offsets, self.values.numel())
 
     def l0(self) -> torch.Tensor:
         """Number of non-zero latents per row (float)."""

@@ -161,14 +161,10 @@ def _check_k(name, k, d_sae, low=1):
 
 def _check_code(values, indices, W, W_name, row_offsets=None):
     _check_matrix(W_name, W)
-    if row_offsets is None:
-        _check_matrix("values", values)
-        if indices.shape != values.shape:
-            raise ValueError(f"indices must have the shape of values {tuple(values.shape)}, got {tuple(indices.shape)}")
-    else:
-        _check_matrix("values", values, 1)
-        if indices.shape != values.shape:
-            raise ValueError(f"indices must have the shape of values {tuple(values.shape)}, got {tuple(indices.shape)}")
+    _check_matrix("values", values, 2 if row_offsets is None else 1)
+    if indices.shape != values.shape:
+        raise ValueError(f"indices must have the shape of values {tuple(values.shape)}, got {tuple(indices.shape)}")
+    if row_offsets is not None:
         if row_offsets.dim() != 1 or row_offsets.numel() < 1:
             raise ValueError(f"row_offsets must be a 1-D tensor of N + 1 offsets, got shape {tuple(row_offsets.shape)}")
         if row_offsets.dtype not in (torch.int32, torch.int64):
@@ -301,9 +297,7 @@ def batch_topk_encode(x, W_enc, b_enc, k, b_dec=None, candidates=None, backend=N
         if c == d_sae or not bool(keep[:, -1].any()):
             break
         c = min(d_sae, 2 * c)
-    counts = keep.sum(1)
-    row_offsets = torch.zeros(n + 1, dtype=torch.long, device=x.device)
-    row_offsets[1:] = torch.cumsum(counts, 0)
+    row_offsets = torch_backend.row_offsets_from_counts(keep.sum(1))
     # Within a row, candidates are already in (value desc, index asc) order.
     return values[keep], indices[keep], row_offsets
 
@@ -322,15 +316,9 @@ def _batch_selection(values, indices, budget, d_sae):
 
 # ----------------------------------------------------------------------------- variable-L0 encoders
 
-def _row_offsets_like(x, counts):
-    row_offsets = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
-    row_offsets[1:] = torch.cumsum(counts, 0)
-    return row_offsets
-
-
 def _dense_to_csr(codes, pattern):
     rows, cols = pattern.nonzero(as_tuple=True)
-    return codes[rows, cols], cols, _row_offsets_like(codes, pattern.sum(1))
+    return codes[rows, cols], cols, torch_backend.row_offsets_from_counts(pattern.sum(1))
 
 
 class _ThresholdEncode(torch.autograd.Function):

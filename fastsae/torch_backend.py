@@ -87,6 +87,13 @@ def _csr_scatter(values, latent, row, g, num_rows):
     return (by_latent @ g.to(acc)).to(g.dtype)
 
 
+def row_offsets_from_counts(counts):
+    """CSR row offsets [N + 1] from per-row entry counts [N]."""
+    row_offsets = counts.new_zeros(counts.numel() + 1, dtype=torch.long)
+    row_offsets[1:] = torch.cumsum(counts, 0)
+    return row_offsets
+
+
 def csr_row_ids(row_offsets, nnz: int | None = None):
     """The row of every stored entry of a CSR code."""
     counts = row_offsets[1:] - row_offsets[:-1]
@@ -186,10 +193,7 @@ def threshold_encode(x, W, b, b_dec, cutoff):
     pre = preactivations(x.to(acc), W.to(acc), b.to(acc), None if b_dec is None else b_dec.to(acc))
     mask = pre > cutoff.to(acc)
     row, col = mask.nonzero(as_tuple=True)
-    counts = mask.sum(-1)
-    row_offsets = torch.zeros(x.shape[0] + 1, dtype=torch.long, device=x.device)
-    row_offsets[1:] = torch.cumsum(counts, 0)
-    return pre[row, col].to(x.dtype), col, row_offsets
+    return pre[row, col].to(x.dtype), col, row_offsets_from_counts(mask.sum(-1))
 
 
 def gated_encode(x, W, b, r_mag, b_mag, b_dec):
