@@ -197,14 +197,22 @@ class BatchTopKSAE(TopKSAE):
         self.register_buffer("threshold", torch.zeros(()))
 
     def encode_sparse(self, x):
+        return self._encode(x)[0]
+
+    def _encode(self, x, dead_mask=None, k_aux=0):
+        """The code and, while training with a dead mask, the AuxK selection from the same pass."""
         if self.training:
-            values, indices, row_offsets = ops.batch_topk_encode(x, self.enc_weight, self.b_enc, self.config.k,
-                                                                 self.b_dec)
+            values, indices, row_offsets, aux_values, aux_indices = ops.batch_topk_encode_aux(
+                x, self.enc_weight, self.b_enc, self.config.k, self.b_dec, dead_mask, k_aux)
             self._update_threshold(values)
         else:
             values, indices, row_offsets = ops.threshold_encode(x, self.enc_weight, self.b_enc,
                                                                 self.threshold.to(x.dtype), self.b_dec)
-        return SparseCode(values, indices, self.d_sae, row_offsets)
+            aux_values = aux_indices = None
+            if k_aux:
+                _, _, aux_values, aux_indices = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, 1, self.b_dec,
+                                                                    dead_mask, k_aux)
+        return SparseCode(values, indices, self.d_sae, row_offsets), aux_values, aux_indices
 
     @torch.no_grad()
     def _update_threshold(self, values):
@@ -214,14 +222,11 @@ class BatchTopKSAE(TopKSAE):
 
     def loss(self, x, dead_mask=None, sparsity_scale=1.0):
         x, _ = self._prepare_input(x)
-        code = self.encode_sparse(x)
+        use_aux = dead_mask is not None and self.config.aux_k_coefficient > 0
+        k_aux = min(self.config.aux_k, self.d_sae) if use_aux else 0
+        code, aux_values, aux_indices = self._encode(x, dead_mask if use_aux else None, k_aux)
         recon = self.decode_sparse(code)
-        extra = {}
-        if dead_mask is not None and self.config.aux_k_coefficient > 0:
-            k_aux = min(self.config.aux_k, self.d_sae)
-            _, _, aux_values, aux_indices = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, 1, self.b_dec,
-                                                                dead_mask, k_aux)
-            extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask)
+        extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask) if k_aux else {}
         return self._metrics(x, recon, code, extra)
 
 

@@ -286,20 +286,27 @@ def batch_topk_encode(x, W_enc, b_enc, k, b_dec=None, candidates=None, backend=N
     doubled and the selection redone, so the result is always exact.
     Returns (values[nnz], indices[nnz], row_offsets[N+1]).
     """
+    return batch_topk_encode_aux(x, W_enc, b_enc, k, b_dec, candidates=candidates, backend=backend)[:3]
+
+
+def batch_topk_encode_aux(x, W_enc, b_enc, k, b_dec=None, dead_mask=None, k_aux=0, candidates=None, backend=None):
+    """``batch_topk_encode`` plus the AuxK selection among dead latents from the same pass:
+    (values, indices, row_offsets, aux_values[N,k_aux], aux_indices[N,k_aux])."""
     _check_encoder(x, W_enc, b_enc, b_dec)
     d_sae = W_enc.shape[0]
     _check_k("k", k, d_sae)
     n = x.shape[0]
     c = min(d_sae, candidates or 4 * k)
     while True:
-        values, indices = topk_encode(x, W_enc, b_enc, c, b_dec, backend=backend)
+        values, indices, aux_values, aux_indices = topk_encode_aux(x, W_enc, b_enc, c, b_dec, dead_mask, k_aux,
+                                                                   backend=backend)
         keep = _batch_selection(values.detach(), indices, k * n, d_sae)
         if c == d_sae or not bool(keep[:, -1].any()):
             break
         c = min(d_sae, 2 * c)
     row_offsets = torch_backend.row_offsets_from_counts(keep.sum(1))
     # Within a row, candidates are already in (value desc, index asc) order.
-    return values[keep], indices[keep], row_offsets
+    return values[keep], indices[keep], row_offsets, aux_values, aux_indices
 
 
 def _batch_selection(values, indices, budget, d_sae):

@@ -159,3 +159,15 @@ def test_import_fastsae_as_sae_exposes_every_seed_name():
     for name in seed_names:
         assert name in fastsae.__all__
         assert getattr(fastsae, name) is not None, name
+
+
+def test_batchtopk_auxk_comes_from_the_same_pass():
+    from fastsae import ops
+    sae = make("batchtopk")
+    x = torch.randn(16, 10, generator=torch.Generator().manual_seed(2))
+    dead = torch.arange(37) % 4 == 0
+    out = sae.loss(x, dead_mask=dead)
+    k_aux = min(sae.config.aux_k, 37)
+    _, _, aux_v, aux_i = ops.topk_encode_aux(x, sae.enc_weight, sae.b_enc, 1, sae.b_dec, dead, k_aux)
+    expected = R.auxk_loss(R.sparse_decode(aux_v, aux_i, sae.W_dec), (x - out["reconstruction"]).detach())
+    torch.testing.assert_close(out["aux_loss"], expected.detach())
