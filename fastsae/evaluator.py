@@ -227,23 +227,6 @@ def _unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise TypeError(f"batch of type {type(batch).__name__}: expected token ids, a dict or a TokenBatch")
 
 
-def _splice(module: torch.nn.Module, hook_kind: str, replace):
-    """Hook ``module`` so its activation (output, or first input for "pre") becomes ``replace(x)``."""
-    if hook_kind == "pre":
-        def pre_hook(_m, args, kwargs):
-            if args:
-                return (replace(args[0]), *args[1:]), kwargs
-            name = next(iter(kwargs))
-            return args, {**kwargs, name: replace(kwargs[name])}
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-    def hook(_m, _args, output):
-        if isinstance(output, tuple):
-            return (replace(output[0]), *output[1:])
-        return replace(output)
-    return module.register_forward_hook(hook)
-
-
 def _sae_replacement(sae: BaseSAE):
     def replace(x):
         recon, _ = reconstruct(sae, x.reshape(-1, x.shape[-1]))
@@ -288,7 +271,7 @@ def loss_recovered(model: torch.nn.Module, sae: BaseSAE, hook_point: str | None,
       over sentences of 1 - cos(pooled embedding, clean pooled embedding), so L_clean = 0;
     - "auto": "ce" when the model returns logits, else "embedding".
     """
-    from fastsae.hooks import forward_tokens, model_device, resolve_hook_point
+    from fastsae.hooks import add_hook, forward_tokens, model_device, resolve_hook_point
 
     if kind not in ("auto", "ce", "embedding"):
         raise ValueError(f"kind must be 'auto', 'ce' or 'embedding', got {kind!r}")
@@ -305,7 +288,7 @@ def loss_recovered(model: torch.nn.Module, sae: BaseSAE, hook_point: str | None,
             kind = _output_kind(clean) if kind == "auto" else kind
             outputs = {"clean": clean}
             for name, replace in (("sae", _sae_replacement(sae)), ("zero", torch.zeros_like)):
-                handle = _splice(module, hook_kind, replace)
+                handle = add_hook(module, hook_kind, replace)
                 try:
                     outputs[name] = forward_tokens(model, input_ids, mask)
                 finally:

@@ -14,6 +14,7 @@ module's output with a forward hook, "pre" means read its first input with a for
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 import re
@@ -133,27 +134,44 @@ def resolve_hook_point(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return module, "output"
 
 
-def _first_tensor(value: Any) -> torch.Tensor:
-    """Hugging Face modules often return tuples (hidden, attn weights, ...): the activation is [0]."""
-    while isinstance(value, (tuple, list)):
-        value = value[0]
-    if hasattr(value, "last_hidden_state"):  # a ModelOutput
-        value = value.last_hidden_state
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"hooked module produced {type(value).__name__}, expected a Tensor")
-    return value
+def _split(value: Any):
+    """(activation tensor, rebuild) for a module output or input: a Tensor, a tuple/list whose
+    first element holds it (Hugging Face blocks return (hidden, ...)), or a model output with
+    ``last_hidden_state``. ``rebuild(new)`` puts a replacement back in the same structure."""
+    if isinstance(value, torch.Tensor):
+        return value, lambda new: new
+    if isinstance(value, (tuple, list)) and value:
+        inner, rebuild = _split(value[0])
+        return inner, lambda new: type(value)([rebuild(new), *value[1:]])
+    if isinstance(getattr(value, "last_hidden_state", None), torch.Tensor):
+        def rebuild_output(new):
+            out = copy.copy(value)
+            out.last_hidden_state = new
+            return out
+        return value.last_hidden_state, rebuild_output
+    raise TypeError(f"hooked module produced {type(value).__name__}; expected a Tensor or a tuple starting with one")
 
 
-def add_hook(module: nn.Module, kind: str, fn) -> torch.utils.hooks.RemovableHandle:
-    """Register `fn(activation_tensor)` on a resolved hook point; returns the removable handle."""
+def add_hook(module: nn.Module, kind: str, fn, prepend: bool = False) -> torch.utils.hooks.RemovableHandle:
+    """Hook ``fn(x) -> new x | None`` on a resolved hook point: the module's output ("output")
+    or first input ("pre"). Returning a tensor replaces the activation; None leaves it."""
     if kind == "pre":
         def pre_hook(_module, args, kwargs):
-            fn(_first_tensor(args[0] if args else next(iter(kwargs.values()))))
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            if args:
+                x, rebuild = _split(args[0])
+                new = fn(x)
+                return None if new is None else ((rebuild(new), *args[1:]), kwargs)
+            key = next(iter(kwargs))  # e.g. hidden_states=... for Hugging Face layers
+            x, rebuild = _split(kwargs[key])
+            new = fn(x)
+            return None if new is None else (args, {**kwargs, key: rebuild(new)})
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
 
     def hook(_module, _args, output):
-        fn(_first_tensor(output))
-    return module.register_forward_hook(hook)
+        x, rebuild = _split(output)
+        new = fn(x)
+        return None if new is None else rebuild(new)
+    return module.register_forward_hook(hook, prepend=prepend)
 
 
 class TokenBatch(NamedTuple):

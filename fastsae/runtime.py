@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from fastsae import ops
-from fastsae.hooks import resolve_hook_point
+from fastsae.hooks import add_hook, resolve_hook_point
 from fastsae.models import SparseCode, TopKSAE
 from fastsae.trace import HookTrace, Trace
 
@@ -81,38 +81,6 @@ def ablate(feature: int) -> FeatureEdit:
 
 
 # ----------------------------------------------------------------------------- hook plumbing
-
-def _split(value):
-    """(activation tensor, rebuild) for a module output or input: a Tensor, or a tuple/list whose
-    first element is one (Hugging Face blocks return (hidden, ...))."""
-    if isinstance(value, torch.Tensor):
-        return value, lambda new: new
-    if isinstance(value, (tuple, list)) and value:
-        inner, rebuild = _split(value[0])
-        return inner, lambda new: type(value)([rebuild(new), *value[1:]])
-    raise TypeError(f"hooked module produced {type(value).__name__}; expected a Tensor or a tuple starting with one")
-
-
-def _register(module: nn.Module, kind: str, fn, prepend: bool = False):
-    """Hook ``fn(x) -> new x | None`` on a module's output ("output") or first input ("pre")."""
-    if kind == "pre":
-        def pre_hook(_module, args, kwargs):
-            if args:
-                x, rebuild = _split(args[0])
-                new = fn(x)
-                return None if new is None else ((rebuild(new), *args[1:]), kwargs)
-            key = next(iter(kwargs))  # e.g. hidden_states=... for Hugging Face layers
-            x, rebuild = _split(kwargs[key])
-            new = fn(x)
-            return None if new is None else (args, {**kwargs, key: rebuild(new)})
-        return module.register_forward_pre_hook(pre_hook, with_kwargs=True, prepend=prepend)
-
-    def hook(_module, _args, output):
-        x, rebuild = _split(output)
-        new = fn(x)
-        return None if new is None else rebuild(new)
-    return module.register_forward_hook(hook, prepend=prepend)
-
 
 def _input_ids(args, kwargs) -> torch.Tensor | None:
     """The token ids of a top-level forward call, if it has them."""
@@ -262,7 +230,7 @@ class InterpretableModel(nn.Module):
             handles.append(self.model.register_forward_pre_hook(
                 lambda _m, args, kwargs: self.trace.start_step(_input_ids(args, kwargs)), with_kwargs=True))
             for hp, (module, kind) in self._targets.items():
-                handles.append(_register(module, kind, lambda x, hp=hp: self._track(hp, x)))
+                handles.append(add_hook(module, kind, lambda x, hp=hp: self._track(hp, x)))
             self._tracking = True
             yield self
         finally:
@@ -346,7 +314,7 @@ class InterpretableModel(nn.Module):
             for hp, plan in plans.items():
                 module, kind = self._targets[hp]
                 # prepend: edits run before tracking hooks, which then see the edited activation
-                handles.append(_register(module, kind, lambda x, hp=hp, plan=plan: self._steer_activation(hp, plan, x),
+                handles.append(add_hook(module, kind, lambda x, hp=hp, plan=plan: self._steer_activation(hp, plan, x),
                                          prepend=True))
             yield self
         finally:
