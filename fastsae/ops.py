@@ -199,16 +199,18 @@ def _encoder_backward(ctx, p, g_pre, indices, row_offsets, x, W, b_dec):
     need_x, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_bdec = b_dec is not None and ctx.needs_input_grad[3]
     dx = dW = db = db_dec = None
-    if need_x or need_bdec:
+    if need_x:
         dx = p.gather(g_pre, indices, W) if row_offsets is None else p.csr_gather(g_pre, indices, row_offsets, W)
-        if need_bdec:
-            db_dec = -dx.sum(0)
     if need_W:
         dW = (p.scatter_add(g_pre, indices, xc, m) if row_offsets is None
               else p.csr_scatter_add(g_pre, indices, row_offsets, xc, m))
-    if need_b:
+    if need_b or need_bdec:
         db = _latent_sums(p, g_pre, indices, row_offsets, m)
-    return (dx if need_x else None), dW, db, db_dec
+    if need_bdec:
+        # -sum_n dx[n] = -sum_m db[m] W[m]: one vector-matrix product instead of a gather per row.
+        acc = torch.promote_types(W.dtype, torch.float32)
+        db_dec = -(db.to(acc) @ W.to(acc)).to(b_dec.dtype)
+    return dx, dW, (db if need_b else None), db_dec
 
 
 # ----------------------------------------------------------------------------- TopK encode

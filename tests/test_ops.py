@@ -114,7 +114,7 @@ def test_torch_topk_builds_no_second_dense_tensor():
             ops.topk_encode(x, W, b, k, b_dec, backend=backend)
         return [e.name for e in prof.events() if e.self_cpu_memory_usage >= dense_bytes // 2]
 
-    assert big_allocations("torch") == ["aten::addmm"]  # the pre-activation, nothing else
+    assert len(big_allocations("torch")) == 1  # the pre-activation, nothing else
     assert len(big_allocations("reference")) > 1  # the probe does see dense temporaries
 
 

@@ -1,0 +1,94 @@
+"""EleutherAI sparsify (``pip install eai-sparsify``, a bench-only dependency) driven the way its
+own ``Trainer`` drives one ``SparseCoder`` on the FVU loss, so the benches compare fastsae with
+sparsify itself on the same rows.
+
+Per step, as ``sparsify.Trainer.fit``: b_dec set to the first batch's mean, decoder rows
+renormalised before the forward, FVU (+ auxk_alpha x AuxK loss when dead latents are tracked)
+backward, the parallel decoder gradient removed, optimizer and LR-schedule step, tokens since
+each latent last fired updated. Optimizers as sparsify builds them: "signum" (its default:
+schedule-free SignSGD, momentum 0.95, lr 5e-3 / sqrt(d_sae / 2^14); evaluate after
+``optimizer.eval()``) or "adam" (lr 2e-4 / sqrt(d_sae / 2^14), linear warmup then linear decay).
+"""
+import os
+
+import torch
+
+INSTALL_HINT = "sparsify is not installed: pip install eai-sparsify (a bench-only dependency)"
+
+
+def have_sparsify() -> bool:
+    try:
+        import_sparsify("cpu")
+    except ImportError:
+        return False
+    return True
+
+
+def import_sparsify(device):
+    """The sparsify module; off a GPU its Triton decode (which needs one) is switched off first."""
+    if torch.device(device).type != "cuda":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    import sparsify
+
+    return sparsify
+
+
+class SparsifyRun:
+    """One sparsify SparseCoder with its optimizer, schedule and dead-latent counts."""
+
+    def __init__(self, d_in, d_sae, k, device, total_steps, optimizer="signum", warmup_steps=1000,
+                 auxk_alpha=0.0, dead_after_tokens=10_000_000, seed=0):
+        sparsify = import_sparsify(device)
+        torch.manual_seed(seed)
+        self.coder = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(num_latents=d_sae, k=k), device=device)
+        self.optimizer, self.schedule = self._optimizer(optimizer, total_steps, warmup_steps)
+        self.auxk_alpha, self.dead_after_tokens = auxk_alpha, dead_after_tokens
+        self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.steps = 0
+
+    def _optimizer(self, name, total_steps, warmup_steps):
+        scale = (self.coder.num_latents / 2**14) ** 0.5
+        params = self.coder.parameters()
+        if name == "signum":
+            from schedulefree import ScheduleFreeWrapper
+            from sparsify.sign_sgd import SignSGD
+
+            opt = ScheduleFreeWrapper(SignSGD([{"params": params, "lr": 5e-3 / scale}]), momentum=0.95)
+            opt.train()
+            return opt, None
+        if name == "adam":
+            from transformers import get_linear_schedule_with_warmup
+
+            opt = torch.optim.Adam(params, lr=2e-4 / scale)
+            return opt, get_linear_schedule_with_warmup(opt, warmup_steps, total_steps)
+        raise ValueError(f"optimizer must be 'signum' or 'adam', got {name!r}")
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        coder = self.coder
+        if self.steps == 0:
+            coder.b_dec.data = x.mean(0)
+        coder.set_decoder_norm_to_unit_norm()
+        dead_mask = self.since_fired > self.dead_after_tokens if self.auxk_alpha > 0 else None
+        out = coder(x, dead_mask=dead_mask)
+        loss = out.fvu + self.auxk_alpha * out.auxk_loss
+        loss.backward()
+        coder.remove_gradient_parallel_to_decoder_directions()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        if self.schedule is not None:
+            self.schedule.step()
+        fired = torch.zeros_like(self.since_fired, dtype=torch.bool)
+        fired[out.latent_indices.flatten()] = True
+        self.since_fired = torch.where(fired, 0, self.since_fired + len(x))
+        self.steps += 1
+        return out.fvu.detach()
+
+    def finish(self) -> None:
+        """Switch to the parameters sparsify saves (the schedule-free average under signum)."""
+        if hasattr(self.optimizer, "eval"):
+            self.optimizer.eval()
+
+    @torch.no_grad()
+    def encode_decode(self, x: torch.Tensor):
+        out = self.coder(x)
+        return out.sae_out, out.latent_indices, out.latent_acts
