@@ -7,7 +7,10 @@ multiplies, and its backward is two more GEMMs. Each group compares the backends
 * "torch" (``fastsae.torch_backend``) always;
 * "triton" (``fastsae.kernels.sparse_matmul``) on a GPU, and on CPU only at the "ci" size, on
   a tiny extra shape, since it runs under the Triton interpreter there (correctness, not speed);
-* "dense" as the baseline.
+* "dense" as the baseline;
+* "sparsify": EleutherAI sparsify's own decoder (``sparsify.utils.decoder_impl``: an
+  embedding bag on CPU, its Triton kernel on a GPU) with autograd for the backward, where
+  sparsify is installed (``pip install eai-sparsify``, a bench-only dependency).
 
 Run: ``python -m pytest bench/test_bench_decode.py -q`` (FASTSAE_BENCH_SIZE=full on a GPU).
 """
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 from bench.common import DEVICE, MAIN_SHAPE, ON_GPU, SIZE, synchronized, triton_kernels
+from bench.sparsify_recipe import have_sparsify, import_sparsify
 from fastsae import torch_backend
 
 triton_backend = triton_kernels("sparse_matmul")
@@ -24,7 +28,7 @@ MAIN = MAIN_SHAPE
 TINY = {"N": 32, "d": 64, "m": 256, "k": 8, "dtype": torch.float32}
 
 CASES = [("main", MAIN)] + ([] if ON_GPU or SIZE == "full" else [("tiny", TINY)])
-BACKENDS = ["dense", "torch", "triton"]
+BACKENDS = ["dense", "torch", "triton", "sparsify"]
 
 
 def _label(s):
@@ -74,11 +78,37 @@ def _sparse_forward_backward(backend):
     return forward_backward
 
 
+class SparsifyDecode:
+    """sparsify's decoder with the ``gather`` / ``gather_dot`` / ``scatter_add`` signatures;
+    the backward pair comes from autograd through it, as in sparsify's training."""
+
+    def __init__(self):
+        import_sparsify(DEVICE)
+        from sparsify.utils import decoder_impl
+
+        self.decode = decoder_impl
+
+    def gather(self, values, indices, W, bias):
+        return self.decode(indices, values, W.mT) + bias
+
+    def forward_backward(self, values, indices, W, bias, g):
+        values, W = values.detach().requires_grad_(), W.detach().requires_grad_()
+        out = self.gather(values, indices, W, bias)
+        grad_values, grad_W = torch.autograd.grad(out, (values, W), g)
+        return out.detach(), grad_values, grad_W, g.sum(0)
+
+
 def _backend_or_skip(name, case):
     if SIZE == "full" and not ON_GPU:
         pytest.skip("full shapes need a GPU")
     if name == "dense":
         return None
+    if name == "sparsify":
+        if not have_sparsify():
+            pytest.skip("sparsify is not installed (pip install eai-sparsify)")
+        if case != "main":
+            pytest.skip("sparsify is compared at the main shape")
+        return SparsifyDecode()
     if name == "torch":
         return torch_backend
     if triton_backend is None:
@@ -127,7 +157,8 @@ def test_decode_forward(benchmark, case, s, backend):
 def test_decode_forward_backward(benchmark, case, s, backend):
     impl = _backend_or_skip(backend, case)
     values, indices, W, bias, g = _problem(s)
-    fn = _dense_forward_backward if impl is None else _sparse_forward_backward(impl)
+    fn = (_dense_forward_backward if impl is None else
+          impl.forward_backward if isinstance(impl, SparsifyDecode) else _sparse_forward_backward(impl))
     benchmark.group = f"decode-forward-backward-{_label(s)}"
     _info(benchmark, s, backend)
     result = _run(benchmark, synchronized(fn), (values, indices, W, bias, g))

@@ -205,7 +205,9 @@ CPU_BLOCK_BYTES = 16 * 2**20
 def _row_blocks(x, d_sae):
     """Slices of rows of x, one per dense pre-activation block."""
     n = x.shape[0]
-    rows = n if x.device.type != "cpu" else max(1, CPU_BLOCK_BYTES // (4 * max(1, d_sae)))
+    rows = n
+    if x.device.type == "cpu":  # a power of two: oneDNN's GEMM runs 20-30% slower on, e.g., 682-row blocks
+        rows = 1 << max(0, (CPU_BLOCK_BYTES // (4 * max(1, d_sae))).bit_length() - 1)
     return [slice(start, min(start + rows, n)) for start in range(0, n, rows)] or [slice(0, 0)]
 
 
