@@ -113,7 +113,9 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=1024)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=SAEConfig.learning_rate, help="fastsae's learning rate")
+    p.add_argument("--lr", type=float, default=3e-3,
+                   help="fastsae's Adam learning rate (the config default, 3e-4, suits long runs on wide models; "
+                        "at a few hundred steps on d_in 384, 3e-3 trains faster with under 1%% dead latents)")
     p.add_argument("--sparsify_optimizer", choices=["signum", "adam"], default="signum")
     p.add_argument("--sparsify_auxk", action="store_true")
     p.add_argument("--skip", choices=["fastsae", "sparsify"], help="train only the other one")
@@ -125,7 +127,7 @@ def main(argv=None):
     cfg = SAEConfig(d_in=x.shape[1], expansion_factor=args.expansion_factor, k=args.k, batch_size=args.batch_size,
                     num_epochs=args.epochs, learning_rate=args.lr, dtype="float32")
     print(f"{len(train)} train / {len(val)} val rows, d_in={cfg.d_in}, d_sae={cfg.d_sae}, k={cfg.k}, "
-          f"{args.epochs} epochs of batch {cfg.batch_size}")
+          f"{args.epochs} epochs of batch {cfg.batch_size}; fastsae lr {cfg.learning_rate:g}")
     if args.skip != "fastsae":
         start = time.perf_counter()
         (fvu, dead), steps = train_fastsae(train, val, cfg, args.device)

@@ -28,8 +28,6 @@ Primitives:
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 
@@ -46,15 +44,35 @@ def gather(values, indices, W, bias=None):
     return out.to(W.dtype)
 
 
-def _bag_dot(g, indices_flat, offsets, W):
-    """<g[bag], W[i]> for every entry i of every bag: the per-sample-weight gradient of an
-    embedding bag, which PyTorch computes without materialising the gathered rows."""
+# Both sparse backward primitives are PyTorch's own embedding-bag backward kernels, called
+# directly (mode 0 = "sum"): no forward pass is redone, no [nnz, d] temporary is made, and the
+# weight gradient sums each latent's entries in a fixed (sorted) order, so it is deterministic.
+_SUM_MODE = 0
+
+
+def _bag_dot(g, indices_flat, offsets, bag_of_entry, W):
+    """<g[bag], W[i]> for every entry i of every bag (the per-sample-weight gradient)."""
     acc = _acc_dtype(W.dtype)
-    weights = torch.ones(indices_flat.shape[0], dtype=acc, device=g.device, requires_grad=True)
-    with torch.enable_grad():
-        out = F.embedding_bag(indices_flat, W.to(acc), offsets, per_sample_weights=weights, mode="sum")
-        (grad,) = torch.autograd.grad(out, weights, g.to(acc))
-    return grad.to(g.dtype)
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        g.to(acc).contiguous(), W.to(acc), indices_flat, offsets, bag_of_entry, _SUM_MODE)
+    return out.to(g.dtype)
+
+
+def _bag_scatter(values_flat, indices_flat, bag_of_entry, bag_sizes, g, num_rows):
+    """out[m] = sum of values * g[bag] over the entries of latent m (the weight gradient)."""
+    acc = _acc_dtype(g.dtype)
+    if values_flat.numel() == 0:
+        return torch.zeros(num_rows, g.shape[1], dtype=g.dtype, device=g.device)
+    out = torch.ops.aten._embedding_bag_dense_backward(
+        g.to(acc).contiguous(), indices_flat, bag_of_entry, bag_sizes, indices_flat.new_empty(0), num_rows, False,
+        _SUM_MODE, values_flat.to(acc))
+    return out.to(g.dtype)
+
+
+def _fixed_bags(n, k, device):
+    """(bag of every entry, size of every bag) for n bags of k entries."""
+    bag_of_entry = torch.arange(n, device=device).repeat_interleave(k)
+    return bag_of_entry, torch.full((n,), k, dtype=torch.long, device=device)
 
 
 def gather_dot(g, indices, W):
@@ -62,29 +80,14 @@ def gather_dot(g, indices, W):
     if n * k == 0:
         return torch.zeros(n, k, dtype=g.dtype, device=g.device)
     offsets = torch.arange(0, n * k, k, device=g.device)
-    return _bag_dot(g, indices.reshape(-1), offsets, W).reshape(n, k)
+    bag_of_entry, _ = _fixed_bags(n, k, g.device)
+    return _bag_dot(g, indices.reshape(-1), offsets, bag_of_entry, W).reshape(n, k)
 
 
 def scatter_add(values, indices, g, num_rows):
     n, k = indices.shape
-    row = torch.arange(n, device=g.device).repeat_interleave(k)
-    return _csr_scatter(values.reshape(-1), indices.reshape(-1), row, g, num_rows)
-
-
-def _csr_scatter(values, latent, row, g, num_rows):
-    """out[m] = sum of values * g[row] over the entries of latent m: entries are grouped by
-    latent with a stable sort into a [num_rows, N] CSR matrix, then one sparse @ dense."""
-    acc = _acc_dtype(g.dtype)
-    if values.numel() == 0:
-        return torch.zeros(num_rows, g.shape[1], dtype=g.dtype, device=g.device)
-    order = torch.argsort(latent, stable=True)
-    sorted_latent = latent[order]
-    crow = torch.searchsorted(sorted_latent, torch.arange(num_rows + 1, device=g.device))
-    with warnings.catch_warnings():  # torch flags sparse CSR as beta on every construction
-        warnings.simplefilter("ignore", UserWarning)
-        by_latent = torch.sparse_csr_tensor(crow, row[order], values[order].to(acc), (num_rows, g.shape[0]),
-                                            check_invariants=False)
-    return (by_latent @ g.to(acc)).to(g.dtype)
+    bag_of_entry, bag_sizes = _fixed_bags(n, k, g.device)
+    return _bag_scatter(values.reshape(-1), indices.reshape(-1), bag_of_entry, bag_sizes, g, num_rows)
 
 
 def row_offsets_from_counts(counts):
@@ -113,12 +116,11 @@ def csr_gather(values, indices, row_offsets, W, bias=None):
 def csr_gather_dot(g, indices, row_offsets, W):
     if indices.numel() == 0:
         return torch.zeros(0, dtype=g.dtype, device=g.device)
-    return _bag_dot(g, indices, row_offsets[:-1], W)
+    return _bag_dot(g, indices, row_offsets[:-1], csr_row_ids(row_offsets, indices.numel()), W)
 
 
 def csr_scatter_add(values, indices, row_offsets, g, num_rows):
-    row = csr_row_ids(row_offsets, indices.numel())
-    return _csr_scatter(values, indices, row, g, num_rows)
+    return _bag_scatter(values, indices, csr_row_ids(row_offsets, indices.numel()), row_offsets.diff(), g, num_rows)
 
 
 def _onednn_linear_op():
