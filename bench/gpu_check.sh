@@ -4,6 +4,8 @@
 # compiled (not interpreted) in fp32 and bf16 at larger shapes, then the "full" benchmarks.
 # Every stage has its own time limit and its failure is recorded, not fatal to the rest.
 # Writes bench/results/<date>-<gpu>.json (+ .md summary), and copies them to $OUT if set.
+# sparsify (the comparison library) is installed from bench/wheelhouse/ when that folder was
+# fetched beforehand (bench/fetch_wheels.sh) and carried along; without it its benches skip.
 set -u
 cd "$(dirname "$0")/.."
 unset TRITON_INTERPRET
@@ -13,6 +15,13 @@ LOG=$(mktemp)
 status() { echo "== $1: $2" | tee -a "$LOG"; }
 
 python3 -m pip install --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 && status install ok || status install FAILED
+if [ -d bench/wheelhouse ]; then
+  # sparsify without its trainer's dependencies (datasets, accelerate: the benches load only the
+  # coder), then what the coder imports; --no-index never replaces the machine's torch.
+  python3 -m pip install --no-index --find-links bench/wheelhouse --no-deps eai-sparsify >>"$LOG" 2>&1 &&
+    python3 -m pip install --no-index --find-links bench/wheelhouse transformers schedulefree simple-parsing \
+      natsort einops >>"$LOG" 2>&1 && status sparsify-install ok || status sparsify-install FAILED
+fi
 if ! python3 -c "import fastsae, fastsae.ops, fastsae.kernels.topk_encode, fastsae.kernels.sparse_matmul, fastsae.kernels.gated" >>"$LOG" 2>&1; then
   status import FAILED; cat "$LOG"; exit 1
 fi

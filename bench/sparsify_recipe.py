@@ -9,7 +9,10 @@ each latent last fired updated. Optimizers as sparsify builds them: "signum" (it
 schedule-free SignSGD, momentum 0.95, lr 5e-3 / sqrt(d_sae / 2^14); evaluate after
 ``optimizer.eval()``) or "adam" (lr 2e-4 / sqrt(d_sae / 2^14), linear warmup then linear decay).
 """
+import importlib.util
 import os
+import sys
+import types
 
 import torch
 
@@ -25,12 +28,40 @@ def have_sparsify() -> bool:
 
 
 def import_sparsify(device):
-    """The sparsify module; off a GPU its Triton decode (which needs one) is switched off first."""
+    """The sparsify package (SparseCoder, SparseCoderConfig). Off a GPU its Triton decode
+    (which needs one) is switched off first. Where its trainer's dependencies (datasets,
+    transformers) are missing, as on a machine without a package registry, the package is
+    loaded without its ``__init__``: the coder needs only its own modules."""
     if torch.device(device).type != "cuda":
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
-    import sparsify
+    try:
+        import sparsify
+        return sparsify
+    except ImportError:
+        spec = importlib.util.find_spec("sparsify")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+    package = types.ModuleType("sparsify")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules["sparsify"] = package
+    try:
+        from sparsify.config import SparseCoderConfig
+        from sparsify.sparse_coder import SparseCoder
+    except ImportError:
+        del sys.modules["sparsify"]
+        raise
+    package.SparseCoder, package.SparseCoderConfig = SparseCoder, SparseCoderConfig
+    return package
 
-    return sparsify
+
+def linear_warmup_decay(optimizer, warmup_steps: int, total_steps: int):
+    """sparsify's Adam schedule (transformers' linear schedule with warmup): 0 to lr over the
+    warmup, then linearly back to 0 at the last step."""
+    def factor(step):
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 class SparsifyRun:
@@ -57,10 +88,8 @@ class SparsifyRun:
             opt.train()
             return opt, None
         if name == "adam":
-            from transformers import get_linear_schedule_with_warmup
-
             opt = torch.optim.Adam(params, lr=2e-4 / scale)
-            return opt, get_linear_schedule_with_warmup(opt, warmup_steps, total_steps)
+            return opt, linear_warmup_decay(opt, warmup_steps, total_steps)
         raise ValueError(f"optimizer must be 'signum' or 'adam', got {name!r}")
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
