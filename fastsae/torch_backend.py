@@ -213,18 +213,22 @@ def _row_blocks(x, d_sae):
     return [slice(start, min(start + rows, n)) for start in range(0, n, rows)] or [slice(0, 0)]
 
 
+def _topk_block(x, W, b, b_dec, k, dead_mask, k_aux):
+    pre = encoder_preactivations(x, W, b, b_dec, relu=True)
+    values, indices = _stable_topk(pre, k)
+    if dead_mask is not None and k_aux > 0:
+        aux_values, aux_indices = _dead_topk(pre, dead_mask, k_aux)
+    else:
+        aux_values, aux_indices = pre.new_zeros(x.shape[0], k_aux), indices.new_zeros(x.shape[0], k_aux)
+    return values.to(x.dtype), indices, aux_values.to(x.dtype), aux_indices
+
+
 def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
-    n = x.shape[0]
-    values = torch.empty(n, k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(n, k, dtype=torch.long, device=x.device)
-    aux_values = torch.zeros(n, k_aux, dtype=x.dtype, device=x.device)
-    aux_indices = torch.zeros(n, k_aux, dtype=torch.long, device=x.device)
-    for rows in _row_blocks(x, W.shape[0]):
-        pre = encoder_preactivations(x[rows], W, b, b_dec, relu=True)
-        values[rows], indices[rows] = _stable_topk(pre, k)
-        if dead_mask is not None and k_aux > 0:
-            aux_values[rows], aux_indices[rows] = _dead_topk(pre, dead_mask, k_aux)
-    return values, indices, aux_values, aux_indices
+    blocks = _row_blocks(x, W.shape[0])
+    if len(blocks) == 1:
+        return _topk_block(x, W, b, b_dec, k, dead_mask, k_aux)
+    parts = [_topk_block(x[rows], W, b, b_dec, k, dead_mask, k_aux) for rows in blocks]
+    return tuple(torch.cat(column) for column in zip(*parts))
 
 
 def threshold_encode(x, W, b, b_dec, cutoff):

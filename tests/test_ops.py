@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
-from fastsae import ops
+from fastsae import ops, torch_backend
 from fastsae import reference as R
 
 # "triton" runs under the interpreter on CPU: tiny shapes only.
@@ -116,6 +116,29 @@ def test_torch_topk_builds_no_second_dense_tensor():
 
     assert len(big_allocations("torch")) == 1  # the pre-activation, nothing else
     assert len(big_allocations("reference")) > 1  # the probe does see dense temporaries
+
+
+@pytest.mark.parametrize("block_rows", [1, 2, 64])
+def test_torch_float32_encoders_in_row_blocks_match_reference(monkeypatch, block_rows):
+    """The torch backend's CPU float32 path (oneDNN's fused linear, pre-activations in row
+    blocks, as at training sizes) against the reference, with exact ties between latents."""
+    n, d_in, d_sae, k, k_aux = 7, 9, 24, 3, 5
+    monkeypatch.setattr(torch_backend, "CPU_BLOCK_BYTES", 4 * d_sae * block_rows)
+    x, W, b, b_dec = make_encoder(n, d_in, d_sae, dtype=torch.float32, grad=False)
+    b[2] = 100.0
+    W[5], b[5] = W[2], b[2]  # latents 2 and 5 tie at the top of every row: 2 must come first
+    inputs = [t.requires_grad_() for t in (x, W, b, b_dec)]
+    dead = torch.arange(d_sae) % 3 == 0
+    out = ops.topk_encode_aux(*inputs[:3], k, inputs[3], dead, k_aux, backend="torch")
+    rv, ri = R.topk_encode(*inputs[:3], k, inputs[3])
+    av, ai = R.topk_aux(*inputs[:3], dead, k_aux, inputs[3])
+    torch.testing.assert_close(out[0], rv)
+    torch.testing.assert_close(out[2], av)
+    assert torch.equal(out[1], ri) and torch.equal(out[3], ai)
+    assert (out[1][:, :2] == torch.tensor([2, 5])).all()
+    assert_close_all(grads([out[0], out[2]], inputs), grads([rv, av], inputs))
+    values, indices, offsets = ops.relu_encode(*inputs[:3], inputs[3], backend="torch")
+    torch.testing.assert_close(R.csr_to_dense(values, indices, offsets, d_sae), R.relu_codes(*inputs))
 
 
 # ----------------------------------------------------------------------------- BatchTopK
