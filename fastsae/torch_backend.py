@@ -145,8 +145,12 @@ def encoder_preactivations(x, W, b, b_dec, relu: bool):
     acc = _acc_dtype(x.dtype)
     xc = x.to(acc) if b_dec is None else x.to(acc) - b_dec.to(acc)
     W, b = W.to(acc), b.to(acc)
+    global _ONEDNN_LINEAR
     if _ONEDNN_LINEAR is not None and xc.device.type == "cpu" and acc == torch.float32:
-        return _ONEDNN_LINEAR(xc, W, b, "relu" if relu else "none", [], "")
+        try:
+            return _ONEDNN_LINEAR(xc, W, b, "relu" if relu else "none", [], "")
+        except RuntimeError:  # a CPU this oneDNN build cannot serve: use BLAS from now on
+            _ONEDNN_LINEAR = None
     pre = torch.addmm(b, xc, W.t())
     return torch.relu_(pre).add_(0.0) if relu else pre  # +0.0 turns -0.0 into 0.0 so ties compare equal
 

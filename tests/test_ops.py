@@ -141,6 +141,19 @@ def test_torch_float32_encoders_in_row_blocks_match_reference(monkeypatch, block
     torch.testing.assert_close(R.csr_to_dense(values, indices, offsets, d_sae), R.relu_codes(*inputs))
 
 
+def test_torch_encoder_falls_back_to_blas_when_onednn_fails(monkeypatch):
+    def unsupported(*args):
+        raise RuntimeError("mkldnn linear: unsupported CPU")
+
+    monkeypatch.setattr(torch_backend, "_ONEDNN_LINEAR", unsupported)
+    x, W, b, b_dec = make_encoder(4, 6, 10, dtype=torch.float32, grad=False)
+    values, indices = ops.topk_encode(x, W, b, 3, b_dec, backend="torch")
+    rv, ri = R.topk_encode(x, W, b, 3, b_dec)
+    torch.testing.assert_close(values, rv)
+    assert torch.equal(indices, ri)
+    assert torch_backend._ONEDNN_LINEAR is None  # not tried again
+
+
 # ----------------------------------------------------------------------------- BatchTopK
 
 
