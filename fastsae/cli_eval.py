@@ -3,7 +3,9 @@ recovered, and optionally write feature dashboards and a Neuronpedia export.
 
 The model is a nanochat checkpoint (``--checkpoint``), a local Hugging Face model (``--model``)
 or, with neither, the embedded all-MiniLM-L6-v2. Text is ``--texts`` files or the default
-corpus (Python's own documentation). Results go to ``{output_dir}/layer_{L}/``.
+corpus (Python's own documentation). With ``--store``, the activations come from an activation
+store directory instead, and a model is loaded only if given (for the loss recovered).
+Results go to ``{output_dir}/layer_{L}/``.
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--sae-path", "--sae_path", dest="sae_path", help="one SAE (directory or .pt)")
     group.add_argument("--sae-dir", "--sae_dir", dest="sae_dir", help="a directory of SAEs (layer_*/...)")
     add_source_arguments(p)
+    p.add_argument("--store", "--store-dir", "--store_dir", dest="store_dir", default=None,
+                   help="evaluate on the activations in this activation store directory (the first --num_tokens, "
+                        "in store order) instead of running the model; a model (--checkpoint / --model) is then "
+                        "only loaded if given, for the loss recovered and the dashboards' token text")
     _opt(p, "generate_dashboards", action="store_true", help="also write HTML feature dashboards")
     _opt(p, "max_features", type=int, default=256, help="dashboard pages for this many most frequent features")
     _opt(p, "neuronpedia", action="store_true", help="also write a Neuronpedia export")
@@ -117,6 +123,40 @@ def activations_for(args, model, tokenizer, hook_point: str):
                                args.context_length, args.batch_size, progress=True)
 
 
+def open_store(args, saes: dict):
+    """(store, SAEs to evaluate on it) for --store. A store holds one hook point: --sae_dir keeps
+    the SAEs at that hook point, and any other SAE is an error rather than a meaningless FVU."""
+    from fastsae.store import ActivationStore
+
+    # An interrupted collection is still a valid prefix of tokens; evaluating on it is fine.
+    store = ActivationStore(args.store_dir, allow_incomplete=True)
+    if args.sae_dir:
+        found = sorted(saes)
+        saes = {h: s for h, s in saes.items() if h == store.hook_point}
+        if not saes:
+            raise ValueError(f"--store {args.store_dir} holds activations at hook point {store.hook_point!r}; "
+                             f"no SAE in {args.sae_dir} is at it (found {found})")
+    for hook_point, sae in saes.items():
+        if hook_point != store.hook_point:
+            raise ValueError(f"--store {args.store_dir} holds activations at hook point {store.hook_point!r}, "
+                             f"but the SAE is at {hook_point!r} (--hook_point or --layer re-point the SAE)")
+        if sae.d_in != store.d_in:
+            raise ValueError(f"--store {args.store_dir} has d_in={store.d_in}, but the SAE expects d_in={sae.d_in}")
+    if not store.manifest["complete"]:
+        print(f"note: --store {args.store_dir} is incomplete ({store.num_tokens} of "
+              f"{store.manifest['max_tokens']} tokens collected); using what it holds", file=sys.stderr)
+    return store, saes
+
+
+def store_activations(store, num_tokens: int):
+    """(activations, metadata) of the store's first num_tokens tokens in store order, read
+    through the store's block reader so that only the shards holding them are read."""
+    if num_tokens <= 0:
+        raise ValueError(f"--num_tokens must be positive, got {num_tokens}")
+    acts, meta = next(store.iter_batches(num_tokens, shuffle=False, with_metadata=True, buffer_tokens=num_tokens))
+    return acts, {k: meta[k] for k in ("token_ids", "doc_ids", "positions")}
+
+
 def top_features(cache, n: int | None) -> list[int]:
     """Live latents, most frequent first (all of them when n is None)."""
     import torch
@@ -129,22 +169,34 @@ def top_features(cache, n: int | None) -> list[int]:
 
 # ----------------------------------------------------------------------------- the command
 
-def evaluate_one(args, sae, hook_point, model, tokenizer, model_name) -> dict:
+def evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store=None) -> dict:
+    """Metrics of one SAE on the store's activations when a store is given, else on the model's;
+    the loss recovered (and readable tokens in dashboards) need the model, which --store may lack."""
     from fastsae.corpus import iter_token_batches
     from fastsae.evaluator import SAEEvaluator, loss_recovered
     from fastsae.files import atomic_write_json
 
-    acts, meta = activations_for(args, model, tokenizer, hook_point)
+    if store is not None:
+        acts, meta = store_activations(store, args.num_tokens)
+    else:
+        acts, meta = activations_for(args, model, tokenizer, hook_point)
     metrics = SAEEvaluator(sae).evaluate(acts)
-    if args.loss_batches > 0:
+    notes = []
+    if args.loss_batches > 0 and model is None:
+        notes.append("loss recovered: skipped, it runs the model (give --checkpoint or --model with --store)")
+    elif args.loss_batches > 0:
         batches = itertools.islice(iter_token_batches(tokenizer, load_texts(args), args.context_length,
                                                       args.batch_size), args.loss_batches)
         metrics.loss_recovered = loss_recovered(model, sae, hook_point, batches)
     out = out_dir(args, hook_point)
     result = {"hook_point": hook_point, "model": model_name, **metrics.to_dict()}
+    if store is not None:
+        result["store"] = str(store.store_dir)
     atomic_write_json(out / "eval_metrics.json", result)
-    print(f"== {hook_point} ({model_name}, {metrics.num_tokens} tokens)\n{metrics}")
+    print("\n".join([f"== {hook_point} ({model_name}, {metrics.num_tokens} tokens)", str(metrics), *notes]))
     if args.generate_dashboards or args.neuronpedia:
+        if model is None:
+            print("no model given: feature pages show token ids, not text, and no output-token effects")
         write_views(args, sae, acts, meta, model, tokenizer, out, top_n=args.max_features, metrics=result,
                     model_name=model_name)
     return result
@@ -177,11 +229,25 @@ def write_views(args, sae, acts, meta, model, tokenizer, out: Path, top_n: int |
 
 
 def run(args) -> int:
+    from fastsae.store import model_fingerprint
+
     try:
         saes = load_selected_saes(args)
-        model, tokenizer, model_name = load_source(args)
+        store = None
+        if args.store_dir:
+            store, saes = open_store(args, saes)
+        if store is None:
+            model, tokenizer, model_name = load_source(args)
+        elif args.checkpoint or args.model:
+            model, tokenizer, model_name = load_source(args)
+            if model_fingerprint(model) != store.manifest["model_fingerprint"]:
+                print(f"note: --store {args.store_dir} was collected from another model "
+                      f"({store.manifest['model_name']}); the loss recovered is measured on {model_name}",
+                      file=sys.stderr)
+        else:  # the activations are on disk: no model to load
+            model, tokenizer, model_name = None, None, store.manifest["model_name"]
         for hook_point, sae in saes.items():
-            evaluate_one(args, sae, hook_point, model, tokenizer, model_name)
+            evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"fastsae eval: error: {e}", file=sys.stderr)
         return 2

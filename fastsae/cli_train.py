@@ -154,10 +154,6 @@ def shard_tokens(num_activations: int) -> int:
 def split_store(store, val_split: float):
     """(train store view, validation tensor): the last shards, about ``val_split`` of the
     tokens, are held out (whole shards, so the store's block reader still serves the rest)."""
-    import copy
-
-    import torch
-
     shards = store.shards
     n_val, held = 0, 0
     while val_split > 0 and n_val < len(shards) - 1 and held < val_split * store.num_tokens:
@@ -165,11 +161,8 @@ def split_store(store, val_split: float):
         held += shards[-n_val]["num_tokens"]
     if n_val == 0:
         return store, None
-    val = torch.cat([store.read_shard(i)["activations"] for i in range(len(shards) - n_val, len(shards))])
-    train = copy.copy(store)
-    kept = shards[:len(shards) - n_val]
-    train.manifest = dict(store.manifest, shards=kept, token_count=sum(s["num_tokens"] for s in kept))
-    return train, val
+    n_train = len(shards) - n_val
+    return store.select_shards(range(n_train)), store.select_shards(range(n_train, len(shards))).load_all()
 
 
 def _prepare_neuronpedia(trainer, config, layer_dir: Path) -> None:

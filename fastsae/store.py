@@ -19,8 +19,10 @@ buffer, so every token is seen exactly once per epoch.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import operator
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -137,6 +139,29 @@ class ActivationStore:
 
     def __len__(self) -> int:
         return self.num_tokens
+
+    def select_shards(self, indices: Iterable[int]) -> ActivationStore:
+        """A read-only view of the listed shards of this same directory, in the order given.
+
+        Everything that reads the store (num_tokens, len, shards, read_shard, load_all,
+        iter_batches) then sees only those shards, renumbered 0..len(indices)-1; the view's
+        `manifest` is this one with `shards` and `token_count` narrowed to match. Nothing on
+        disk changes. A shard may be listed once (twice would show its tokens twice per epoch).
+        """
+        count = len(self.shards)
+        try:
+            indices = [operator.index(i) for i in indices]
+        except TypeError:
+            raise ValueError(f"indices must be integers in [0, {count}), got {indices!r}") from None
+        bad = [i for i in indices if not 0 <= i < count]
+        if bad:
+            raise ValueError(f"indices must be in [0, {count}) (the store has {count} shards), got {bad}")
+        if not indices or len(set(indices)) != len(indices):
+            raise ValueError(f"indices must list at least one shard, each once, got {indices}")
+        kept = [self.shards[i] for i in indices]
+        view = copy.copy(self)  # same directory, already checked: no need to reread or recheck it
+        view.manifest = dict(self.manifest, shards=kept, token_count=sum(s["num_tokens"] for s in kept))
+        return view
 
     def read_shard(self, index: int) -> dict[str, torch.Tensor]:
         """One whole shard: {"activations", "token_ids", "doc_ids", "positions", "token_index"}."""

@@ -122,3 +122,107 @@ def test_fastsae_eval_on_embedded_minilm(tmp_path):
     assert result["loss_recovered"]["kind"] == "embedding"
     assert 0 < result["fvu"] < 10
     assert len(list((tmp_path / "out" / "layer_1" / "dashboard" / "features").glob("*.html"))) == 3
+
+
+# ---- fastsae eval --store: activations already on disk --------------------------------------
+
+def numbers_corpus():
+    from fastsae.corpus import Corpus
+
+    return Corpus("numbers", lambda: [f"document number {i} " * (1 + i % 5) for i in range(40)], "numbers-40")
+
+
+@pytest.fixture(scope="module")
+def stores(nanochat):
+    """A 500-token store at HOOK from the checkpoint's model, and one at blocks.0 from another model."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import ByteTokenizer
+
+    from fastsae.sources import load_nanochat_checkpoint
+    from fastsae.store import collect_to_store
+
+    model, tok, _ = load_nanochat_checkpoint(nanochat / "d2")
+    kw = dict(batch_size=4, context_length=32, shard_tokens=128, progress=False)
+    collect_to_store(model, tok, numbers_corpus(), HOOK, nanochat / "store", 500, **kw)
+    torch.manual_seed(1)
+    collect_to_store(GPT(GPTConfig()).eval(), ByteTokenizer(), numbers_corpus(), "blocks.0.hook_resid_post",
+                     nanochat / "store0", 200, **kw)
+    return nanochat / "store", nanochat / "store0"
+
+
+def api_metrics(sae_path, store_dir, num_tokens):
+    from fastsae.evaluator import SAEEvaluator
+    from fastsae.io import load_sae
+    from fastsae.store import ActivationStore
+
+    return SAEEvaluator(load_sae(sae_path)).evaluate(ActivationStore(store_dir).load_all()[:num_tokens])
+
+
+def test_fastsae_eval_on_a_store_without_a_model(nanochat, stores, tmp_path, capsys):
+    sae_path = nanochat / "saes" / "layer_1" / "best_model"
+    out = tmp_path / "out"
+    assert main(["eval", "--sae-path", str(sae_path), "--store", str(stores[0]), "--num-tokens", "300",
+                 "--generate-dashboards", "--max-features", "2", "--output-dir", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "layer_1" / "eval_metrics.json").read_text())
+    expected = api_metrics(sae_path, stores[0], 300)  # the first 300 tokens, not a shard boundary
+    assert result["num_tokens"] == 300 and result["store"] == str(stores[0])
+    assert result["fvu"] == pytest.approx(expected.fvu, rel=1e-6)
+    assert result["mse_loss"] == pytest.approx(expected.mse_loss, rel=1e-6)
+    assert result["l0_mean"] == pytest.approx(expected.l0_mean)
+    assert result["model"] == "GPT"  # the store's own record of its model
+    assert result["loss_recovered"] is None and "loss recovered: skipped" in printed and "--checkpoint" in printed
+    assert "show token ids" in printed
+    assert len(list((out / "layer_1" / "dashboard" / "features").glob("*.html"))) == 2
+    assert LatentCache.load(out / "layer_1" / "latent_cache.safetensors").num_tokens == 300
+
+    # more tokens than the store holds: all of it; the --store_dir spelling and --sae_dir work too
+    assert main(["eval", "--sae_dir", str(nanochat / "saes"), "--store_dir", str(stores[0]), "--num_tokens",
+                 "10000", "--output_dir", str(tmp_path / "all"), "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "all" / "layer_1" / "eval_metrics.json").read_text())
+    assert result["num_tokens"] == 500
+    assert result["fvu"] == pytest.approx(api_metrics(sae_path, stores[0], 500).fvu, rel=1e-6)
+
+
+def test_fastsae_eval_on_a_store_with_its_model(nanochat, stores, tmp_path, capsys):
+    sae_path = nanochat / "saes" / "layer_1" / "best_model"
+    assert main(["eval", "--sae-path", str(sae_path), "--store", str(stores[0]), "--checkpoint",
+                 str(nanochat / "d2"), "--num-tokens", "400", "--loss-batches", "1", "--output-dir", str(tmp_path),
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads((tmp_path / "layer_1" / "eval_metrics.json").read_text())
+    # metrics from the store's tokens (not from a new collection over the default corpus)
+    assert result["fvu"] == pytest.approx(api_metrics(sae_path, stores[0], 400).fvu, rel=1e-6)
+    assert result["loss_recovered"]["kind"] == "ce" and result["loss_recovered"]["loss_clean"] > 0
+    assert result["model"] == "nanochat-d2-step5" and "loss recovered" in captured.out
+    assert "another model" not in captured.err  # the store came from this checkpoint
+
+
+def test_fastsae_eval_store_mismatches_are_clear(nanochat, stores, tmp_path, capsys):
+    good = nanochat / "saes" / "layer_1" / "best_model"
+    common = ["--output-dir", str(tmp_path), "--device", "cpu"]
+    at0 = create_sae(SAEConfig(d_in=16, d_sae=32, k=2, dtype="float32", hook_point="blocks.0.hook_resid_post"))
+    save_sae(at0, at0.config, tmp_path / "at0")
+    narrow = create_sae(SAEConfig(d_in=10, d_sae=20, k=2, dtype="float32", hook_point=HOOK))
+    save_sae(narrow, narrow.config, tmp_path / "narrow")
+
+    assert main(["eval", "--sae-path", str(tmp_path / "at0"), "--store", str(stores[0]), *common]) == 2
+    err = capsys.readouterr().err
+    assert "hook point 'blocks.1.hook_resid_post'" in err and "SAE is at 'blocks.0.hook_resid_post'" in err
+    assert main(["eval", "--sae-path", str(good), "--layer", "0", "--store", str(stores[0]), *common]) == 2
+    assert "SAE is at 'blocks.0.hook_resid_post'" in capsys.readouterr().err
+    assert main(["eval", "--sae-path", str(tmp_path / "narrow"), "--store", str(stores[0]), *common]) == 2
+    err = capsys.readouterr().err
+    assert "has d_in=16, but the SAE expects d_in=10" in err
+    assert main(["eval", "--sae-dir", str(nanochat / "saes"), "--store", str(stores[1]), *common]) == 2
+    assert "no SAE in" in (err := capsys.readouterr().err) and "['blocks.1.hook_resid_post']" in err
+    assert main(["eval", "--sae-path", str(good), "--store", str(tmp_path / "nothing"), *common]) == 2
+    assert "no activation store" in capsys.readouterr().err
+    assert not list(tmp_path.glob("layer_*"))  # refused before anything was written
+
+    # a model other than the store's still gives the loss recovered, with a note that it differs
+    assert main(["eval", "--sae-path", str(tmp_path / "at0"), "--store", str(stores[1]), "--checkpoint",
+                 str(nanochat / "d2"), "--loss-batches", "1", *common]) == 0
+    assert "was collected from another model (GPT)" in capsys.readouterr().err
+    result = json.loads((tmp_path / "layer_0" / "eval_metrics.json").read_text())
+    assert result["num_tokens"] == 200 and result["loss_recovered"]["kind"] == "ce"

@@ -80,3 +80,34 @@ def test_unwritable_output_dir_is_reported_before_any_work(tmp_path, capsys):
 def test_layer_out_of_range(tmp_path, capsys):
     assert main(["train", "--layer", "9", "--output_dir", str(tmp_path), *SMALL]) == 1
     assert "--layer 9 is out of range" in capsys.readouterr().err
+
+
+def test_split_store_holds_out_the_last_whole_shards(tmp_path):
+    from fastsae.cli_train import split_store
+    from fastsae.corpus import Corpus
+    from fastsae.store import collect_to_store
+
+    sys.path.insert(0, str(STUBS))
+    try:
+        from nanochat.gpt import GPT, GPTConfig
+        from nanochat.tokenizer import ByteTokenizer
+    finally:
+        sys.path.remove(str(STUBS))
+    torch.manual_seed(0)
+    texts = Corpus("numbers", lambda: [f"document number {i} " * (1 + i % 5) for i in range(40)], "numbers-40")
+    store = collect_to_store(GPT(GPTConfig()).eval(), ByteTokenizer(), texts, "blocks.0.hook_resid_post", tmp_path,
+                             300, shard_tokens=64, progress=False)
+    assert [s["num_tokens"] for s in store.shards] == [64, 64, 64, 64, 44]
+    everything = store.load_all()
+
+    # 0.25 of 300 tokens = 75: the last shard (44) is not enough, the last two (108) are
+    train, val = split_store(store, 0.25)
+    assert train.shards == store.shards[:3] and train.num_tokens == len(train) == 192
+    assert torch.equal(torch.cat([train.load_all(), val]), everything)  # disjoint, and together the whole store
+    seen = torch.cat([m["token_index"] for _, m in train.iter_batches(50, with_metadata=True)])
+    assert sorted(seen.tolist()) == list(range(192))  # training batches never reach the held-out shards
+    assert store.num_tokens == 300 and len(store.shards) == 5  # the store itself is not narrowed
+
+    train, val = split_store(store, 0.99)  # at least one shard is always left to train on
+    assert train.shards == store.shards[:1] and torch.equal(val, everything[64:])
+    assert split_store(store, 0.0) == (store, None)

@@ -271,3 +271,39 @@ def test_a_module_the_forward_never_calls_is_reported(tiny, tmp_path):
     with pytest.raises(RuntimeError, match="hook point 'unused' did not run"):
         collect_to_store(model, tok, docs(), "unused", tmp_path, 100, progress=False)
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_select_shards_is_a_view_of_just_those_shards(tiny, tmp_path):
+    model, tok = tiny
+    store = collect_to_store(model, tok, docs(), "blocks.0.hook_resid_post", tmp_path, 300, shard_tokens=64,
+                             progress=False)
+    assert [s["num_tokens"] for s in store.shards] == [64, 64, 64, 64, 44]
+    before = (tmp_path / "manifest.json").read_bytes()
+    shards = [store.read_shard(i) for i in range(5)]
+
+    view = store.select_shards([4, 2])  # in the order given
+    want = torch.cat([shards[4]["activations"], shards[2]["activations"]])
+    assert torch.equal(view.load_all(), want)
+    assert view.num_tokens == len(view) == view.manifest["token_count"] == 108
+    assert view.shards == [store.shards[4], store.shards[2]]
+    assert torch.equal(view.read_shard(1)["token_index"], shards[2]["token_index"])
+    assert torch.equal(torch.cat(list(view.iter_batches(16, shuffle=False))), want)
+    seen = torch.cat([m["token_index"] for _, m in view.iter_batches(10, seed=1, with_metadata=True)])
+    assert sorted(seen.tolist()) == list(range(128, 192)) + list(range(256, 300))  # every token once, no others
+    assert torch.equal(view.select_shards([1]).load_all(), shards[2]["activations"])  # a view's indices are its own
+    assert torch.equal(store.select_shards(range(5)).load_all(), store.load_all())
+    # the store and the directory are untouched
+    assert store.num_tokens == 300 and len(store.shards) == 5 and (tmp_path / "manifest.json").read_bytes() == before
+
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 5\) \(the store has 5 shards\), got \[5\]"):
+        store.select_shards([0, 5])
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 5\) .* got \[-1\]"):
+        store.select_shards([-1])
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 2\) \(the store has 2 shards\), got \[2\]"):
+        view.select_shards([2])
+    with pytest.raises(ValueError, match=r"indices must be integers in \[0, 5\)"):
+        store.select_shards([0.5])
+    with pytest.raises(ValueError, match="each once"):
+        store.select_shards([1, 1])
+    with pytest.raises(ValueError, match="at least one shard"):
+        store.select_shards([])
