@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastsae import ops
+from fastsae import ops, torch_backend
 from fastsae.hooks import add_hook, resolve_hook_point
 from fastsae.models import SparseCode, TopKSAE
 from fastsae.trace import HookTrace, Trace
@@ -91,11 +91,11 @@ def _input_ids(args, kwargs) -> torch.Tensor | None:
 
 
 def _plain_topk_encode(sae, x: torch.Tensor) -> SparseCode:
-    """A TopK SAE's code for the hooks on the torch backend: the same GEMM and ReLU as
-    ``encode_sparse``, then torch.topk. Values are identical; only the order among exactly equal
-    values may differ, which the backend's stable tie rule fixes at a cost as large as the GEMM
-    itself at decode sizes (one token, weights cold in cache)."""
-    pre = torch.addmm(sae.b_enc, x - sae.b_dec, sae.enc_weight.t()).relu_()
+    """A TopK SAE's code for the hooks on the torch backend: the backend's own GEMM + ReLU, then
+    torch.topk. Values are identical to ``encode_sparse``; only the order among exactly equal
+    values may differ. The backend's stable tie rule looks for ties on the host, a read-back
+    inside every hook that costs the per-token decode budget about two points."""
+    pre = torch_backend.encoder_preactivations(x, sae.enc_weight, sae.b_enc, sae.b_dec, relu=True)
     values, indices = pre.topk(sae.config.k, dim=1)
     return SparseCode(values, indices, sae.d_sae)
 
