@@ -40,9 +40,9 @@ def fastsae_step_fn(x, d_sae, k, aux=False):
     cfg = SAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, batch_size=x.shape[0], num_epochs=1000, dtype="float32")
     trainer = SAETrainer(create_sae(cfg), cfg, x, device=DEVICE, log_every=10**9)
     trainer.scale = 1.0
-    trainer._aux_on = aux  # on: the AuxK selection runs too (training does so only while latents are dead)
-    if aux:
+    if aux:  # AuxK runs as training runs it while these latents are dead
         trainer.tokens_since_fired[::DEAD_EVERY] = 10**13
+        trainer._num_dead = int(trainer.dead_mask().sum())
 
     def step():
         with ops.input_checks(False):  # as in the training loop

@@ -165,10 +165,17 @@ class TopKSAE(BaseSAE):
         values, indices, _, _ = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, self.config.k, self.b_dec)
         return SparseCode(values, indices, self.d_sae)
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
+    def _aux_k(self, dead_mask, max_aux_k):
+        """AuxK slots per token: config.aux_k, at most d_sae and at most ``max_aux_k`` (the
+        caller's count of dead latents: slots beyond it would only hold zeros); 0 = off."""
+        if dead_mask is None or self.config.aux_k_coefficient <= 0:
+            return 0
+        return min(self.config.aux_k, self.d_sae, self.d_sae if max_aux_k is None else max_aux_k)
+
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None):
         x, _ = self._prepare_input(x)
-        use_aux = dead_mask is not None and self.config.aux_k_coefficient > 0
-        k_aux = min(self.config.aux_k, self.d_sae) if use_aux else 0
+        k_aux = self._aux_k(dead_mask, max_aux_k)
+        use_aux = k_aux > 0
         values, indices, aux_values, aux_indices = ops.topk_encode_aux(
             x, self.enc_weight, self.b_enc, self.config.k, self.b_dec, dead_mask if use_aux else None, k_aux)
         code = SparseCode(values, indices, self.d_sae)
@@ -220,10 +227,10 @@ class BatchTopKSAE(TopKSAE):
         if positive.numel():
             self.threshold.mul_(0.99).add_(0.01 * positive.min().to(self.threshold.dtype))
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None):
         x, _ = self._prepare_input(x)
-        use_aux = dead_mask is not None and self.config.aux_k_coefficient > 0
-        k_aux = min(self.config.aux_k, self.d_sae) if use_aux else 0
+        k_aux = self._aux_k(dead_mask, max_aux_k)
+        use_aux = k_aux > 0
         code, aux_values, aux_indices = self._encode(x, dead_mask if use_aux else None, k_aux)
         recon = self.decode_sparse(code)
         extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask) if k_aux else {}

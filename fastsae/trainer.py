@@ -224,7 +224,9 @@ class SAETrainer:
         self._first_bad = torch.full((2,), _NEVER, dtype=torch.long, device=self.device)  # [input, loss]
         self._resample_gen = torch.Generator().manual_seed(config.seed + 1)
         self._folded = False
-        self._aux_on = False  # AuxK runs only while some latent is dead (checked every AUX_CHECK_EVERY steps)
+        # Dead latents at the last check (every AUX_CHECK_EVERY steps): AuxK runs only while some
+        # are, and selects at most that many per token, so a few dead latents cost a few slots.
+        self._num_dead = 0
         self._last_log = (time.perf_counter(), 0)
 
     # ---- schedules (plain functions of the step, so a resumed run follows the same curve)
@@ -280,9 +282,9 @@ class SAETrainer:
 
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimisation step on this rank's normalised batch ``x``; returns sae.loss's dict."""
-        dead = self.dead_mask() if self._aux_on else None
+        aux = {"dead_mask": self.dead_mask(), "max_aux_k": self._num_dead} if self._num_dead else {}
         with self._autocast():
-            out = self.sae.loss(x, dead_mask=dead, sparsity_scale=self.sparsity_scale_at(self.step))
+            out = self.sae.loss(x, sparsity_scale=self.sparsity_scale_at(self.step), **aux)
         self.optimizer.zero_grad(set_to_none=True)
         out["total_loss"].backward()
         fired = _fire_counts(out["code"], self.config.d_sae)
@@ -374,7 +376,7 @@ class SAETrainer:
     def _after_step(self, out: dict, bar, last: bool) -> None:
         step, cfg = self.step, self.config
         if cfg.activation in _AUXK and step % AUX_CHECK_EVERY == 0:
-            self._aux_on = bool(self.dead_mask().any())
+            self._num_dead = int(self.dead_mask().sum())
         if step % self.log_every == 0 or last:
             self._log(out, bar)
         if cfg.activation in _RESAMPLED and cfg.resample_interval > 0 and step % cfg.resample_interval == 0:
@@ -542,7 +544,8 @@ class SAETrainer:
                 "position_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "global_batch": self.global_batch, "total_steps": self.total_steps, "world_size": self.world_size,
                 "best_val_fvu": None if math.isinf(self.best_val_fvu) else self.best_val_fvu,
-                "normalization_scale": self.scale, "aux_on": self._aux_on, "rng": rng, "config": self.config.to_dict()}
+                "normalization_scale": self.scale, "num_dead": self._num_dead, "rng": rng,
+                "config": self.config.to_dict()}
 
     def _prune_checkpoints(self, root: Path) -> None:
         for old in _checkpoint_dirs(root)[:-self.keep_checkpoints or None]:
@@ -574,7 +577,7 @@ class SAETrainer:
         self.optimizer.load_state_dict(_unflatten_optimizer(path / "optimizer.safetensors"))
         self.step, self.total_steps = int(state["step"]), int(state["total_steps"])
         self.scale = state["normalization_scale"]
-        self._aux_on = bool(state.get("aux_on", False))
+        self._num_dead = int(state.get("num_dead", 0))
         self.best_val_fvu = math.inf if state["best_val_fvu"] is None else float(state["best_val_fvu"])
         self._resample_gen.set_state(torch.tensor(state["rng"]["resample"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))

@@ -171,3 +171,22 @@ def test_batchtopk_auxk_comes_from_the_same_pass():
     _, _, aux_v, aux_i = ops.topk_encode_aux(x, sae.enc_weight, sae.b_enc, 1, sae.b_dec, dead, k_aux)
     expected = R.auxk_loss(R.sparse_decode(aux_v, aux_i, sae.W_dec), (x - out["reconstruction"]).detach())
     torch.testing.assert_close(out["aux_loss"], expected.detach())
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_auxk_slots_capped_at_the_dead_count_give_the_same_loss_and_gradients(activation):
+    """With 3 dead latents and aux_k 5, slots 4-5 would hold zeros: capping them changes nothing."""
+    dead = torch.zeros(37, dtype=torch.bool)
+    dead[[4, 9, 30]] = True
+    x = torch.randn(16, 10, generator=torch.Generator().manual_seed(0))
+    results = []
+    for cap in (None, 3):
+        sae = make(activation, aux_k=5)
+        out = sae.loss(x, dead_mask=dead, max_aux_k=cap)
+        out["total_loss"].backward()
+        results.append((out["aux_loss"], [p.grad.clone() for p in sae.parameters()]))
+    (loss_full, grads_full), (loss_capped, grads_capped) = results
+    assert loss_full > 0
+    torch.testing.assert_close(loss_capped, loss_full)
+    for full, capped in zip(grads_full, grads_capped):
+        torch.testing.assert_close(capped, full)
