@@ -24,7 +24,7 @@ class DemoSettings:
     max_tokens: int = 150_000
     num_epochs: int = 4
     batch_size: int = 1024
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     context_length: int = 128
     model: str | None = None  # a local Hugging Face model directory
     checkpoint: str | None = None  # a nanochat checkpoint directory
