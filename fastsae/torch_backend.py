@@ -40,7 +40,7 @@ def gather(values, indices, W, bias=None):
     acc = _acc_dtype(W.dtype)
     out = F.embedding_bag(indices, W.to(acc), per_sample_weights=values.to(acc), mode="sum")
     if bias is not None:
-        out = out + bias.to(acc)
+        out.add_(bias.to(acc))  # in place: the bag's output is ours
     return out.to(W.dtype)
 
 
@@ -109,7 +109,7 @@ def csr_gather(values, indices, row_offsets, W, bias=None):
     out = F.embedding_bag(indices, W.to(acc), offsets=row_offsets[:-1], per_sample_weights=values.to(acc),
                           mode="sum", include_last_offset=False)
     if bias is not None:
-        out = out + bias.to(acc)
+        out.add_(bias.to(acc))  # in place: the bag's output is ours
     return out.to(W.dtype)
 
 
