@@ -125,7 +125,7 @@ def _run(benchmark, fn, args):
     if ON_GPU:
         # Warm-up rounds absorb compilation and autotuning.
         return benchmark.pedantic(fn, args=args, rounds=20, iterations=1, warmup_rounds=3)
-    return benchmark.pedantic(fn, args=args, rounds=5, iterations=1, warmup_rounds=1)
+    return benchmark.pedantic(fn, args=args, rounds=15, iterations=1, warmup_rounds=2)
 
 
 def _info(benchmark, s, backend):
