@@ -16,7 +16,8 @@ class SAEConfig:
     k: int = 64
     l1_coefficient: float = 1e-3
     normalize_decoder: bool = True
-    # Dtype of activations as collected and stored; parameters train in float32.
+    # Compute dtype of training on CUDA (autocast; "float32" turns it off). Parameters and
+    # optimizer state stay float32; CPU training runs in float32.
     dtype: str = "bfloat16"
     hook_point: str = "blocks.0.hook_resid_post"
     expansion_factor: int = 8

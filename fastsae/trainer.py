@@ -192,6 +192,9 @@ class SAETrainer:
 
     def __init__(self, sae: BaseSAE, config: SAEConfig, activations, val_activations=None, device="cuda",
                  save_dir=None, log_every: int = 50, keep_checkpoints: int = 3):
+        if config.dtype == "float16":
+            raise ValueError("config.dtype='float16' cannot train: float16 needs loss scaling, which the trainer "
+                             "does not do; use 'bfloat16' (autocast on CUDA) or 'float32'")
         if sae.d_in != config.d_in or sae.d_sae != config.d_sae:
             raise ValueError(f"sae has d_in={sae.d_in}, d_sae={sae.d_sae} but config says "
                              f"d_in={config.d_in}, d_sae={config.d_sae}")
@@ -277,7 +280,8 @@ class SAETrainer:
 
     # ---- one step
     def _autocast(self):
-        enabled = self.device.type == "cuda" and self.config.extra.get("autocast", True)
+        """bfloat16 autocast on CUDA when config.dtype asks for it (the seed's default)."""
+        enabled = self.device.type == "cuda" and self.config.dtype == "bfloat16"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
 
     def train_step(self, x: torch.Tensor) -> dict:

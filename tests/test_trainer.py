@@ -360,3 +360,9 @@ def test_trains_from_a_store_and_resumes_exactly(tiny_store, tmp_path):
     expected, got = losses(full.history), losses(resumed.history)
     assert min(got) == 31 and all(got[s] == expected[s] for s in got)
     assert expected[48] < 0.5 * expected[1]
+
+
+def test_float16_training_is_refused_with_the_reason():
+    config = small_config(dtype="float16")
+    with pytest.raises(ValueError, match=r"config.dtype='float16' cannot train: float16 needs loss scaling"):
+        SAETrainer(create_sae(config), config, torch.randn(64, config.d_in), device="cpu")
