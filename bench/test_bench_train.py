@@ -1,4 +1,4 @@
-"""One TopK SAE training step (forward, backward, optimizer): fastsae's trainer vs EleutherAI sparsify.
+"""One TopK SAE training step (forward, backward, optimizer): fastsae's trainer vs EleutherAI sparsify and SAELens.
 
 sparsify (``pip install eai-sparsify``, a bench-only dependency; its benches skip without it)
 runs its own SparseCoder step as its Trainer does (bench/sparsify_recipe.py), with Adam (the
@@ -7,8 +7,13 @@ same optimizer as fastsae) and with its default schedule-free Signum. fastsae's 
 projection, clipping, Adam, on-device dead-latent tracking. "auxk-on" runs both with 10% of
 the latents marked dead, so the AuxK selection and its decode run too.
 
-Each benchmark reports tokens/s in ``extra_info``; fastsae's also the ratio to sparsify's Adam
-step measured in the same process. Run:
+SAELens (``pip install sae-lens``, bench-only as well) runs its own TopKTrainingSAE through its own
+SAETrainer with its defaults (bench/saelens_recipe.py): dense TopK activations and decode, MSE
+(+ AuxK), clipping, Adam lr 3e-4. Its "auxk-on" marks the latents dead again before every step:
+they fire in the first step and would otherwise be alive, and its AuxK skipped, from then on.
+
+Each benchmark reports tokens/s in ``extra_info``; fastsae's also the ratios to sparsify's Adam
+step and to SAELens's step measured in the same process. Run:
 ``python -m pytest bench/test_bench_train.py -q`` (FASTSAE_BENCH_SIZE=full on a GPU).
 """
 import time
@@ -17,15 +22,18 @@ import pytest
 import torch
 
 from bench.common import DEVICE, ON_GPU, shapes, synchronized
+from bench.saelens_recipe import SAELensRun, have_saelens
 from bench.sparsify_recipe import SparsifyRun, have_sparsify
 from fastsae import SAEConfig, create_sae, ops
 from fastsae.trainer import SAETrainer
 
 SHAPE = shapes(ci={"N": 4096, "d": 384, "m": 6144, "k": 32}, full={"N": 16384, "d": 4096, "m": 131072, "k": 64})
 HAVE_SPARSIFY = have_sparsify()
+HAVE_SAELENS = have_saelens()
 DEAD_EVERY = 10  # "auxk-on": every 10th latent starts dead
 GROUP = f"train-step N{SHAPE['N']} d{SHAPE['d']} m{SHAPE['m']} k{SHAPE['k']}"
 needs_sparsify = pytest.mark.skipif(not HAVE_SPARSIFY, reason="sparsify is not installed (pip install eai-sparsify)")
+needs_saelens = pytest.mark.skipif(not HAVE_SAELENS, reason="SAELens is not installed (pip install sae-lens)")
 
 
 def sparsify_step_fn(x, d_sae, k, optimizer="adam", aux=False):
@@ -34,6 +42,17 @@ def sparsify_step_fn(x, d_sae, k, optimizer="adam", aux=False):
     if aux:
         run.since_fired[::DEAD_EVERY] = 10**13
     return lambda: run.step(x)
+
+
+def saelens_step_fn(x, d_sae, k, aux=False):
+    run = SAELensRun(x.shape[1], d_sae, k, x.device, batch_size=x.shape[0])
+
+    def step():
+        if aux:  # every step: SAELens's trainer revives a dead latent as soon as it fires
+            run.mark_dead(slice(None, None, DEAD_EVERY))
+        return run.step(x)
+
+    return step
 
 
 def fastsae_step_fn(x, d_sae, k, aux=False):
@@ -75,6 +94,14 @@ def sparsify_tokens_per_s(batch):
             for aux in (False, True)}
 
 
+@pytest.fixture(scope="module")
+def saelens_tokens_per_s(batch):
+    if not HAVE_SAELENS:
+        return None
+    return {aux: _tokens_per_s(saelens_step_fn(batch, SHAPE["m"], SHAPE["k"], aux), SHAPE["N"])
+            for aux in (False, True)}
+
+
 @needs_sparsify
 @pytest.mark.parametrize("optimizer", ["adam", "signum"])
 @pytest.mark.parametrize("aux", [False, True], ids=["no-dead", "auxk-on"])
@@ -85,8 +112,17 @@ def test_train_step_sparsify(benchmark, batch, optimizer, aux):
     benchmark.extra_info["tokens_per_s"] = SHAPE["N"] / benchmark.stats.stats.mean
 
 
+@needs_saelens
 @pytest.mark.parametrize("aux", [False, True], ids=["no-dead", "auxk-on"])
-def test_train_step_fastsae(benchmark, batch, sparsify_tokens_per_s, aux):
+def test_train_step_saelens(benchmark, batch, aux):
+    benchmark.group = GROUP
+    step = synchronized(saelens_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["tokens_per_s"] = SHAPE["N"] / benchmark.stats.stats.mean
+
+
+@pytest.mark.parametrize("aux", [False, True], ids=["no-dead", "auxk-on"])
+def test_train_step_fastsae(benchmark, batch, sparsify_tokens_per_s, saelens_tokens_per_s, aux):
     benchmark.group = GROUP
     step = synchronized(fastsae_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
@@ -98,3 +134,9 @@ def test_train_step_fastsae(benchmark, batch, sparsify_tokens_per_s, aux):
         benchmark.extra_info["speedup_vs_sparsify_adam"] = ratio
         print(f"\nfastsae (aux={aux}) {tokens_per_s:,.0f} tokens/s, sparsify (Adam) "
               f"{sparsify_tokens_per_s[aux]:,.0f} tokens/s, ratio {ratio:.2f}")
+    if saelens_tokens_per_s is not None:
+        ratio = tokens_per_s / saelens_tokens_per_s[aux]
+        benchmark.extra_info["saelens_tokens_per_s"] = saelens_tokens_per_s[aux]
+        benchmark.extra_info["speedup_vs_saelens"] = ratio
+        print(f"\nfastsae (aux={aux}) {tokens_per_s:,.0f} tokens/s, SAELens "
+              f"{saelens_tokens_per_s[aux]:,.0f} tokens/s, ratio {ratio:.2f}")
