@@ -39,9 +39,13 @@ needs_saelens = pytest.mark.skipif(not HAVE_SAELENS, reason="SAELens is not inst
 def sparsify_step_fn(x, d_sae, k, optimizer="adam", aux=False):
     run = SparsifyRun(x.shape[1], d_sae, k, x.device, total_steps=10**6, optimizer=optimizer, warmup_steps=0,
                       auxk_alpha=1 / 32 if aux else 0.0, dead_after_tokens=10**12)
-    if aux:
-        run.since_fired[::DEAD_EVERY] = 10**13
-    return lambda: run.step(x)
+
+    def step():
+        if aux:  # every step: a marked latent that fires counts as alive again, and AuxK would stop
+            run.since_fired[::DEAD_EVERY] = 10**13
+        return run.step(x)
+
+    return step
 
 
 def saelens_step_fn(x, d_sae, k, aux=False):
@@ -59,11 +63,10 @@ def fastsae_step_fn(x, d_sae, k, aux=False):
     cfg = SAEConfig(d_in=x.shape[1], d_sae=d_sae, k=k, batch_size=x.shape[0], num_epochs=1000, dtype="float32")
     trainer = SAETrainer(create_sae(cfg), cfg, x, device=DEVICE, log_every=10**9)
     trainer.scale = 1.0
-    if aux:  # AuxK runs as training runs it while these latents are dead
-        trainer.tokens_since_fired[::DEAD_EVERY] = 10**13
-        trainer._num_dead = int(trainer.dead_mask().sum())
-
     def step():
+        if aux:  # every step, as for the other libraries: AuxK runs as training runs it while latents are dead
+            trainer.tokens_since_fired[::DEAD_EVERY] = 10**13
+            trainer._num_dead = int(trainer.dead_mask().sum())
         with ops.input_checks(False):  # as in the training loop
             return trainer.train_step(x)["total_loss"]
 

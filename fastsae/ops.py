@@ -228,12 +228,14 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, g_values, _g_indices, g_aux, _g_aux_indices):
         x, W, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
         # ReLU: a selected value of 0 came from a non-positive pre-activation (no gradient).
-        g_pre = torch.where(values > 0, g_values, 0).to(values.dtype)
+        codes = [(torch.where(values > 0, g_values, 0).to(values.dtype), indices)]
         if aux_indices.shape[1] and g_aux is not None:
-            g_pre = torch.cat([g_pre, torch.where(aux_values > 0, g_aux, 0).to(values.dtype)], 1)
-            indices = torch.cat([indices, aux_indices], 1)
-        dx, dW, db, db_dec = _encoder_backward(ctx, ctx.p, g_pre.contiguous(), indices.contiguous(), None,
-                                               x, W, b_dec)
+            # AuxK's entries lie on the dead latents only: kept apart from the main code so a
+            # backend can treat that narrow code on its own (the torch one as a small GEMM).
+            codes.append((torch.where(aux_values > 0, g_aux, 0).to(values.dtype), aux_indices))
+        grads = [_encoder_backward(ctx, ctx.p, g_pre.contiguous(), idx.contiguous(), None, x, W, b_dec)
+                 for g_pre, idx in codes]
+        dx, dW, db, db_dec = (None if parts[0] is None else sum(parts) for parts in zip(*grads))
         return dx, dW, db, db_dec, None, None, None, None
 
 
