@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from bench.common import DEVICE, ON_GPU, shapes, synchronized
+from bench.common import DEVICE, ON_GPU, peak_memory, shapes, synchronized
 from bench.saelens_recipe import SAELensRun, have_saelens
 from bench.sparsify_recipe import SparsifyRun, have_sparsify
 from fastsae import SAEConfig, create_sae, ops
@@ -112,6 +112,7 @@ def test_train_step_sparsify(benchmark, batch, optimizer, aux):
     benchmark.group = GROUP
     step = synchronized(sparsify_step_fn(batch, SHAPE["m"], SHAPE["k"], optimizer, aux))
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["peak_bytes"] = peak_memory(step)
     benchmark.extra_info["tokens_per_s"] = SHAPE["N"] / benchmark.stats.stats.mean
 
 
@@ -121,6 +122,7 @@ def test_train_step_saelens(benchmark, batch, aux):
     benchmark.group = GROUP
     step = synchronized(saelens_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["peak_bytes"] = peak_memory(step)
     benchmark.extra_info["tokens_per_s"] = SHAPE["N"] / benchmark.stats.stats.mean
 
 
@@ -129,6 +131,7 @@ def test_train_step_fastsae(benchmark, batch, sparsify_tokens_per_s, saelens_tok
     benchmark.group = GROUP
     step = synchronized(fastsae_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
     benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["peak_bytes"] = peak_memory(step)
     tokens_per_s = SHAPE["N"] / benchmark.stats.stats.mean
     benchmark.extra_info["tokens_per_s"] = tokens_per_s
     if sparsify_tokens_per_s is not None:
