@@ -24,6 +24,11 @@ def info_lines(device=None) -> list[str]:
         f"device   {device}" + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
     ]
     chosen = ops.resolve_backend(None, device)
+    if chosen == "torch" and device.type == "cpu":
+        from fastsae import torch_backend
+
+        gemm = "oneDNN fused linear + ReLU" if torch_backend._ONEDNN_LINEAR is not None else "BLAS addmm"
+        lines.append(f"encoder  {gemm} (float32)")
     for op in ("topk_encode", "batch_topk_encode", "sparse_decode", "csr_decode", "relu_encode",
                "jumprelu_encode", "gated_encode"):
         lines.append(f"backend  {op:<18} {chosen}")
