@@ -1,14 +1,34 @@
-"""Train fastsae's TopK trainer and EleutherAI's sparsify on the same activations; print
+"""Train fastsae's TopK trainer, EleutherAI's sparsify and SAELens on the same activations; print
 validation FVU and the fraction of dead latents (never firing on the validation set) of each.
 
     python -m bench.quality_vs_sparsify                     # MiniLM layer 3, Python docs corpus
     python -m bench.quality_vs_sparsify --tokens 200000 --epochs 4 --device cuda
     python -m bench.quality_vs_sparsify --synthetic         # a known sparse dictionary, no model
+    python -m bench.quality_vs_sparsify --libraries saelens # any of fastsae sparsify saelens
 
 sparsify trains its own ``SparseCoder`` with the recipe of its ``Trainer`` (see
 bench/sparsify_recipe.py) on the same rows in the same order as fastsae, with its default
 optimizer (schedule-free Signum) or ``--sparsify_optimizer adam``. AuxK is off in sparsify by
 default; ``--sparsify_auxk`` turns it on at fastsae's weight (1/32) and dead threshold.
+
+SAELens (``--libraries ... saelens``) trains its ``TopKTrainingSAE`` with its own ``SAETrainer``
+and all its defaults (bench/saelens_recipe.py); only d_in, d_sae, k, the batch rows and their
+order and the number of steps are matched. It is evaluated as SAELens hands a run over: converted
+to its inference ``TopKSAE`` (decoder norms folded in) and run through its encode and decode in
+eval mode. ``--saelens_lr`` replaces its learning rate (the result line says "set lr"). Where
+its defaults differ from the others' in ways that matter for quality:
+
+* no input normalisation (``normalize_activations="none"``; fastsae scales inputs to
+  E||x||^2 = d_in and folds the scale back in). SAELens's loss is the MSE summed over features,
+  so the raw activation scale sets the gradient size that ``clip_grad_norm_(1.0)`` clips;
+* b_dec starts at zero (fastsae: the geometric median of a sample; sparsify: the first batch's
+  mean), and b_dec is subtracted from the input before encoding;
+* decoder rows start at norm 0.1 (Anthropic's April 2024 heuristic) with W_enc = W_dec.T and are
+  never renormalised: the pre-activations are scaled by the decoder row norms instead
+  (``rescale_acts_by_decoder_norm``), and no decoder-parallel gradient is removed;
+* Adam at a constant lr of 3e-4 with no warmup or decay (fastsae here: 3e-3 with warmup);
+* AuxK at coefficient 1 (fastsae: 1/32) on k_aux = d_in / 2 latents, but a latent only counts
+  as dead after 1000 steps without firing, so runs shorter than 1000 steps never use AuxK.
 """
 import argparse
 import tempfile
@@ -16,9 +36,12 @@ import time
 
 import torch
 
+from bench import saelens_recipe
 from bench.sparsify_recipe import INSTALL_HINT, SparsifyRun, import_sparsify
 from fastsae import SAEConfig, create_sae
 from fastsae.trainer import RUN_FRACTION_CAP, SAETrainer, split_activations
+
+LIBRARIES = ("fastsae", "sparsify", "saelens")
 
 
 def minilm_activations(tokens: int, layer: int) -> torch.Tensor:
@@ -77,6 +100,18 @@ def train_sparsify(train, val, cfg, device, optimizer="signum", auxk=False):
     return fvu_and_dead(run.encode_decode, val, cfg.d_sae), steps
 
 
+def train_saelens(train, val, cfg, device, lr=None):
+    if not saelens_recipe.have_saelens():
+        raise SystemExit(saelens_recipe.INSTALL_HINT)
+    steps = (len(train) // cfg.batch_size) * cfg.num_epochs
+    run = saelens_recipe.SAELensRun(cfg.d_in, cfg.d_sae, cfg.k, device, cfg.batch_size, total_steps=steps,
+                                    seed=cfg.seed, lr=lr)
+    for rows in batch_order(len(train), cfg.batch_size, cfg.num_epochs, cfg.seed):
+        run.step(train[rows].to(device))
+    run.finish()
+    return fvu_and_dead(run.encode_decode, val, cfg.d_sae), steps, run.lr
+
+
 def train_fastsae(train, val, cfg, device):
     trainer = SAETrainer(create_sae(cfg), cfg, train, device=device, log_every=10**9)
     trainer.train(verbose=False)
@@ -118,7 +153,9 @@ def main(argv=None):
                         "at a few hundred steps on d_in 384, 3e-3 trains faster with under 1%% dead latents)")
     p.add_argument("--sparsify_optimizer", choices=["signum", "adam"], default="signum")
     p.add_argument("--sparsify_auxk", action="store_true")
-    p.add_argument("--skip", choices=["fastsae", "sparsify"], help="train only the other one")
+    p.add_argument("--saelens_lr", type=float, help="SAELens's Adam learning rate (default: its own, 3e-4)")
+    p.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=["fastsae", "sparsify"],
+                   help="the libraries to train, in this order (default: fastsae sparsify)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
@@ -128,15 +165,18 @@ def main(argv=None):
                     num_epochs=args.epochs, learning_rate=args.lr, dtype="float32")
     print(f"{len(train)} train / {len(val)} val rows, d_in={cfg.d_in}, d_sae={cfg.d_sae}, k={cfg.k}, "
           f"{args.epochs} epochs of batch {cfg.batch_size}; fastsae lr {cfg.learning_rate:g}")
-    if args.skip != "fastsae":
+    for library in dict.fromkeys(args.libraries):
         start = time.perf_counter()
-        (fvu, dead), steps = train_fastsae(train, val, cfg, args.device)
-        print(f"fastsae                val FVU {fvu:.4f}  dead {100 * dead:5.1f}%  {steps} steps "
-              f"({time.perf_counter() - start:.0f}s)")
-    if args.skip != "sparsify":
-        start = time.perf_counter()
-        (fvu, dead), steps = train_sparsify(train, val, cfg, args.device, args.sparsify_optimizer, args.sparsify_auxk)
-        label = f"sparsify ({args.sparsify_optimizer}{', auxk' if args.sparsify_auxk else ''})"
+        if library == "fastsae":
+            (fvu, dead), steps = train_fastsae(train, val, cfg, args.device)
+            label = "fastsae"
+        elif library == "sparsify":
+            (fvu, dead), steps = train_sparsify(train, val, cfg, args.device, args.sparsify_optimizer,
+                                                args.sparsify_auxk)
+            label = f"sparsify ({args.sparsify_optimizer}{', auxk' if args.sparsify_auxk else ''})"
+        else:
+            (fvu, dead), steps, lr = train_saelens(train, val, cfg, args.device, args.saelens_lr)
+            label = f"saelens ({'' if args.saelens_lr is None else 'set '}lr {lr:g})"
         print(f"{label:<22} val FVU {fvu:.4f}  dead {100 * dead:5.1f}%  {steps} steps "
               f"({time.perf_counter() - start:.0f}s)")
 

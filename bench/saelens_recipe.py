@@ -14,7 +14,15 @@ frequency counters; backward; ``clip_grad_norm_(1.0)``; Adam; LR-schedule step),
 are also ``LanguageModelSAERunnerConfig``'s: Adam lr 3e-4, betas (0.9, 0.999), constant schedule,
 a latent dead after 1000 steps without firing. Wandb logging, evals, checkpoints and the
 progress bar are off or left out: none of them is part of the optimisation.
+
+``finish`` then ends training as ``fit`` and the LLM training runner do: the final metadata, then
+``save_inference_model`` (which folds the decoder row norms into W_enc and b_enc, as
+``rescale_acts_by_decoder_norm`` requires, and keeps the inference config) and
+``SAE.load_from_disk``, giving the inference ``TopKSAE`` that ``encode_decode`` runs in eval mode.
+There is no activation scaler to fold: ``normalize_activations`` defaults to "none".
 """
+import tempfile
+
 import torch
 
 INSTALL_HINT = "SAELens is not installed: pip install sae-lens (a bench-only dependency)"
@@ -31,16 +39,18 @@ def have_saelens() -> bool:
 class SAELensRun:
     """One SAELens TopKTrainingSAE with SAELens's SAETrainer (its Adam, schedule and dead-latent counts)."""
 
-    def __init__(self, d_in, d_sae, k, device, batch_size, total_steps=10**6, seed=0):
+    def __init__(self, d_in, d_sae, k, device, batch_size, total_steps=10**6, seed=0, lr=None):
+        """``lr`` None: SAETrainerConfig's default (3e-4); ``total_steps`` sizes its LR schedule."""
         from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
         from sae_lens.config import SAETrainerConfig
 
         torch.manual_seed(seed)
         device = str(torch.device(device))
+        self.k, self.device, self.inference_sae = k, device, None
         self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=device))
-        lr = 3e-4
+        self.lr = SAETrainerConfig.lr if lr is None else lr
         cfg = SAETrainerConfig(total_training_samples=total_steps * batch_size, train_batch_size_samples=batch_size,
-                               lr=lr, lr_end=lr / 10, device=device)  # lr_end as LanguageModelSAERunnerConfig sets it
+                               lr=self.lr, lr_end=self.lr / 10, device=device)  # lr_end as the runner config sets it
         # The data provider is only read by fit() and evals; the benches hand each batch to step().
         self.trainer = SAETrainer(cfg=cfg, sae=self.sae, data_provider=iter(()))
 
@@ -55,3 +65,19 @@ class SAELensRun:
         trainer.n_training_steps += 1
         return out.losses["mse_loss"].detach()
 
+    def finish(self) -> None:
+        """The inference SAE, as SAELens ends a run: final metadata, save_inference_model, load_from_disk."""
+        from sae_lens import SAE
+
+        self.trainer.set_final_sae_metadata()
+        with tempfile.TemporaryDirectory() as tmp:
+            self.sae.save_inference_model(tmp)
+            self.inference_sae = SAE.load_from_disk(tmp, device=self.device).eval()
+
+    @torch.no_grad()
+    def encode_decode(self, x: torch.Tensor):
+        """(reconstruction, latent indices, values) of the inference SAE (call ``finish`` first)."""
+        sae = self.inference_sae
+        acts = sae.encode(x.to(self.device))  # dense, at most k nonzero per row
+        values, indices = acts.topk(self.k, dim=-1)
+        return sae.decode(acts), indices, values
