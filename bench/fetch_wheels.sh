@@ -9,9 +9,12 @@ cd "$(dirname "$0")"
 mkdir -p wheelhouse
 platforms=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
 for version in 3.10 3.11 3.12; do
-  pip download -q -d wheelhouse --only-binary=:all: --python-version "$version" "${platforms[@]}" --no-deps eai-sparsify
+  # Without their dependencies: sparsify's own (datasets, accelerate) are for its trainer, and
+  # schedulefree's is torch.
+  pip download -q -d wheelhouse --only-binary=:all: --python-version "$version" "${platforms[@]}" --no-deps \
+    eai-sparsify schedulefree
   pip download -q -d wheelhouse --only-binary=:all: --python-version "$version" "${platforms[@]}" \
-    transformers schedulefree simple-parsing natsort einops
+    transformers simple-parsing natsort einops
 done
 cd wheelhouse
 rm -f torch-* triton-* nvidia_* cuda_* numpy-* sympy-* mpmath-* networkx-* jinja2-* markupsafe-* \
