@@ -193,9 +193,10 @@ def _stable_topk(scores, k):
     """Top-k along the last dim of a 2-D tensor, ties broken by ascending index.
 
     torch.topk is fast but its tie order is unspecified. Asking it for k + 1 values shows
-    where ties are: with none, its answer stands; rows where a tie straddles the k-th place
-    are fully (stably) sorted, and the others just have their k winners re-ranked. No
-    second [N, m] tensor.
+    where ties are: with none, its answer stands; otherwise the k winners are re-ranked, and
+    rows where a tie straddles the k-th place get their tied slots refilled with the
+    lowest-index entries of that value (common where many values are 0, as in AuxK's
+    selection among dead latents). No second [N, m] tensor, no full sort.
     """
     m = scores.shape[-1]
     if k >= m:
@@ -214,9 +215,22 @@ def _stable_topk(scores, k):
     vals, idx = vals.gather(-1, by_value), idx.gather(-1, by_value)
     tied_rows = straddles.nonzero().squeeze(-1)
     if tied_rows.numel():
-        tv, ti = torch.sort(scores[tied_rows], dim=-1, descending=True, stable=True)
-        vals[tied_rows], idx[tied_rows] = tv[:, :k], ti[:, :k]
+        idx[tied_rows] = _refill_straddling_tie(scores[tied_rows], vals[tied_rows], idx[tied_rows], k)
     return vals, idx
+
+
+def _refill_straddling_tie(scores, vals, idx, k):
+    """Indices of rows whose k-th value t also occurs past the k-th place: the winners above t
+    keep their (already ranked) slots; the remaining slots take the entries equal to t in
+    ascending index order, which is the rule's order. (Values need no change: they are all t.)"""
+    t = vals[:, k - 1:k]
+    above = (vals > t).sum(1, keepdim=True)
+    equal = scores == t
+    rank = equal.cumsum(1) - 1  # each equal entry's place among its row's equal entries
+    row, col = (equal & (rank < k - above)).nonzero(as_tuple=True)  # row-major: ascending index
+    idx = idx.clone()
+    idx[row, above[row, 0] + rank[row, col]] = col
+    return idx
 
 
 def _dead_topk(pre, dead_mask, k_aux):

@@ -177,6 +177,17 @@ def test_torch_fixed_k_backward_primitives_match_reference(spread):
     assert torch.equal(again, torch_backend.scatter_add(values, indices, g, m))  # deterministic
 
 
+@pytest.mark.parametrize("k", [1, 2, 5, 9, 10])
+def test_torch_stable_topk_with_heavy_ties_matches_reference(k):
+    """Scores from {0, 1, 2} (ties at and across the k-th place in most rows, all-zero rows)."""
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 3, (200, 11), generator=gen).float()
+    scores[:5] = 0.0
+    vals, idx = torch_backend._stable_topk(scores, k)
+    ref_vals, ref_idx = R.stable_topk(scores, k)
+    assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
+
+
 # ----------------------------------------------------------------------------- BatchTopK
 
 
