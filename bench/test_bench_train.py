@@ -105,44 +105,41 @@ def saelens_tokens_per_s(batch):
             for aux in (False, True)}
 
 
+def _run_step(benchmark, step) -> float:
+    """Time one library's step; record its tokens/s and peak memory."""
+    benchmark.group = GROUP
+    step = synchronized(step)
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["peak_bytes"] = peak_memory(step)
+    tokens_per_s = SHAPE["N"] / benchmark.stats.stats.mean
+    benchmark.extra_info["tokens_per_s"] = tokens_per_s
+    return tokens_per_s
+
+
+def _record_ratio(benchmark, tokens_per_s, library: str, baseline_tokens_per_s: float) -> None:
+    ratio = tokens_per_s / baseline_tokens_per_s
+    benchmark.extra_info[f"{library}_tokens_per_s"] = baseline_tokens_per_s
+    benchmark.extra_info[f"speedup_vs_{library}"] = ratio
+    print(f"\nfastsae {tokens_per_s:,.0f} tokens/s, {library} {baseline_tokens_per_s:,.0f} tokens/s, ratio {ratio:.2f}")
+
+
 @needs_sparsify
 @pytest.mark.parametrize("optimizer", ["adam", "signum"])
 @pytest.mark.parametrize("aux", [False, True], ids=["no-dead", "auxk-on"])
 def test_train_step_sparsify(benchmark, batch, optimizer, aux):
-    benchmark.group = GROUP
-    step = synchronized(sparsify_step_fn(batch, SHAPE["m"], SHAPE["k"], optimizer, aux))
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["peak_bytes"] = peak_memory(step)
-    benchmark.extra_info["tokens_per_s"] = SHAPE["N"] / benchmark.stats.stats.mean
+    _run_step(benchmark, sparsify_step_fn(batch, SHAPE["m"], SHAPE["k"], optimizer, aux))
 
 
 @needs_saelens
 @pytest.mark.parametrize("aux", [False, True], ids=["no-dead", "auxk-on"])
 def test_train_step_saelens(benchmark, batch, aux):
-    benchmark.group = GROUP
-    step = synchronized(saelens_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["peak_bytes"] = peak_memory(step)
-    benchmark.extra_info["tokens_per_s"] = SHAPE["N"] / benchmark.stats.stats.mean
+    _run_step(benchmark, saelens_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
 
 
 @pytest.mark.parametrize("aux", [False, True], ids=["no-dead", "auxk-on"])
 def test_train_step_fastsae(benchmark, batch, sparsify_tokens_per_s, saelens_tokens_per_s, aux):
-    benchmark.group = GROUP
-    step = synchronized(fastsae_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
-    benchmark.extra_info["peak_bytes"] = peak_memory(step)
-    tokens_per_s = SHAPE["N"] / benchmark.stats.stats.mean
-    benchmark.extra_info["tokens_per_s"] = tokens_per_s
+    tokens_per_s = _run_step(benchmark, fastsae_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
     if sparsify_tokens_per_s is not None:
-        ratio = tokens_per_s / sparsify_tokens_per_s[aux]
-        benchmark.extra_info["sparsify_adam_tokens_per_s"] = sparsify_tokens_per_s[aux]
-        benchmark.extra_info["speedup_vs_sparsify_adam"] = ratio
-        print(f"\nfastsae (aux={aux}) {tokens_per_s:,.0f} tokens/s, sparsify (Adam) "
-              f"{sparsify_tokens_per_s[aux]:,.0f} tokens/s, ratio {ratio:.2f}")
+        _record_ratio(benchmark, tokens_per_s, "sparsify_adam", sparsify_tokens_per_s[aux])
     if saelens_tokens_per_s is not None:
-        ratio = tokens_per_s / saelens_tokens_per_s[aux]
-        benchmark.extra_info["saelens_tokens_per_s"] = saelens_tokens_per_s[aux]
-        benchmark.extra_info["speedup_vs_saelens"] = ratio
-        print(f"\nfastsae (aux={aux}) {tokens_per_s:,.0f} tokens/s, SAELens "
-              f"{saelens_tokens_per_s[aux]:,.0f} tokens/s, ratio {ratio:.2f}")
+        _record_ratio(benchmark, tokens_per_s, "saelens", saelens_tokens_per_s[aux])
