@@ -3,7 +3,7 @@
 The benchmark times fastsae's whole training run and fails when fastsae ends with a higher
 validation FVU than sparsify, or with more than 1% dead latents (never firing on the held-out
 rows). Both train on MiniLM block 3 activations of the default corpus, k 32, d_sae 3072,
-batch 1024, 3 epochs, the same rows in the same order (bench/quality_vs_sparsify.py, which
+batch 1024, 3 epochs, the same rows in the same order (bench/quality_compare.py, which
 prints the same comparison at any budget); sparsify with its defaults, fastsae with its
 defaults except lr 3e-3. "ci": 120k tokens (about a minute on 2 CPU cores); "full": 1M.
 
@@ -15,7 +15,7 @@ import importlib.util
 import pytest
 
 from bench.common import DEVICE, shapes
-from bench.quality_vs_sparsify import minilm_activations, train_fastsae, train_sparsify
+from bench.quality_compare import minilm_activations, train_fastsae, train_sparsify
 from bench.sparsify_recipe import have_sparsify
 from fastsae import SAEConfig
 from fastsae.trainer import split_activations

@@ -1,10 +1,10 @@
 """Train fastsae's TopK trainer, EleutherAI's sparsify and SAELens on the same activations; print
 validation FVU and the fraction of dead latents (never firing on the validation set) of each.
 
-    python -m bench.quality_vs_sparsify                     # MiniLM layer 3, Python docs corpus
-    python -m bench.quality_vs_sparsify --tokens 200000 --epochs 4 --device cuda
-    python -m bench.quality_vs_sparsify --synthetic         # a known sparse dictionary, no model
-    python -m bench.quality_vs_sparsify --libraries saelens # any of fastsae sparsify saelens
+    python -m bench.quality_compare                     # MiniLM layer 3, Python docs corpus
+    python -m bench.quality_compare --tokens 200000 --epochs 4 --device cuda
+    python -m bench.quality_compare --synthetic         # a known sparse dictionary, no model
+    python -m bench.quality_compare --libraries saelens # any of fastsae sparsify saelens
 
 sparsify trains its own ``SparseCoder`` with the recipe of its ``Trainer`` (see
 bench/sparsify_recipe.py) on the same rows in the same order as fastsae, with its default
