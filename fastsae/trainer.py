@@ -581,7 +581,10 @@ class SAETrainer:
         self.optimizer.load_state_dict(_unflatten_optimizer(path / "optimizer.safetensors"))
         self.step, self.total_steps = int(state["step"]), int(state["total_steps"])
         self.scale = state["normalization_scale"]
-        self._num_dead = int(state.get("num_dead", 0))
+        if "num_dead" in state:
+            self._num_dead = int(state["num_dead"])
+        else:  # a checkpoint from before the count was kept: it recorded only whether AuxK was on
+            self._num_dead = int(self.dead_mask().sum()) if state.get("aux_on") else 0
         self.best_val_fvu = math.inf if state["best_val_fvu"] is None else float(state["best_val_fvu"])
         self._resample_gen.set_state(torch.tensor(state["rng"]["resample"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))

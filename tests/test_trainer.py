@@ -366,3 +366,25 @@ def test_float16_training_is_refused_with_the_reason():
     config = small_config(dtype="float16")
     with pytest.raises(ValueError, match=r"config.dtype='float16' cannot train: float16 needs loss scaling"):
         SAETrainer(create_sae(config), config, torch.randn(64, config.d_in), device="cpu")
+
+
+def test_checkpoint_without_a_dead_count_resumes_with_auxk_sized_by_the_dead_latents(tmp_path):
+    """Checkpoints that recorded only "aux_on" still resume with AuxK on, sized by the count."""
+    cfg = small_config()
+    x = torch.randn(1024, cfg.d_in, generator=torch.Generator().manual_seed(0))
+    trainer = make_trainer(x, cfg, save_dir=tmp_path)
+    trainer.train(verbose=False, max_steps=2)
+    trainer.tokens_since_fired[:7] = 10**12  # at least seven dead latents
+    trainer._save_checkpoint()
+    state_path = trainer.last_checkpoint / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["num_dead"]
+    state["aux_on"] = True
+    state_path.write_text(json.dumps(state))
+    resumed = make_trainer(x, cfg, save_dir=tmp_path)
+    resumed.load_checkpoint(trainer.last_checkpoint)
+    assert resumed._num_dead == int(resumed.dead_mask().sum()) >= 7
+    state["aux_on"] = False
+    state_path.write_text(json.dumps(state))
+    resumed.load_checkpoint(trainer.last_checkpoint)
+    assert resumed._num_dead == 0
