@@ -192,25 +192,32 @@ def _latent_sums(p, values, indices, row_offsets, num_rows):
     return p.csr_scatter_add(values, indices, row_offsets, ones, num_rows)[:, 0]
 
 
-def _encoder_backward(ctx, p, g_pre, indices, row_offsets, x, W, b_dec):
-    """Gradients of a sparse encoder given dL/dpre at its stored entries."""
-    xc = x if b_dec is None else x - b_dec
+def _encoder_backward(ctx, p, codes, row_offsets, x, W, b_dec):
+    """Gradients of a sparse encoder given dL/dpre at its stored entries: ``codes`` is a list
+    of (g_pre, indices) sharing ``row_offsets`` (None: fixed-k), whose gradients add up."""
     m = W.shape[0]
     need_x, need_W, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_bdec = b_dec is not None and ctx.needs_input_grad[3]
+    xc = (x if b_dec is None else x - b_dec) if need_W else None
     dx = dW = db = db_dec = None
-    if need_x:
-        dx = p.gather(g_pre, indices, W) if row_offsets is None else p.csr_gather(g_pre, indices, row_offsets, W)
-    if need_W:
-        dW = (p.scatter_add(g_pre, indices, xc, m) if row_offsets is None
-              else p.csr_scatter_add(g_pre, indices, row_offsets, xc, m))
-    if need_b or need_bdec:
-        db = _latent_sums(p, g_pre, indices, row_offsets, m)
+    for g_pre, indices in codes:
+        if need_x:
+            dx = _add(dx, p.gather(g_pre, indices, W) if row_offsets is None
+                      else p.csr_gather(g_pre, indices, row_offsets, W))
+        if need_W:
+            dW = _add(dW, p.scatter_add(g_pre, indices, xc, m) if row_offsets is None
+                      else p.csr_scatter_add(g_pre, indices, row_offsets, xc, m))
+        if need_b or need_bdec:
+            db = _add(db, _latent_sums(p, g_pre, indices, row_offsets, m))
     if need_bdec:
         # -sum_n dx[n] = -sum_m db[m] W[m]: one vector-matrix product instead of a gather per row.
         acc = torch.promote_types(W.dtype, torch.float32)
         db_dec = -(db.to(acc) @ W.to(acc)).to(b_dec.dtype)
     return dx, dW, (db if need_b else None), db_dec
+
+
+def _add(total, part):
+    return part if total is None else total + part
 
 
 # ----------------------------------------------------------------------------- TopK encode
@@ -228,14 +235,13 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, g_values, _g_indices, g_aux, _g_aux_indices):
         x, W, b_dec, values, indices, aux_values, aux_indices = ctx.saved_tensors
         # ReLU: a selected value of 0 came from a non-positive pre-activation (no gradient).
-        codes = [(torch.where(values > 0, g_values, 0).to(values.dtype), indices)]
+        codes = [(torch.where(values > 0, g_values, 0).to(values.dtype).contiguous(), indices.contiguous())]
         if aux_indices.shape[1] and g_aux is not None:
             # AuxK's entries lie on the dead latents only: kept apart from the main code so a
             # backend can treat that narrow code on its own (the torch one as a small GEMM).
-            codes.append((torch.where(aux_values > 0, g_aux, 0).to(values.dtype), aux_indices))
-        grads = [_encoder_backward(ctx, ctx.p, g_pre.contiguous(), idx.contiguous(), None, x, W, b_dec)
-                 for g_pre, idx in codes]
-        dx, dW, db, db_dec = (None if parts[0] is None else sum(parts) for parts in zip(*grads))
+            codes.append((torch.where(aux_values > 0, g_aux, 0).to(values.dtype).contiguous(),
+                          aux_indices.contiguous()))
+        dx, dW, db, db_dec = _encoder_backward(ctx, ctx.p, codes, None, x, W, b_dec)
         return dx, dW, db, db_dec, None, None, None, None
 
 
@@ -346,7 +352,7 @@ class _ThresholdEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_pre, _gi, _go):
         x, W, b_dec, indices, row_offsets = ctx.saved_tensors
-        dx, dW, db, db_dec = _encoder_backward(ctx, ctx.p, g_pre.contiguous(), indices, row_offsets, x, W, b_dec)
+        dx, dW, db, db_dec = _encoder_backward(ctx, ctx.p, [(g_pre.contiguous(), indices)], row_offsets, x, W, b_dec)
         return dx, dW, db, db_dec, None, None
 
 
@@ -439,7 +445,7 @@ class _GatedEncode(torch.autograd.Function):
         g_pre = g_lin * scale
         if g_pi is not None:
             g_pre = g_pre + g_pi  # relu(pi) passes its gradient on the open pattern (pi > 0)
-        dx, dW, db, db_dec = _encoder_backward(ctx, p, g_pre.contiguous(), indices, row_offsets, x, W, b_dec)
+        dx, dW, db, db_dec = _encoder_backward(ctx, p, [(g_pre.contiguous(), indices)], row_offsets, x, W, b_dec)
         d_r_mag = _latent_sums(p, (g_lin * pi * scale).contiguous(), indices, row_offsets, m)
         d_b_mag = _latent_sums(p, g_lin.contiguous(), indices, row_offsets, m)
         return dx, dW, db, db_dec, d_r_mag, d_b_mag, None
