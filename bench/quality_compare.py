@@ -33,12 +33,15 @@ its defaults differ from the others' in ways that matter for quality:
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from bench import saelens_recipe
 from bench.sparsify_recipe import INSTALL_HINT, SparsifyRun, import_sparsify
 from fastsae import SAEConfig, create_sae
+from fastsae.files import atomic_save_tensors
 from fastsae.trainer import RUN_FRACTION_CAP, SAETrainer, split_activations
 
 LIBRARIES = ("fastsae", "sparsify", "saelens")
@@ -83,9 +86,18 @@ def batch_order(num_rows: int, batch_size: int, epochs: int, seed: int):
             yield perm[step * batch_size:(step + 1) * batch_size]
 
 
+def fit_and_evaluate(run, train, val, cfg, device):
+    """Step another library's run (SparsifyRun, SAELensRun) over fastsae's batch order, end its
+    training as that library does, and return its (validation FVU, dead fraction)."""
+    for rows in batch_order(len(train), cfg.batch_size, cfg.num_epochs, cfg.seed):
+        run.step(train[rows].to(device))
+    run.finish()
+    return fvu_and_dead(run.encode_decode, val, cfg.d_sae)
+
+
 def train_sparsify(train, val, cfg, device, optimizer="signum", auxk=False):
     try:
-        import_sparsify(device)
+        import_sparsify()
     except ImportError as err:
         raise SystemExit(INSTALL_HINT) from err
     steps = (len(train) // cfg.batch_size) * cfg.num_epochs
@@ -94,10 +106,7 @@ def train_sparsify(train, val, cfg, device, optimizer="signum", auxk=False):
                       auxk_alpha=cfg.aux_k_coefficient if auxk else 0.0,
                       dead_after_tokens=min(cfg.dead_tokens_threshold, int(RUN_FRACTION_CAP * steps * cfg.batch_size)),
                       seed=cfg.seed)
-    for rows in batch_order(len(train), cfg.batch_size, cfg.num_epochs, cfg.seed):
-        run.step(train[rows].to(device))
-    run.finish()
-    return fvu_and_dead(run.encode_decode, val, cfg.d_sae), steps
+    return fit_and_evaluate(run, train, val, cfg, device), steps
 
 
 def train_saelens(train, val, cfg, device, lr=None):
@@ -106,10 +115,7 @@ def train_saelens(train, val, cfg, device, lr=None):
     steps = (len(train) // cfg.batch_size) * cfg.num_epochs
     run = saelens_recipe.SAELensRun(cfg.d_in, cfg.d_sae, cfg.k, device, cfg.batch_size, total_steps=steps,
                                     seed=cfg.seed, lr=lr)
-    for rows in batch_order(len(train), cfg.batch_size, cfg.num_epochs, cfg.seed):
-        run.step(train[rows].to(device))
-    run.finish()
-    return fvu_and_dead(run.encode_decode, val, cfg.d_sae), steps, run.lr
+    return fit_and_evaluate(run, train, val, cfg, device), steps, run.lr
 
 
 def train_fastsae(train, val, cfg, device):
@@ -127,15 +133,13 @@ def train_fastsae(train, val, cfg, device):
 
 
 def load_activations(args) -> torch.Tensor:
+    """The activations to compare on; with --activations, cached there (and read back if present)."""
+    if args.activations and Path(args.activations).exists():
+        return load_file(args.activations)["activations"]
+    x = synthetic_activations(args.tokens) if args.synthetic else minilm_activations(args.tokens, args.layer)
     if args.activations:
-        from safetensors.torch import load_file, save_file
-        try:
-            return load_file(args.activations)["activations"]
-        except FileNotFoundError:
-            x = synthetic_activations(args.tokens) if args.synthetic else minilm_activations(args.tokens, args.layer)
-            save_file({"activations": x.contiguous()}, args.activations)
-            return x
-    return synthetic_activations(args.tokens) if args.synthetic else minilm_activations(args.tokens, args.layer)
+        atomic_save_tensors(args.activations, {"activations": x.contiguous()})
+    return x
 
 
 def main(argv=None):
