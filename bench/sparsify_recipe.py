@@ -21,18 +21,19 @@ INSTALL_HINT = "sparsify is not installed: pip install eai-sparsify (a bench-onl
 
 def have_sparsify() -> bool:
     try:
-        import_sparsify("cpu")
+        import_sparsify()
     except ImportError:
         return False
     return True
 
 
-def import_sparsify(device):
-    """The sparsify package (SparseCoder, SparseCoderConfig). Off a GPU its Triton decode
-    (which needs one) is switched off first. Where its trainer's dependencies (datasets,
-    transformers) are missing, as on a machine without a package registry, the package is
-    loaded without its ``__init__``: the coder needs only its own modules."""
-    if torch.device(device).type != "cuda":
+def import_sparsify():
+    """The sparsify package (SparseCoder, SparseCoderConfig). sparsify picks its decoder once,
+    at import: its Triton decode needs a GPU, so without one it is switched off first. Where
+    its trainer's dependencies (datasets, transformers) are missing, as on a machine without a
+    package registry, the package is loaded without its ``__init__``: the coder needs only its
+    own modules."""
+    if not torch.cuda.is_available():
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     try:
         import sparsify
@@ -69,7 +70,7 @@ class SparsifyRun:
 
     def __init__(self, d_in, d_sae, k, device, total_steps, optimizer="signum", warmup_steps=1000,
                  auxk_alpha=0.0, dead_after_tokens=10_000_000, seed=0):
-        sparsify = import_sparsify(device)
+        sparsify = import_sparsify()
         torch.manual_seed(seed)
         self.coder = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(num_latents=d_sae, k=k), device=device)
         self.optimizer, self.schedule = self._optimizer(optimizer, total_steps, warmup_steps)

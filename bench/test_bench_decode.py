@@ -83,7 +83,7 @@ class SparsifyDecode:
     the backward pair comes from autograd through it, as in sparsify's training."""
 
     def __init__(self):
-        import_sparsify(DEVICE)
+        import_sparsify()
         from sparsify.utils import decoder_impl
 
         self.decode = decoder_impl
