@@ -27,8 +27,7 @@ def info_lines(device=None) -> list[str]:
     if chosen == "torch" and device.type == "cpu":
         from fastsae import torch_backend
 
-        gemm = "oneDNN fused linear + ReLU" if torch_backend._ONEDNN_LINEAR is not None else "BLAS addmm"
-        lines.append(f"encoder  {gemm} (float32)")
+        lines.append(f"encoder  {torch_backend.cpu_encoder_gemm()} (float32)")
     for op in ("topk_encode", "batch_topk_encode", "sparse_decode", "csr_decode", "relu_encode",
                "jumprelu_encode", "gated_encode"):
         lines.append(f"backend  {op:<18} {chosen}")

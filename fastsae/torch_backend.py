@@ -169,6 +169,11 @@ def _onednn_linear_op():
 _ONEDNN_LINEAR = _onednn_linear_op()
 
 
+def cpu_encoder_gemm() -> str:
+    """What computes the encoder's pre-activations on CPU in float32 (for ``fastsae info``)."""
+    return "oneDNN fused linear + ReLU" if _ONEDNN_LINEAR is not None else "BLAS addmm"
+
+
 def encoder_preactivations(x, W, b, b_dec, relu: bool):
     """The encoder's dense pre-activations in accumulation precision, ReLU applied if asked.
 
