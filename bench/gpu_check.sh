@@ -22,7 +22,7 @@ if [ -d bench/wheelhouse ]; then
     python3 -m pip install --no-index --find-links bench/wheelhouse transformers schedulefree simple-parsing \
       natsort einops >>"$LOG" 2>&1 && status sparsify-install ok || status sparsify-install FAILED
 fi
-if ! python3 -c "import fastsae, fastsae.ops, fastsae.kernels.topk_encode, fastsae.kernels.sparse_matmul, fastsae.kernels.gated" >>"$LOG" 2>&1; then
+if ! python3 -c "import fastsae, fastsae.ops, fastsae.kernels.encode, fastsae.kernels.sparse_matmul" >>"$LOG" 2>&1; then
   status import FAILED; cat "$LOG"; exit 1
 fi
 status import ok

@@ -1,6 +1,6 @@
 """Variable-L0 encode (Gated, JumpReLU/ReLU): the one-GEMM CSR kernels vs dense torch.
 
-* ``gated``: ``fastsae.kernels.gated.gated_encode`` (magnitudes, gate values, CSR pattern and
+* ``gated``: ``fastsae.kernels.encode.gated_encode`` (magnitudes, gate values, CSR pattern and
   the per-row L1 of the gate) vs a dense formula: the gate GEMM into an [N, d_sae] tensor,
   the open-gate mask, ``nonzero`` to CSR, magnitudes and L1 from the dense gate.
 * ``threshold``: ``threshold_encode`` (JumpReLU cutoffs) for the kernel and for
@@ -20,7 +20,7 @@ import torch
 from bench.common import DEVICE, ON_GPU, SIZE, peak_memory, shapes, synchronized, triton_kernels
 from fastsae import torch_backend
 
-triton_gated = triton_kernels("gated")
+triton_gated = triton_kernels("encode")
 
 MAIN = shapes(
     ci={"N": 2048, "d": 384, "m": 6144, "l0": 64, "dtype": torch.float32},

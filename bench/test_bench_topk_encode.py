@@ -1,9 +1,13 @@
-"""Fused TopK encode (``fastsae.kernels.topk_encode``) vs the torch path (addmm + relu + topk).
+"""TopK encode: the Triton selection by cutoff (``fastsae.kernels.encode.topk_encode``) and the
+torch backend, whose CPU GEMM runs in fp32 or in bf16 (then selection by cutoff, survivors
+rescored in fp32; ``torch-bf16`` and ``torch-fp32`` side by side in one run).
 
-Both compute ``top-k(relu((x - b_dec) W_enc^T + b_enc))`` per row. The torch path writes the
+All compute ``top-k(relu((x - b_dec) W_enc^T + b_enc))`` per row. The dense torch path writes the
 N x d_sae pre-activation (4.3 GB bf16 at the "full" shape) and reads it back for the top-k; the
-fused kernel keeps it in registers. Time comes from pytest-benchmark (synchronized on a GPU);
-peak memory allocated during one call goes to ``benchmark.extra_info["peak_bytes"]``.
+cutoff paths keep only the survivors. Time comes from pytest-benchmark (synchronized on a GPU);
+peak memory allocated during one call goes to ``benchmark.extra_info["peak_bytes"]``, survivors
+per row to ``candidates_per_row``; ``test_cpu_bf16_time_split`` splits the bf16 encode into
+GEMM, selection and rescoring.
 
 * "full": d_in 4096, d_sae 131072, k 64, N 16384, bf16 (GPU).
 * "ci": the torch path at N 2048, d_in 384, d_sae 6144, k 32 (fp32, CPU); the Triton kernel,
@@ -11,17 +15,19 @@ peak memory allocated during one call goes to ``benchmark.extra_info["peak_bytes
 
 Run: ``python -m pytest bench/test_bench_topk_encode.py -q`` (FASTSAE_BENCH_SIZE=full on a GPU).
 """
+import time
+
 import pytest
 import torch
 
 from bench.common import DEVICE, MAIN_SHAPE, ON_GPU, SIZE, peak_memory, synchronized, triton_kernels
 from fastsae import torch_backend
 
-triton_backend = triton_kernels("topk_encode")
+triton_backend = triton_kernels("encode")
 
 MAIN = MAIN_SHAPE
 # The interpreter runs well under 100 MFLOP/s: this shape keeps one call around a second.
-TINY = {"N": 32, "d": 32, "m": 256, "k": 8, "dtype": torch.float32}
+TINY = {"N": 32, "d": 32, "m": 512, "k": 8, "dtype": torch.float32}
 
 CASES = [("main", MAIN)] + ([] if ON_GPU or SIZE == "full" else [("tiny", TINY)])
 # AuxK alongside (k_aux = 2k over a dead half of the latents), as a training step calls it.
@@ -44,7 +50,7 @@ def _problem(s, aux):
 
 
 def _backends(case):
-    names = ["torch"]
+    names = ["torch"] if ON_GPU else ["torch-fp32", "torch-bf16"]
     if triton_backend is not None and (ON_GPU or case == "tiny"):
         names.append("triton")
     return names
@@ -55,9 +61,12 @@ PARAMS = [(case, s, backend, aux) for case, s in CASES for backend in _backends(
 
 @pytest.mark.parametrize("case,s,backend,aux", PARAMS,
                          ids=[f"{c}-{b}-{'auxk' if a else 'plain'}" for c, _, b, a in PARAMS])
-def test_topk_encode(benchmark, case, s, backend, aux):
+def test_topk_encode(benchmark, monkeypatch, case, s, backend, aux):
     args = _problem(s, aux)
     fn = (triton_backend if backend == "triton" else torch_backend).topk_encode
+    if backend.startswith("torch-"):
+        monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", backend.removeprefix("torch-"))
+    torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
     if backend == "triton" and not ON_GPU:
         # One interpreted call is slow; a handful of rounds is plenty for a harness check.
         benchmark.extra_info["interpreted"] = True
@@ -72,8 +81,47 @@ def test_topk_encode(benchmark, case, s, backend, aux):
         rounds = dict(rounds=3, iterations=1)
     result = benchmark.pedantic(synchronized(fn), args=args, **rounds)
     assert result[0].shape == out[0].shape == (s["N"], s["k"])
+    stats = torch_backend.SURVIVORS
+    if stats["rows"]:
+        benchmark.extra_info["candidates_per_row"] = round(stats["survivors"] / stats["rows"], 1)
+        benchmark.extra_info["undecided_row_fraction"] = stats["hard_rows"] / (stats["rows"] + stats["hard_rows"])
     if backend == "triton" and ON_GPU and SIZE == "full":
         # Same winners as torch, up to near-ties reordered by accumulation order.
         ref = torch_backend.topk_encode(*args)
         agree = (torch.sort(result[1], 1).values == torch.sort(ref[1], 1).values).float().mean().item()
         benchmark.extra_info["index_agreement_vs_torch"] = agree
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU bf16 path")
+def test_cpu_bf16_time_split(benchmark):
+    """The bf16 encode of the main shape, split into its GEMM (in the row blocks it runs in),
+    the selection (cut, survivors, top-k among them) and the fp32 rescoring."""
+    x, W, b, b_dec, k, _, _ = _problem(MAIN, aux=False)
+    lp = torch_backend.LowPrecisionWeights(W, b)
+    blocks = torch_backend._row_blocks(x, W.shape[0])
+    xc = (x - b_dec).contiguous()
+    xc16 = xc.to(torch.bfloat16)
+    rows, cols = torch_backend._topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks)[:2]
+
+    def gemm():
+        for r in blocks:
+            torch_backend._ONEDNN_LINEAR(xc16[r], lp.W, lp.b, "relu", [], "")
+
+    def rescore():
+        torch_backend._rescore(xc, W, b, rows, cols)
+
+    def whole():
+        torch_backend.topk_encode(x, W, b, b_dec, k, low_precision=lp)
+
+    times = {}
+    for name, fn in (("gemm", gemm), ("rescoring", rescore), ("whole", whole)):
+        fn()
+        start = time.perf_counter()
+        for _ in range(3):
+            fn()
+        times[name] = (time.perf_counter() - start) / 3 * 1e3
+    times["selection"] = times["whole"] - times["gemm"] - times["rescoring"]
+    benchmark.extra_info.update({f"{name}_ms": round(t, 2) for name, t in times.items()},
+                                candidates_per_row=round(rows.numel() / x.shape[0], 1), shape=_label(MAIN))
+    benchmark.group = f"topk_encode-split-{_label(MAIN)}"
+    benchmark.pedantic(whole, rounds=3, iterations=1)

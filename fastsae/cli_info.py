@@ -27,7 +27,8 @@ def info_lines(device=None) -> list[str]:
     if chosen == "torch" and device.type == "cpu":
         from fastsae import torch_backend
 
-        lines.append(f"encoder  {torch_backend.cpu_encoder_gemm()} (float32)")
+        for kinds, gemm in torch_backend.cpu_encoder_gemms().items():
+            lines.append(f"encoder  {kinds:<22} {gemm}")
     for op in ("topk_encode", "batch_topk_encode", "sparse_decode", "csr_decode", "relu_encode",
                "jumprelu_encode", "gated_encode"):
         lines.append(f"backend  {op:<18} {chosen}")

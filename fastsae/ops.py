@@ -87,7 +87,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 _TRITON_MODULES = {
     "gather": "sparse_matmul", "gather_dot": "sparse_matmul", "scatter_add": "sparse_matmul",
     "csr_gather": "sparse_matmul", "csr_gather_dot": "sparse_matmul", "csr_scatter_add": "sparse_matmul",
-    "topk_encode": "topk_encode", "threshold_encode": "gated", "gated_encode": "gated",
+    "topk_encode": "encode", "threshold_encode": "encode", "gated_encode": "encode",
 }
 
 

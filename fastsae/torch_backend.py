@@ -28,8 +28,12 @@ Primitives:
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+from fastsae import selection
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -169,11 +173,6 @@ def _onednn_linear_op():
 _ONEDNN_LINEAR = _onednn_linear_op()
 
 
-def cpu_encoder_gemm() -> str:
-    """What computes the encoder's pre-activations on CPU in float32 (for ``fastsae info``)."""
-    return "oneDNN fused linear + ReLU" if _ONEDNN_LINEAR is not None else "BLAS addmm"
-
-
 def encoder_preactivations(x, W, b, b_dec, relu: bool):
     """The encoder's dense pre-activations in accumulation precision, ReLU applied if asked.
 
@@ -194,7 +193,7 @@ def encoder_preactivations(x, W, b, b_dec, relu: bool):
     return torch.relu_(pre).add_(0.0) if relu else pre  # +0.0 turns -0.0 into 0.0 so ties compare equal
 
 
-def _stable_topk(scores, k):
+def stable_topk(scores, k):
     """Top-k along the last dim of a 2-D tensor, ties broken by ascending index.
 
     torch.topk is fast but its tie order is unspecified. Asking it for k + 1 values shows
@@ -238,18 +237,21 @@ def _refill_straddling_tie(scores, vals, idx, k):
     return idx
 
 
-def _dead_topk(pre, dead_mask, k_aux):
-    """Top-k_aux of the dead latents' columns, with the reference's padding: when fewer than
-    k_aux latents are dead, the remaining slots take value 0 and the lowest live indices."""
-    dead = dead_mask.nonzero().squeeze(1)  # ascending, so ties keep ascending-index order
-    n = pre.shape[0]
-    values, picked = _stable_topk(pre[:, dead], min(k_aux, dead.numel())) if dead.numel() else (
-        pre.new_zeros(n, 0), torch.zeros(n, 0, dtype=torch.long, device=pre.device))
-    indices = dead[picked]
+def _dead_topk(x, W_dead, b_dead, b_dec, dead, dead_mask, k_aux):
+    """Top-k_aux among the dead latents from a GEMM on their encoder rows alone (its cost
+    follows the dead count, not d_sae), with the reference's padding: when fewer than k_aux
+    latents are dead, the remaining slots take value 0 and the lowest live indices."""
+    n = x.shape[0]
+    if dead.numel():
+        pre = encoder_preactivations(x, W_dead, b_dead, b_dec, relu=True)
+        values, picked = stable_topk(pre, min(k_aux, dead.numel()))  # dead ascending: ties stay index-ordered
+        indices = dead[picked]
+    else:
+        values, indices = x.new_zeros(n, 0, dtype=torch.float32), torch.zeros(n, 0, dtype=torch.long, device=x.device)
     missing = k_aux - indices.shape[1]
     if missing > 0:
         live = (~dead_mask).nonzero().squeeze(1)[:missing]
-        values = torch.cat([values, pre.new_zeros(n, missing)], 1)
+        values = torch.cat([values, values.new_zeros(n, missing)], 1)
         indices = torch.cat([indices, live.expand(n, missing)], 1)
     return values.clamp_min(0.0), indices
 
@@ -270,22 +272,161 @@ def _row_blocks(x, d_sae):
     return [slice(start, min(start + rows, n)) for start in range(0, n, rows)] or [slice(0, 0)]
 
 
-def _topk_block(x, W, b, b_dec, k, dead_mask, k_aux):
-    pre = encoder_preactivations(x, W, b, b_dec, relu=True)
-    values, indices = _stable_topk(pre, k)
-    if dead_mask is not None and k_aux > 0:
-        aux_values, aux_indices = _dead_topk(pre, dead_mask, k_aux)
+# ----------------------------------------------------------------------------- bf16 encoder GEMM
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cpu_bf16_unit() -> str | None:
+    """The CPU's bfloat16 matrix unit, or None where bf16 GEMMs would be emulated (slower
+    than fp32)."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+_BF16_UNIT = _cpu_bf16_unit()
+ENCODE_GEMM_CHOICES = ("auto", "bf16", "fp32")
+
+
+def encode_gemm_mode() -> str:
+    """FASTSAE_CPU_ENCODE_GEMM: "auto" (bf16 where the CPU has a bf16 unit), "bf16" or "fp32"."""
+    mode = os.environ.get("FASTSAE_CPU_ENCODE_GEMM", "auto")
+    if mode not in ENCODE_GEMM_CHOICES:
+        raise ValueError(f"FASTSAE_CPU_ENCODE_GEMM must be one of {ENCODE_GEMM_CHOICES}, got {mode!r}")
+    return mode
+
+
+def uses_bf16_gemm(x, W) -> bool:
+    """Whether the TopK encode of fp32 CPU tensors runs its GEMM in bfloat16 (then selects by
+    cutoff and rescores in fp32, so results equal the fp32 path)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or _ONEDNN_LINEAR is None:
+        return False
+    mode = encode_gemm_mode()
+    return mode == "bf16" or (mode == "auto" and _BF16_UNIT is not None)
+
+
+def cpu_encoder_gemms() -> dict[str, str]:
+    """Which GEMM, in which precision, each encoder uses on this CPU, and the fallback (for
+    ``fastsae info``)."""
+    fp32 = "oneDNN fused linear + ReLU, float32" if _ONEDNN_LINEAR is not None else "BLAS addmm, float32"
+    mode = encode_gemm_mode()
+    if _ONEDNN_LINEAR is None or mode == "fp32" or (mode == "auto" and _BF16_UNIT is None):
+        why = ("no oneDNN in this torch build" if _ONEDNN_LINEAR is None else
+               "forced by FASTSAE_CPU_ENCODE_GEMM" if mode == "fp32" else "no bf16 unit on this CPU")
+        topk = f"{fp32} ({why})"
     else:
-        aux_values, aux_indices = pre.new_zeros(x.shape[0], k_aux), indices.new_zeros(x.shape[0], k_aux)
-    return values.to(x.dtype), indices, aux_values.to(x.dtype), aux_indices
+        unit = _BF16_UNIT or "emulated: forced by FASTSAE_CPU_ENCODE_GEMM"
+        topk = (f"oneDNN linear + ReLU in bfloat16 ({unit}), selection by cutoff, survivors rescored in "
+                f"float32: equal to the float32 path; fallback {fp32} (rows the cut cannot decide, "
+                "fewer than 2k groups of 64 latents)")
+    return {"topk, batchtopk": topk, "relu, jumprelu, gated": fp32}
 
 
-def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
+class LowPrecisionWeights:
+    """The bf16 copies of an encoder a bf16 GEMM reads, with the rounding residuals its error
+    bound needs. Made once per call, or once per SAE by the runtime."""
+
+    def __init__(self, W, b):
+        W, b = W.detach(), b.detach()
+        self.W = W.to(torch.bfloat16).contiguous()
+        self.b = b.to(torch.bfloat16)
+        self.residuals = selection.RoundingResiduals(W, self.W, b, self.b)
+
+
+def _bf16_survivors(xc, lp, k, buffer):
+    """One row block of the bf16 GEMM: (rows, cols) of the entries that survive the cut, and
+    the rows the cut cannot decide (see fastsae.selection)."""
+    xc_bf16 = xc.to(torch.bfloat16)
+    # Into a reused fp32 buffer: a fresh 12 MB tensor per block pays its page faults each time.
+    pre_lp = buffer[:xc.shape[0]].copy_(_ONEDNN_LINEAR(xc_bf16, lp.W, lp.b, "relu", [], ""))
+    cut, gmax = selection.cutoffs(pre_lp, k, selection.input_error(xc, xc_bf16, lp.residuals))
+    # Undecidable: ReLU zeros in the top-k (cut <= 0), or so many survivors that the exact
+    # fp32 GEMM is cheaper.
+    hard = (cut <= 0) | ((gmax >= cut[:, None]).sum(1) * 4 > gmax.shape[1] * 3)
+    rows, cols = selection.survivors(pre_lp, cut.masked_fill(hard, float("inf")), gmax)
+    return rows, cols, hard
+
+
+def _rescore(xc, W, b, rows, cols):
+    """Exact fp32 relu(xc[rows] . W[cols] + b[cols]). Taken in latent order, so each encoder
+    row is read once for the whole batch (x is the small, cache-resident operand): half the
+    time of row order at d_sae 24576."""
+    by_latent, order = torch.sort(cols, stable=True)
+    counts = torch.bincount(by_latent, minlength=W.shape[0])
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        W, xc, rows[order], torch.cumsum(counts, 0) - counts, by_latent, _SUM_MODE)
+    exact = torch.empty_like(dots)
+    exact[order] = dots
+    return exact.add_(b[cols]).clamp_min_(0.0)
+
+
+def _topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks):
+    """(rows, cols, undecided rows, xc) of the whole batch, block by block."""
+    xc = (x if b_dec is None else x - b_dec).contiguous()
+    buffer = torch.empty(blocks[0].stop - blocks[0].start, W.shape[0])
+    parts = [_bf16_survivors(xc[rows], lp, k, buffer) for rows in blocks]
+    rows = torch.cat([p[0] + blocks[i].start for i, p in enumerate(parts)])
+    cols = torch.cat([p[1] for p in parts])
+    hard_rows = torch.cat([p[2] for p in parts]).nonzero().squeeze(1)
+    return rows, cols, hard_rows, xc
+
+
+def _topk_bf16(x, W, b, b_dec, k, lp, blocks):
+    """Exact fp32 top-k of relu(pre) with the GEMM in bf16: survivors per row block, one
+    rescoring pass, the exact top-k among them; undecided rows get the fp32 GEMM."""
+    n = x.shape[0]
+    rows, cols, hard_rows, xc = _topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks)
+    values, indices = selection.topk_of_survivors(_rescore(xc, W, b, rows, cols), rows, cols, n, k)
+    if hard_rows.numel():
+        values[hard_rows], indices[hard_rows] = stable_topk(
+            encoder_preactivations(x[hard_rows], W, b, b_dec, relu=True), k)
+    SURVIVORS.update(rows=SURVIVORS["rows"] + n - hard_rows.numel(), survivors=SURVIVORS["survivors"] + rows.numel(),
+                     hard_rows=SURVIVORS["hard_rows"] + hard_rows.numel())
+    return values, indices
+
+
+# Running totals of the bf16 encodes (benchmarks report survivors per row and hard rows).
+SURVIVORS = {"rows": 0, "survivors": 0, "hard_rows": 0}
+
+
+def _topk_fp32(x, W, b, b_dec, k, blocks):
+    parts = [stable_topk(encoder_preactivations(x[rows], W, b, b_dec, relu=True), k) for rows in blocks]
+    return tuple(torch.cat(c) for c in zip(*parts)) if len(parts) > 1 else parts[0]
+
+
+def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0, low_precision=None):
+    """``low_precision``: a ``LowPrecisionWeights`` of (W, b) to reuse; made here when the bf16
+    GEMM is in use and none is given."""
     blocks = _row_blocks(x, W.shape[0])
-    if len(blocks) == 1:
-        return _topk_block(x, W, b, b_dec, k, dead_mask, k_aux)
-    parts = [_topk_block(x[rows], W, b, b_dec, k, dead_mask, k_aux) for rows in blocks]
-    return tuple(torch.cat(column) for column in zip(*parts))
+    values = None
+    if uses_bf16_gemm(x, W) and selection.usable(W.shape[0], k) and x.shape[0]:
+        try:
+            values, indices = _topk_bf16(x, W, b, b_dec, k, low_precision or LowPrecisionWeights(W, b), blocks)
+        except RuntimeError:  # a oneDNN build without bf16 kernels: the fp32 path
+            values = None
+    if values is None:
+        values, indices = _topk_fp32(x, W, b, b_dec, k, blocks)
+    n = x.shape[0]
+    if dead_mask is not None and k_aux > 0:
+        dead = dead_mask.nonzero().squeeze(1)
+        W_dead, b_dead = W[dead], b[dead]
+        aux = [_dead_topk(x[rows], W_dead, b_dead, b_dec, dead, dead_mask, k_aux) for rows in blocks]
+        aux_values, aux_indices = (torch.cat(c) for c in zip(*aux)) if len(aux) > 1 else aux[0]
+    else:
+        aux_values, aux_indices = values.new_zeros(n, k_aux), indices.new_zeros(n, k_aux)
+    return values.to(x.dtype), indices, aux_values.to(x.dtype), aux_indices
 
 
 def threshold_encode(x, W, b, b_dec, cutoff):

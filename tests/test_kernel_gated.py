@@ -1,4 +1,4 @@
-"""The variable-L0 encode kernels (fastsae.kernels.gated) against the torch backend and dense
+"""The variable-L0 encode kernels (fastsae.kernels.encode) against the torch backend and dense
 float64 formulas.
 
 Structure tests use dyadic data (small multiples of powers of two): every product and sum
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fastsae import torch_backend as tb
-from fastsae.kernels.gated import gated_encode, threshold_encode
+from fastsae.kernels.encode import gated_encode, threshold_encode
 
 SHAPES_N = (1, 6, 19)
 SHAPES_D = (3, 21, 40)

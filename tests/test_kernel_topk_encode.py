@@ -1,7 +1,9 @@
-"""The fused TopK encode kernel against the torch backend and a dense float64 formula.
+"""The Triton TopK encode (selection by cutoff on the one encode kernel) against the torch
+backend and a dense float64 formula.
 
 On CPU the kernel runs under Triton's interpreter (set up in conftest.py), which is slow and
-fp32-only, so shapes stay tiny; bf16/fp16 cases run only with a GPU.
+fp32-only, so shapes stay tiny; bf16/fp16 cases run only with a GPU. Shapes with d_sae >= 300
+take the cutoff path (a subset GEMM for the bound, then survivors); smaller ones the dense one.
 """
 import itertools
 
@@ -9,8 +11,8 @@ import pytest
 import torch
 
 from fastsae import torch_backend
-from fastsae.kernels import topk_encode as kmod
-from fastsae.kernels.topk_encode import topk_encode
+from fastsae.kernels import encode as kmod
+from fastsae.kernels.encode import topk_encode
 
 GPU = torch.cuda.is_available()
 
@@ -65,9 +67,8 @@ def random_dead(d_sae, device, seed, p=0.3):
     return (torch.rand(d_sae, generator=g) < p).to(device)
 
 
-def check(x, W, b, b_dec, k, dead_mask=None, k_aux=0, **launch):
-    got = kmod._launch(x, W, b, b_dec, k, dead_mask, k_aux, **launch) if launch else \
-        topk_encode(x, W, b, b_dec, k, dead_mask, k_aux)
+def check(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
+    got = topk_encode(x, W, b, b_dec, k, dead_mask, k_aux)
     assert_same(got, dense_reference(x, W, b, b_dec, k, dead_mask, k_aux), check_dtype=x.dtype)
     assert_same(got, torch_backend.topk_encode(x, W, b, b_dec, k, dead_mask, k_aux), check_dtype=x.dtype)
     return got
@@ -100,26 +101,54 @@ def test_k_256(device):
     check(x, W, b, bd, 256, random_dead(300, device, 7, p=0.9), k_aux=256)
 
 
-@pytest.mark.parametrize("launch", [{}, {"blocks": (16, 64)}, {"num_splits": 3, "blocks": (16, 64)},
-                                    {"num_splits": 2}])
-def test_ties_lower_index_wins(device, launch):
-    # d_in=3 with weights in {-2..2}: only a few distinct pre-activations across 130 latents.
-    x, W, b, bd = make(17, 3, 130, device, seed=11, integer=True)
-    got = check(x, W, b, bd, 40, random_dead(130, device, 11, p=0.5), k_aux=30, **launch)
+@pytest.fixture
+def cutoff_runs(monkeypatch):
+    """Counts the subset passes (one per cutoff-path call) and, per dictionary size, the rows
+    encoded densely (rows the cut left undecided; AuxK's dead-latent chunks)."""
+    seen = {"subset_passes": 0, "dense_rows": {}}
+    group_maxima, dense = kmod._group_maxima, kmod._dense_topk
+
+    def counting_group_maxima(*args):
+        seen["subset_passes"] += 1
+        return group_maxima(*args)
+
+    def counting_dense(x, W, *args):
+        seen["dense_rows"][W.shape[0]] = seen["dense_rows"].get(W.shape[0], 0) + x.shape[0]
+        return dense(x, W, *args)
+
+    monkeypatch.setattr(kmod, "_group_maxima", counting_group_maxima)
+    monkeypatch.setattr(kmod, "_dense_topk", counting_dense)
+    return seen
+
+
+def test_ties_lower_index_wins(device, cutoff_runs):
+    # d_in=3 with weights in {-2..2}: only a few distinct pre-activations across 600 latents.
+    x, W, b, bd = make(17, 3, 600, device, seed=11, integer=True)
+    got = check(x, W, b, bd, 10)
+    assert cutoff_runs["subset_passes"] == 1
     v, i = got[0].cpu(), got[1].cpu()
     tied = v[:, 1:] == v[:, :-1]
     assert tied.any(), "the data was meant to produce ties"
     assert (i[:, 1:][tied] > i[:, :-1][tied]).all()
 
 
-@pytest.mark.parametrize("num_splits", (1, 2, 3, 5))
-def test_splits_and_tiles_agree(device, num_splits):
-    x, W, b, bd = make(17, 19, 130, device, seed=5)
-    check(x, W, b, bd, 9, random_dead(130, device, 5), k_aux=20, num_splits=num_splits, blocks=(16, 32))
+@pytest.mark.parametrize("n, d_in, d_sae, k", [(17, 19, 300, 1), (9, 33, 700, 7), (33, 8, 1000, 12)])
+def test_cutoff_path_odd_shapes(device, cutoff_runs, n, d_in, d_sae, k):
+    x, W, b, bd = make(n, d_in, d_sae, device, seed=d_sae)
+    check(x, W, b, bd, k, random_dead(d_sae, device, 5), k_aux=20)
+    assert cutoff_runs["subset_passes"] == 1 and cutoff_runs["dense_rows"].get(d_sae, 0) < n
 
 
-def test_all_negative_rows(device):
-    n, d_in, d_sae = 5, 19, 50
+def test_rows_overflowing_their_survivor_slots_are_redone(device, cutoff_runs, monkeypatch):
+    monkeypatch.setattr(kmod, "SURVIVOR_SLACK", 0.05)  # two slots a row: every row overflows
+    x, W, b, bd = make(17, 19, 600, device, seed=6)
+    check(x, W, b, bd, 9)
+    assert cutoff_runs["subset_passes"] == 1
+
+
+@pytest.mark.parametrize("d_sae", [50, 600])
+def test_all_negative_rows(device, d_sae):
+    n, d_in = 5, 19
     x, W, b, bd = make(n, d_in, d_sae, device, seed=2)
     x[1:3] = bd  # x - b_dec = 0 there, so pre = b
     b = -1.0 - b.abs()
@@ -172,24 +201,23 @@ def _args(device):
 
 
 BAD = [
-    ("x", lambda a: a["x"][0], r"x must be 2-D"),
+    ("x", lambda a: a["x"][0], r"x must be a 2-D tensor"),
     ("x", lambda a: a["x"].double(), r"x must be float32, bfloat16 or float16"),
     ("x", lambda a: a["x"].to(torch.int32), r"x must be float32, bfloat16 or float16"),
-    ("W", lambda a: a["W"][:, :5].contiguous(), r"W must have shape \[d_sae, 8\]"),
+    ("W", lambda a: a["W"][:, :5].contiguous(), r"W must have shape \(d_sae, 8\)"),
     ("W", lambda a: a["W"].half(), r"W must have dtype torch.float32"),
     ("W", lambda a: a["W"].T.contiguous().T, r"W must be contiguous"),
-    ("x", lambda a: a["x"][:, ::2], r"x must have|W must have shape"),
     ("x", lambda a: torch.cat([a["x"], a["x"]], 1)[:, :8], r"x must be contiguous"),
-    ("b", lambda a: a["b"][:9], r"b must have shape \[10\]"),
-    ("b", lambda a: a["b"][None], r"b must be 1-D"),
-    ("b_dec", lambda a: a["b_dec"][:7], r"b_dec must have shape \[8\]"),
+    ("b", lambda a: a["b"][:9], r"b must have shape \(10,\)"),
+    ("b", lambda a: a["b"][None], r"b must be a 1-D tensor"),
+    ("b_dec", lambda a: a["b_dec"][:7], r"b_dec must have shape \(8,\)"),
     ("k", lambda a: 0, r"k must satisfy 1 <= k <= d_sae = 10, got 0"),
     ("k", lambda a: 11, r"k must satisfy 1 <= k <= d_sae = 10, got 11"),
     ("k", lambda a: 2.0, r"k must be an int"),
     ("k_aux", lambda a: -1, r"k_aux must satisfy 0 <= k_aux <= d_sae = 10"),
     ("k_aux", lambda a: 11, r"k_aux must satisfy 0 <= k_aux <= d_sae = 10"),
-    ("dead_mask", lambda a: a["dead_mask"].int(), r"dead_mask must have dtype torch.bool"),
-    ("dead_mask", lambda a: a["dead_mask"][:9], r"dead_mask must have shape \[10\]"),
+    ("dead_mask", lambda a: a["dead_mask"].int(), r"dead_mask must be a bool tensor of shape \(10,\)"),
+    ("dead_mask", lambda a: a["dead_mask"][:9], r"dead_mask must be a bool tensor of shape \(10,\)"),
     ("x", lambda a: [[1.0]], r"x must be a torch.Tensor"),
 ]
 
@@ -214,7 +242,7 @@ def test_device_mismatch():
 def test_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     a = _args(torch.device("cpu"))
-    with pytest.raises(ValueError, match=r"x must be a CUDA tensor"):
+    with pytest.raises(ValueError, match=r"the Triton kernels need CUDA tensors"):
         topk_encode(**a)
 
 

@@ -41,22 +41,42 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 DEFAULT_CAPACITY = 256
 
 
+# The configs a GPU autotunes over; bench/gpu_static.py compiles each for sm_90 in every mode
+# and fails CI on a spill, on shared memory over 227 KB or on a GEMM without wgmma. The
+# 128x128 / 64x256 / 64x128x32 tiles spilled 1.4-1.7 KB per thread in the gated epilogue
+# (Triton 3.6) and are left out.
+CUDA_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+]
+# The interpreter cannot benchmark configs (and is slow per op): one small tile, small
+# enough that test shapes span several latent tiles and so exercise the slot atomics.
+INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
+                                     num_stages=1)]
+
+
 def _configs():
-    if torch.cuda.is_available():
-        # Compiled for sm_90 (ptxas resource usage): 64x128 tiles with 8 warps hold the
-        # epilogue (cumsum, slot arithmetic, three scattered stores) in registers without
-        # spilling for 16-bit inputs; the larger tiles spill a few hundred bytes per thread in
-        # the epilogue but amortise W loads better, so let the tuner choose. 128x256 tiles
-        # need more than 228 KB of shared memory and are left out.
-        return [
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-        ]
-    # The interpreter cannot benchmark configs (and is slow per op): one small tile, small
-    # enough that test shapes span several latent tiles and so exercise the slot atomics.
-    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4, num_stages=1)]
+    return CUDA_CONFIGS if torch.cuda.is_available() else INTERPRETER_CONFIGS
+
+
+def configs_for(configs, is_fp32: bool):
+    """The configs a call may use: fp32 tiles take twice the shared memory per stage, and the
+    4-stage pipeline spills there (24 bytes per thread, gpu_static), so fp32 runs 3 stages."""
+    return [c for c in configs if not (is_fp32 and c.num_stages > 3)] or configs
+
+
+def _prune(configs, named_args, **_):
+    return configs_for(configs, named_args["x_ptr"].dtype == torch.float32)
+
+
+# Epilogue modes of the one encode kernel.
+THRESHOLD: tl.constexpr = tl.constexpr(0)  # keep pre > cutoff[latent] (ReLU, JumpReLU)
+GATED: tl.constexpr = tl.constexpr(1)  # keep pi > 0, magnitudes from r_mag, b_mag
+ROW_CUT: tl.constexpr = tl.constexpr(2)  # keep pre >= cutoff[row] (TopK survivors)
+GROUP_MAX: tl.constexpr = tl.constexpr(3)  # per-row maxima of groups of latents (TopK's cut)
+
+# Latents per group in GROUP_MAX mode; every config's BLOCK_N is a multiple of it.
+GROUP_SIZE = 8
 
 
 # The smallest BLOCK_N among the configs: the per-row L1 partial sums get one column per
@@ -69,9 +89,10 @@ _MIN_BLOCK_N = min(c.kwargs["BLOCK_N"] for c in _configs())
     configs=_configs(),
     # N is left out of the key: the retry pass runs on a handful of rows and should reuse
     # the tile shape tuned for the batch rather than trigger a second tuning.
-    key=["m_lat", "d_in"],
+    key=["m_lat", "d_in", "MODE"],
     # Tuning runs the kernel several times; counters and L1 partials must start at zero.
     reset_to_zero=["count_ptr", "l1_ptr"],
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.jit
 def _encode_kernel(
@@ -79,7 +100,7 @@ def _encode_kernel(
     count_ptr, idx_ptr, val_ptr, pi_ptr, l1_ptr,
     n_rows, m_lat, d_in, capacity,
     stride_xn, stride_wm, stride_buf, stride_l1,
-    GATED: tl.constexpr, HAS_L1: tl.constexpr, PRECISION: tl.constexpr,
+    MODE: tl.constexpr, HAS_L1: tl.constexpr, PRECISION: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped launch order: GROUP_M row blocks sweep the latent tiles together, so a tile of
@@ -121,8 +142,20 @@ def _encode_kernel(
         w_ptrs += BLOCK_K
 
     pre = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
-    if GATED:
+    if MODE == GROUP_MAX:
+        # Maxima of relu(pre) over groups of GROUP latents, into val_ptr[N, cdiv(m, GROUP)]
+        # (padding columns read -1, below every ReLU value).
+        r = tl.where(col_ok[None, :], tl.maximum(pre, 0.0), -1.0)
+        gmax = tl.max(tl.reshape(r, [BLOCK_M, BLOCK_N // GROUP, GROUP]), axis=2)
+        groups = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+        ok = row_ok[:, None] & (groups[None, :] * GROUP < m_lat)
+        tl.store(val_ptr + row0 * stride_buf + local_rows[:, None] * stride_buf + groups[None, :], gmax, mask=ok)
+        return
+    if MODE == GATED:
         keep = pre > 0.0
+    elif MODE == ROW_CUT:
+        # TopK survivors: entries at or above the row's cut (which is > 0, so ReLU is implied).
+        keep = pre >= tl.load(cutoff_ptr + rows, mask=row_ok, other=float("inf"))[:, None]
     else:
         keep = pre > tl.load(cutoff_ptr + cols, mask=col_ok, other=0.0)[None, :]
     keep = keep & row_ok[:, None] & col_ok[None, :]
@@ -147,7 +180,7 @@ def _encode_kernel(
     idx_ptr += row0 * stride_buf
     val_ptr += row0 * stride_buf
     tl.store(idx_ptr + buf, (cols[None, :] + tl.zeros_like(flag)), mask=store)
-    if GATED:
+    if MODE == GATED:
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         bmag = tl.load(bmag_ptr + cols, mask=col_ok, other=0.0)
         mag = tl.maximum(pre * scale[None, :] + bmag[None, :], 0.0)
@@ -233,14 +266,16 @@ def _precision(dtype):
     return "tf32"
 
 
-def _run_pass(x, W, bias, cutoff, scale, bmag, dnorm, capacity, gated):
+def _run_pass(x, W, bias, cutoff, scale, bmag, dnorm, capacity, mode):
     """One kernel pass over the rows of x; returns the padded buffers and true counts."""
+    gated = mode == GATED.value
     n, d_in = x.shape
     m = W.shape[0]
     device = x.device
     counts = torch.zeros(n, dtype=torch.int32, device=device)
     idx = torch.empty(n, capacity, dtype=torch.int32, device=device)
-    val = torch.empty(n, capacity, dtype=x.dtype, device=device)
+    # TopK survivors keep their fp32 values: the top-k among them is ranked in fp32.
+    val = torch.empty(n, capacity, dtype=torch.float32 if mode == ROW_CUT.value else x.dtype, device=device)
     pi = torch.empty(n, capacity, dtype=x.dtype, device=device) if gated else val
     has_l1 = dnorm is not None
     l1 = torch.zeros(n, triton.cdiv(m, _MIN_BLOCK_N) if has_l1 else 1, dtype=torch.float32, device=device)
@@ -257,9 +292,29 @@ def _run_pass(x, W, bias, cutoff, scale, bmag, dnorm, capacity, gated):
         counts, idx, val, pi, l1,
         n, m, d_in, capacity,
         x.stride(0), W.stride(0), idx.stride(0), l1.stride(0),
-        GATED=gated, HAS_L1=has_l1, PRECISION=_precision(x.dtype),
+        MODE=mode, HAS_L1=has_l1, PRECISION=_precision(x.dtype), GROUP=GROUP_SIZE,
     )
     return counts, idx, val, pi, (l1.sum(1) if has_l1 else None)
+
+
+def _group_maxima(x, W, bias, m_sub):
+    """[N, cdiv(m_sub, GROUP_SIZE)] fp32 maxima of relu(pre) over groups of the first m_sub
+    latents: the GEMM on that subset, nothing N x m_sub written."""
+    n, d_in = x.shape
+    out = torch.empty(n, triton.cdiv(m_sub, GROUP_SIZE), dtype=torch.float32, device=x.device)
+    scratch = torch.zeros(max(1, n), dtype=torch.int32, device=x.device)
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(m_sub, meta["BLOCK_N"]),)
+
+    _encode_kernel[grid](
+        x, W, bias, bias, bias, bias, bias,
+        scratch, scratch, out, out, bias,
+        n, m_sub, d_in, 0,
+        x.stride(0), W.stride(0), out.stride(0), 0,
+        MODE=GROUP_MAX.value, HAS_L1=False, PRECISION=_precision(x.dtype), GROUP=GROUP_SIZE,
+    )
+    return out
 
 
 def _sort_rows(idx, bufs, counts, m):
@@ -272,12 +327,13 @@ def _sort_rows(idx, bufs, counts, m):
     return filled, keys, [v.gather(1, order) for v in bufs]
 
 
-def _encode(x, W, bias, cutoff, scale, bmag, dnorm, capacity, gated):
+def _encode(x, W, bias, cutoff, scale, bmag, dnorm, capacity, mode):
+    gated = mode == GATED.value
     n = x.shape[0]
     m = W.shape[0]
     device = x.device
     cap = min(m, capacity if capacity is not None else DEFAULT_CAPACITY)
-    counts, idx, val, pi, l1 = _run_pass(x, W, bias, cutoff, scale, bmag, dnorm, cap, gated)
+    counts, idx, val, pi, l1 = _run_pass(x, W, bias, cutoff, scale, bmag, dnorm, cap, mode)
     bufs = [val, pi] if gated else [val]
     # Rows whose count fits were stored whole; the rest are recomputed below. The first pass
     # already saw every entry, so its counts are exact and its L1 is final.
@@ -304,7 +360,8 @@ def _encode(x, W, bias, cutoff, scale, bmag, dnorm, capacity, gated):
     while todo.numel():
         # Grows every round, so the loop ends (at worst at cap2 = d_sae, where all fits).
         cap2 = min(m, max(int(counts[todo].max()), cap2 + 1))
-        c2, i2, v2, p2, _ = _run_pass(x[todo], W, bias, cutoff, scale, bmag, None, cap2, gated)
+        c2, i2, v2, p2, _ = _run_pass(x[todo], W, bias, cutoff[todo] if mode == ROW_CUT.value else cutoff,
+                                      scale, bmag, None, cap2, mode)
         c2 = c2.to(torch.int64)
         counts[todo] = c2
         fit = c2 <= cap2
@@ -358,7 +415,7 @@ def threshold_encode(x, W, b, b_dec, cutoff, *, capacity=None):
         return vals, idx, offs
     bias = _folded_bias(W, b, b_dec)
     (idx, vals), row_offsets, _ = _encode(x, W, bias, cutoff.to(torch.float32).contiguous(),
-                                          None, None, None, capacity, gated=False)
+                                          None, None, None, capacity, THRESHOLD.value)
     return vals, idx, row_offsets
 
 
@@ -388,7 +445,134 @@ def gated_encode(x, W_gate, b_gate, r_mag, b_mag, b_dec, *, dec_norm=None, capac
     scale = r_mag.to(torch.float32).exp()
     bmag = b_mag.to(torch.float32).contiguous()
     dnorm = None if dec_norm is None else dec_norm.to(torch.float32).contiguous()
-    (idx, mag, pi), row_offsets, l1 = _encode(x, W_gate, bias, None, scale, bmag, dnorm, capacity, gated=True)
+    (idx, mag, pi), row_offsets, l1 = _encode(x, W_gate, bias, None, scale, bmag, dnorm, capacity, GATED.value)
     if dec_norm is None:
         return mag, pi, idx, row_offsets
     return mag, pi, idx, row_offsets, l1.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# TopK by cutoff (see fastsae.selection): a GEMM on a subset of latents gives each row a lower
+# bound on its k-th value; the full GEMM keeps only entries at or above it; an exact top-k
+# among those few finishes. Memory: N x capacity survivors, never N x d_sae.
+
+# The subset is 1/SUBSET_FRACTION of the latents (at least SUBSET_GROUPS_PER_K * k groups):
+# its GEMM costs that fraction of the full one, and about k * SUBSET_FRACTION entries per row
+# survive (1,000-odd at d_sae 131072, k 64: 8 bytes each, against 2 bytes x d_sae dense).
+SUBSET_FRACTION = 16
+SUBSET_GROUPS_PER_K = 4
+# Survivor slots reserved per row, as a multiple of the expected k * d_sae / subset; rows
+# with more are recomputed with the room they need (never truncated).
+SURVIVOR_SLACK = 2.0
+
+
+def _subset_size(m, k):
+    want = max(m // SUBSET_FRACTION, SUBSET_GROUPS_PER_K * k * GROUP_SIZE)
+    return min(m, triton.cdiv(want, _MIN_BLOCK_N) * _MIN_BLOCK_N)
+
+
+def _accumulation_error(x, W, bias):
+    """Per row: a bound on how far two fp32 (or TF32) accumulations of the same products can
+    disagree (the subset pass and the full pass may tile differently): twice the error bound
+    of one, from ||x|| and the largest encoder row."""
+    unit = 2.0 ** -11 if _precision(x.dtype) == "tf32" and x.dtype == torch.float32 else 0.0
+    gamma = 1.01 * (x.shape[1] + 2) * 2.0 ** -24 + 3 * unit
+    w_max = W.float().norm(dim=1).max() if W.dtype == torch.float32 else _row_norm_max(W)
+    return 2 * gamma * (x.float().norm(dim=1) * w_max + bias.abs().max())
+
+
+def _row_norm_max(W):
+    step = max(1, (1 << 24) // W.shape[1])
+    return torch.stack([W[i:i + step].float().norm(dim=1).max() for i in range(0, W.shape[0], step)]).max()
+
+
+def _dense_topk(x, W, bias, k):
+    """relu(x W^T + bias) and its exact top-k, for a few rows (or a small dictionary)."""
+    from fastsae.torch_backend import stable_topk
+    pre = torch.relu(torch.addmm(bias, x.float(), W.float().t())).add_(0.0)
+    return stable_topk(pre, k)
+
+
+def _topk_by_cutoff(x, W, bias, k):
+    from fastsae import selection, torch_backend
+    n = x.shape[0]
+    m = W.shape[0]
+    m_sub = _subset_size(m, k)
+    groups = triton.cdiv(m_sub, GROUP_SIZE)
+    if groups < 2 * k or m_sub == m:  # a small dictionary: its dense pre-activation is small too
+        return _dense_topk(x, W, bias, k)
+    gmax = _group_maxima(x, W, bias, m_sub)
+    c = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+    cut = c - 2 * _accumulation_error(x, W, bias)
+    hard = cut <= 0  # ReLU zeros decide the row's tail: computed densely below
+    cut = cut.masked_fill(hard, float("inf")).contiguous()
+    capacity = min(m, 1 << max(1, (int(SURVIVOR_SLACK * k * m / m_sub) - 1).bit_length()))
+    (cols, vals), row_offsets, _ = _encode(x, W, bias, cut, None, None, None, capacity, ROW_CUT.value)
+    rows = torch_backend.csr_row_ids(row_offsets, cols.numel())
+    values, indices = selection.topk_of_survivors(vals.float(), rows, cols, n, k)
+    hard_rows = hard.nonzero().squeeze(1)
+    if hard_rows.numel():
+        values[hard_rows], indices[hard_rows] = _dense_topk(x[hard_rows], W, bias, k)
+    return values, indices
+
+
+# AuxK's dead latents are encoded in chunks of at most this many (row x latent) entries, so
+# its memory is bounded whatever the dead count.
+AUX_CHUNK_ENTRIES = 1 << 26
+
+
+def _dead_topk(x, W, bias, dead_mask, k_aux):
+    """Top-k_aux among the dead latents from GEMMs on their encoder rows only (the cost
+    follows the dead count), with the reference's padding when fewer are dead."""
+    from fastsae.torch_backend import stable_topk
+    n = x.shape[0]
+    dead = dead_mask.nonzero().squeeze(1)
+    chunk = max(1, AUX_CHUNK_ENTRIES // max(1, n))
+    best_v, best_i = x.new_zeros(n, 0, dtype=torch.float32), dead.new_zeros(n, 0)
+    for start in range(0, dead.numel(), chunk):
+        ids = dead[start:start + chunk]
+        v, pos = _dense_topk(x, W[ids], bias[ids], min(k_aux, ids.numel()))
+        # Earlier chunks hold lower indices: a position-stable merge keeps the tie rule.
+        best_v, merged = stable_topk(torch.cat([best_v, v], 1), min(k_aux, best_v.shape[1] + v.shape[1]))
+        best_i = torch.cat([best_i, ids[pos]], 1).gather(1, merged)
+    missing = k_aux - best_i.shape[1]
+    if missing > 0:
+        live = (~dead_mask).nonzero().squeeze(1)[:missing]
+        best_v = torch.cat([best_v, best_v.new_zeros(n, missing)], 1)
+        best_i = torch.cat([best_i, live.expand(n, missing)], 1)
+    return best_v.clamp_min(0.0), best_i
+
+
+def _check_topk(x, W, b, b_dec, k, dead_mask, k_aux):
+    fn = "topk_encode"
+    m, _ = _check_common(fn, x, W, b, b_dec, "W", "b")
+    for name, v in (("k", k), ("k_aux", k_aux)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{fn}: {name} must be an int, got {type(v).__name__}")
+    if not 1 <= k <= m:
+        raise ValueError(f"{fn}: k must satisfy 1 <= k <= d_sae = {m}, got {k}")
+    if not 0 <= k_aux <= m:
+        raise ValueError(f"{fn}: k_aux must satisfy 0 <= k_aux <= d_sae = {m}, got {k_aux}")
+    if dead_mask is not None:
+        if not isinstance(dead_mask, torch.Tensor) or dead_mask.dtype != torch.bool or dead_mask.shape != (m,):
+            raise ValueError(f"{fn}: dead_mask must be a bool tensor of shape ({m},) [d_sae]")
+        if dead_mask.device != x.device:
+            raise ValueError(f"{fn}: dead_mask must be on {x.device} (the device of x), got {dead_mask.device}")
+
+
+def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
+    """``top-k(relu((x - b_dec) W^T + b))`` and the AuxK selection among dead latents; the
+    contract of ``fastsae.torch_backend.topk_encode``. Values and indices equal the
+    reference's (ranked in fp32, tie rule included); see the section comment above."""
+    _check_topk(x, W, b, b_dec, k, dead_mask, k_aux)
+    n = x.shape[0]
+    if n == 0:
+        values, indices = x.new_empty(0, k, dtype=torch.float32), torch.empty(0, k, dtype=torch.long, device=x.device)
+    else:
+        bias = _folded_bias(W, b, b_dec)
+        values, indices = _topk_by_cutoff(x, W, bias, k)
+    if dead_mask is not None and k_aux > 0 and n:
+        aux_values, aux_indices = _dead_topk(x, W, _folded_bias(W, b, b_dec), dead_mask, k_aux)
+    else:
+        aux_values, aux_indices = values.new_zeros(n, k_aux), indices.new_zeros(n, k_aux)
+    return values.to(x.dtype), indices, aux_values.to(x.dtype), aux_indices

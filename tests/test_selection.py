@@ -1,0 +1,169 @@
+"""The CPU TopK encode with its GEMM in bfloat16 (selection by cutoff, survivors rescored in
+fp32) returns the fp32 answer: values, indices and tie rule. Inputs where bf16 rounding
+reorders the top entries, exact ties, all-negative rows, huge and tiny norms, real
+activations."""
+import pytest
+import torch
+
+from fastsae import reference, selection, torch_backend
+
+
+@pytest.fixture(autouse=True)
+def bf16_gemm(monkeypatch):
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
+    torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+
+
+def exact_topk(x, W, b, b_dec, k):
+    """The top-k in float64: the answer fp32 rounding can only blur, never change, wherever
+    neighbouring values differ by more than fp32's error."""
+    pre = torch.relu((x.double() - b_dec.double()) @ W.double().t() + b.double())
+    return reference.stable_topk(pre, k), pre
+
+
+def assert_exact(x, W, b, b_dec, k):
+    """Against float64: the selected set on every row whose k-th and (k+1)-th values are
+    further apart than fp32 can resolve (4x the fp32 GEMM's error bound), the order
+    descending wherever neighbours are that far apart, the values to fp32."""
+    values, indices, _, _ = torch_backend.topk_encode(x, W, b, b_dec, k)
+    (want_values, want_indices), pre = exact_topk(x, W, b, b_dec, k)
+    kth_gap = want_values[:, k - 1] - torch.sort(pre, dim=1, descending=True).values[:, k]
+    fp32_error = (4 * (x.shape[1] + 2) * selection.FP32_UNIT * (x - b_dec).double().norm(dim=1)
+                  * W.double().norm(dim=1).max() + 1e-6 * b.double().abs().max())
+    clear = (kth_gap > fp32_error) | (want_values[:, k - 1] == 0)
+    assert clear.float().mean() > 0.75, "the test data must be mostly unambiguous"
+    assert torch.equal(indices[clear].sort(1).values, want_indices[clear].sort(1).values)
+    got_exact = pre.gather(1, indices)
+    assert bool((got_exact[:, 1:] <= got_exact[:, :-1] + fp32_error[:, None]).all())
+    torch.testing.assert_close(values.double(), got_exact, rtol=1e-5, atol=float(fp32_error.max()))
+    return indices
+
+
+def encoder(n, d, m, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * scale
+    W = torch.randn(m, d, generator=g) / d ** 0.5
+    b = torch.randn(m, generator=g) * 0.1 * scale
+    b_dec = torch.randn(d, generator=g) * 0.1 * scale
+    return x, W, b, b_dec
+
+
+@pytest.mark.parametrize("n, d, m, k", [(37, 24, 1000, 5), (64, 64, 4096, 32), (9, 33, 517, 1), (130, 96, 8192, 64)])
+def test_random_inputs_equal_fp32(n, d, m, k):
+    x, W, b, b_dec = encoder(n, d, m, seed=n + m)
+    assert_exact(x, W, b, b_dec, k)
+    stats = torch_backend.SURVIVORS
+    assert stats["rows"] > 0  # the cutoff path really ran
+    assert k <= stats["survivors"] / stats["rows"] < m / 4
+
+
+def test_many_values_within_the_bf16_margin():
+    """64 near-copies of each of 32 directions: dozens of latents per row lie within bf16's
+    error (~0.3 here) of the k-th value, far outside fp32's (~1e-3)."""
+    n, d, m, k = 48, 64, 2048, 16
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g)
+    base = torch.randn(32, d, generator=g)
+    W = base.repeat_interleave(64, 0) + 2e-2 * torch.randn(m, d, generator=g)
+    b, b_dec = torch.zeros(m), torch.zeros(d)
+    assert_exact(x, W, b, b_dec, k)
+    assert torch_backend.SURVIVORS["survivors"] / max(1, torch_backend.SURVIVORS["rows"]) > 2 * k
+
+
+def test_exact_ties_follow_the_tie_rule():
+    """Small integers: every precision computes them exactly, so ties are real ties and the
+    lowest latent index must win, as in the reference."""
+    n, d, m, k = 40, 16, 1536, 8
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-2, 3, (n, d), generator=g).float()
+    W = torch.randint(-1, 2, (m, d), generator=g).float()
+    b, b_dec = torch.zeros(m), torch.zeros(d)
+    values, indices, _, _ = torch_backend.topk_encode(x, W, b, b_dec, k)
+    want_values, want_indices = reference.topk_encode(x, W, b, k, b_dec)
+    assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
+    assert torch_backend.SURVIVORS["rows"] > 0
+
+
+def test_all_negative_and_mostly_negative_rows_take_the_exact_path():
+    n, d, m, k = 12, 32, 1024, 8
+    x, W, b, b_dec = encoder(n, d, m, seed=3)
+    x[:4] = 0.0
+    b[:] = -5.0  # rows of x = 0: every pre-activation negative, the top-k is latents 0..k-1 at 0
+    x[4:8] *= 0.01  # a few tiny positives, then zeros
+    values, indices, _, _ = torch_backend.topk_encode(x, W, b, b_dec, k)
+    want_values, want_indices = reference.topk_encode(x, W, b, k, b_dec)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values)
+    assert torch.equal(indices[0], torch.arange(k))
+    assert torch_backend.SURVIVORS["hard_rows"] >= 8
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e6, 1e18])
+def test_huge_and_tiny_norms(scale):
+    x, W, b, b_dec = encoder(50, 48, 2048, seed=4, scale=scale)
+    assert_exact(x, W, b, b_dec, 16)
+
+
+def test_rows_differing_in_scale_within_one_batch():
+    x, W, b, b_dec = encoder(64, 32, 2048, seed=5)
+    x[::2] *= 1e4  # the error bound is per row: small rows must not inherit a large margin
+    b_dec.zero_()
+    b.zero_()
+    assert_exact(x, W, b, b_dec, 16)
+
+
+def test_real_activations(tmp_path):
+    """MiniLM residual-stream activations of the default corpus (what the demo trains on)."""
+    pytest.importorskip("transformers")
+    from fastsae.corpus import default_corpus
+    from fastsae.sources import load_default_model
+    from fastsae.store import collect_to_store
+    model, tokenizer, info = load_default_model()
+    store = collect_to_store(model, tokenizer, default_corpus(), "blocks.3.hook_resid_post", tmp_path, 1024,
+                             batch_size=16, context_length=64, shard_tokens=1024, progress=False)
+    acts = store.read_shard(0)["activations"].float()
+    d = acts.shape[1]
+    W = torch.randn(8 * d, d, generator=torch.Generator().manual_seed(6)) / d ** 0.5
+    W[: d] = acts[:d] / acts[:d].norm(dim=1, keepdim=True)  # latents aligned with real directions
+    assert_exact(acts, W, torch.zeros(8 * d), acts.mean(0), 32)
+
+
+def test_error_bound_holds_on_the_gemm():
+    """The bound on |bf16 GEMM - exact| that the cut rests on, against float64."""
+    x, W, b, b_dec = encoder(64, 96, 1024, seed=7)
+    lp = torch_backend.LowPrecisionWeights(W, b)
+    xc = x - b_dec
+    xc16 = xc.to(torch.bfloat16)
+    s = torch.ops.mkldnn._linear_pointwise(xc16, lp.W, lp.b, "none", [], "").double()
+    exact = xc.double() @ W.double().t() + b.double()
+    e = selection.input_error(xc, xc16, lp.residuals).double()
+    u = selection.BF16_UNIT
+    # |p - exact| <= u |p| / (1 - u) + e for the rounded output p
+    assert bool(((s - exact).abs() <= u * s.abs() / (1 - u) + e[:, None]).all())
+    assert float((s - exact).abs().max()) > 0.01 * float(e.min())  # and it is not vacuous
+
+
+def test_fp32_mode_is_the_plain_gemm(monkeypatch):
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp32")
+    x, W, b, b_dec = encoder(20, 16, 512, seed=8)
+    torch_backend.topk_encode(x, W, b, b_dec, 4)
+    assert torch_backend.SURVIVORS["rows"] == 0
+    assert "forced by FASTSAE_CPU_ENCODE_GEMM" in torch_backend.cpu_encoder_gemms()["topk, batchtopk"]
+
+
+def test_bad_mode_names_the_variable(monkeypatch):
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp16")
+    with pytest.raises(ValueError, match="FASTSAE_CPU_ENCODE_GEMM must be one of"):
+        torch_backend.topk_encode(*encoder(4, 8, 512, seed=9), 2)
+
+
+@pytest.mark.parametrize("dead_count", [0, 1, 300, 1024])
+def test_auxk_among_dead_latents(dead_count):
+    n, d, m, k, k_aux = 24, 32, 1024, 8, 64
+    x, W, b, b_dec = encoder(n, d, m, seed=10)
+    dead = torch.zeros(m, dtype=torch.bool)
+    dead[torch.randperm(m, generator=torch.Generator().manual_seed(11))[:dead_count]] = True
+    _, _, aux_values, aux_indices = torch_backend.topk_encode(x, W, b, b_dec, k, dead, k_aux)
+    want_values, want_indices = reference.topk_aux(x, W, b, dead, k_aux, b_dec)
+    assert torch.equal(aux_indices, want_indices)
+    torch.testing.assert_close(aux_values, want_values)
