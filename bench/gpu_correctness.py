@@ -4,13 +4,18 @@ Meant for a CUDA machine (bench/gpu_check.sh runs it). Each case records its lar
 and whether it is within tolerance; a crash or out-of-memory in one case is recorded and the
 others still run. Exit status 1 if any case fails.
 
-    python bench/gpu_correctness.py --json out.json [--device cuda]
+    python bench/gpu_correctness.py --out DIR [--device cuda] [--tiny]
+
+Each case is written to DIR/correctness-<check>-<dtype>-<shape>.json the moment it finishes,
+so a run cut short keeps what it measured. ``--tiny`` (the dry run on CPU, interpreted) uses
+one small fp32 shape.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -82,13 +87,17 @@ CHECKS = {"topk_encode": check_topk, "sparse_decode": check_decode, "gated_encod
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--json", default=None)
+    parser.add_argument("--out", type=Path, required=True, help="folder for one JSON per case")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="one small fp32 shape (interpreter dry run)")
     args = parser.parse_args(argv)
-    results, failed = [], 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    shapes = [(9, 16, 600, 4)] if args.tiny else SHAPES
+    dtypes = (torch.float32,) if args.tiny else (torch.float32, torch.bfloat16)
+    failed = 0
     for name, check in CHECKS.items():
-        for dtype in (torch.float32, torch.bfloat16):
-            for shape in SHAPES:
+        for dtype in dtypes:
+            for shape in shapes:
                 row = {"check": name, "dtype": str(dtype), "shape": shape}
                 try:
                     errors = check(*shape, dtype, args.device)
@@ -97,12 +106,9 @@ def main(argv=None) -> int:
                 except Exception as e:  # recorded, not fatal: the other cases still run
                     row.update(ok=False, error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=3))
                 failed += not row["ok"]
-                results.append(row)
-                print(json.dumps({k: v for k, v in row.items() if k != "trace"}))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                       "torch": torch.__version__, "results": results}, f, indent=2)
+                label = f"{name}-{str(dtype).removeprefix('torch.')}-{'x'.join(map(str, shape))}"
+                (args.out / f"correctness-{label}.json").write_text(json.dumps(row, indent=1))
+                print(json.dumps({k: v for k, v in row.items() if k != "trace"}), flush=True)
     return 1 if failed else 0
 
 
