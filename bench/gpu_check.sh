@@ -49,6 +49,11 @@ EOF
 if [ "$DRY" = 0 ]; then
   stage install 90 python3 -m pip install --no-deps --no-build-isolation -e .
 fi
+if [ "$DRY" = 0 ] && [ -d bench/wheelhouse ]; then
+  # sparsify (bench/fetch_wheels.sh, carried along) without its trainer's dependencies.
+  stage sparsify-install 60 bash -c "python3 -m pip install --no-index --find-links bench/wheelhouse --no-deps \
+    eai-sparsify && python3 -m pip install --no-index --find-links bench/wheelhouse schedulefree simple-parsing natsort"
+fi
 stage import 60 python3 -c "import fastsae.ops, fastsae.kernels.encode, fastsae.kernels.sparse_matmul"
 
 TINY=""
@@ -58,6 +63,10 @@ stage correctness 120 python3 bench/gpu_correctness.py --out "$OUT" $TINY $([ "$
 # A bounded unit-test stage: the cutoff-path, ties and bf16/fp16 cases (about 20 compiles).
 stage unit-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_topk_encode.py \
   -k "cutoff or ties or half or overflowing"
+if [ "$DRY" = 0 ]; then  # last: the train step against sparsify, if time is left
+  stage train-bench 150 env FASTSAE_BENCH_SIZE=full python3 -m pytest -q -p no:cacheprovider bench/test_bench_train.py \
+    --benchmark-min-rounds=3 --benchmark-max-time=2 --benchmark-json="$OUT/train-bench.json"
+fi
 ls "$OUT" | tee -a "$STAGES"
 # The dry run is CI's check of this script: every stage must pass and leave its files.
 if [ "$DRY" = 1 ]; then
