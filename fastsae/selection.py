@@ -118,3 +118,14 @@ def topk_of_survivors(values, rows, cols, n, k):
     if bool(((top[:, :-1] == top[:, 1:]) & (top[:, 1:] > float("-inf"))).any()):
         top, pos = torch.sort(padded, dim=1, descending=True, stable=True)
     return top[:, :k], padded_cols.gather(1, pos[:, :k])
+
+
+def pad_with_live(values, indices, dead_mask, k_aux):
+    """An AuxK code with fewer than k_aux entries (fewer latents dead) completed as the
+    reference does: value 0 at the lowest live indices; values clamped to >= 0."""
+    n, missing = values.shape[0], k_aux - indices.shape[1]
+    if missing > 0:
+        live = (~dead_mask).nonzero().squeeze(1)[:missing]
+        values = torch.cat([values, values.new_zeros(n, missing)], 1)
+        indices = torch.cat([indices, live.expand(n, missing)], 1)
+    return values.clamp_min(0.0), indices

@@ -248,12 +248,7 @@ def _dead_topk(x, W_dead, b_dead, b_dec, dead, dead_mask, k_aux):
         indices = dead[picked]
     else:
         values, indices = x.new_zeros(n, 0, dtype=torch.float32), torch.zeros(n, 0, dtype=torch.long, device=x.device)
-    missing = k_aux - indices.shape[1]
-    if missing > 0:
-        live = (~dead_mask).nonzero().squeeze(1)[:missing]
-        values = torch.cat([values, values.new_zeros(n, missing)], 1)
-        indices = torch.cat([indices, live.expand(n, missing)], 1)
-    return values.clamp_min(0.0), indices
+    return selection.pad_with_live(values, indices, dead_mask, k_aux)
 
 
 # Dense pre-activations are made in row blocks of at most this many bytes on CPU: a block

@@ -33,6 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastsae import selection, torch_backend
+from fastsae.torch_backend import stable_topk
+
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 # What a first pass reserves per row when the caller gives no estimate. Typical JumpReLU and
@@ -477,24 +480,22 @@ def _accumulation_error(x, W, bias):
     of one, from ||x|| and the largest encoder row."""
     unit = 2.0 ** -11 if _precision(x.dtype) == "tf32" and x.dtype == torch.float32 else 0.0
     gamma = 1.01 * (x.shape[1] + 2) * 2.0 ** -24 + 3 * unit
-    w_max = W.float().norm(dim=1).max() if W.dtype == torch.float32 else _row_norm_max(W)
-    return 2 * gamma * (x.float().norm(dim=1) * w_max + bias.abs().max())
+    return 2 * gamma * (x.float().norm(dim=1) * _row_norm_max(W) + bias.abs().max())
 
 
 def _row_norm_max(W):
+    """max_m ||W_m|| in fp32, a few thousand rows at a time so no fp32 copy of W exists."""
     step = max(1, (1 << 24) // W.shape[1])
     return torch.stack([W[i:i + step].float().norm(dim=1).max() for i in range(0, W.shape[0], step)]).max()
 
 
 def _dense_topk(x, W, bias, k):
     """relu(x W^T + bias) and its exact top-k, for a few rows (or a small dictionary)."""
-    from fastsae.torch_backend import stable_topk
     pre = torch.relu(torch.addmm(bias, x.float(), W.float().t())).add_(0.0)
     return stable_topk(pre, k)
 
 
 def _topk_by_cutoff(x, W, bias, k):
-    from fastsae import selection, torch_backend
     n = x.shape[0]
     m = W.shape[0]
     m_sub = _subset_size(m, k)
@@ -524,7 +525,6 @@ AUX_CHUNK_ENTRIES = 1 << 26
 def _dead_topk(x, W, bias, dead_mask, k_aux):
     """Top-k_aux among the dead latents from GEMMs on their encoder rows only (the cost
     follows the dead count), with the reference's padding when fewer are dead."""
-    from fastsae.torch_backend import stable_topk
     n = x.shape[0]
     dead = dead_mask.nonzero().squeeze(1)
     chunk = max(1, AUX_CHUNK_ENTRIES // max(1, n))
@@ -535,12 +535,7 @@ def _dead_topk(x, W, bias, dead_mask, k_aux):
         # Earlier chunks hold lower indices: a position-stable merge keeps the tie rule.
         best_v, merged = stable_topk(torch.cat([best_v, v], 1), min(k_aux, best_v.shape[1] + v.shape[1]))
         best_i = torch.cat([best_i, ids[pos]], 1).gather(1, merged)
-    missing = k_aux - best_i.shape[1]
-    if missing > 0:
-        live = (~dead_mask).nonzero().squeeze(1)[:missing]
-        best_v = torch.cat([best_v, best_v.new_zeros(n, missing)], 1)
-        best_i = torch.cat([best_i, live.expand(n, missing)], 1)
-    return best_v.clamp_min(0.0), best_i
+    return selection.pad_with_live(best_v, best_i, dead_mask, k_aux)
 
 
 def _check_topk(x, W, b, b_dec, k, dead_mask, k_aux):
@@ -572,7 +567,7 @@ def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0):
         bias = _folded_bias(W, b, b_dec)
         values, indices = _topk_by_cutoff(x, W, bias, k)
     if dead_mask is not None and k_aux > 0 and n:
-        aux_values, aux_indices = _dead_topk(x, W, _folded_bias(W, b, b_dec), dead_mask, k_aux)
+        aux_values, aux_indices = _dead_topk(x, W, bias, dead_mask, k_aux)
     else:
         aux_values, aux_indices = values.new_zeros(n, k_aux), indices.new_zeros(n, k_aux)
     return values.to(x.dtype), indices, aux_values.to(x.dtype), aux_indices
