@@ -1,24 +1,29 @@
 """``fastsae demo``: the whole pipeline on the embedded default model."""
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
+
+from fastsae.cli_args import HelpFormatter, add_option, positive_int
 
 
 def register(sub):
     from fastsae.demo import DemoSettings
 
-    p = sub.add_parser("demo", help="collect, train, evaluate, visualise and export on the default model")
+    p = sub.add_parser("demo", help="collect, train, evaluate, visualise and export on the default model",
+                       formatter_class=HelpFormatter)
     defaults = DemoSettings()
-    p.add_argument("--output_dir", "--output-dir", default=defaults.output_dir)
-    p.add_argument("--layer", type=int, default=defaults.layer, help="block whose residual output is read")
-    p.add_argument("--k", type=int, default=defaults.k)
-    p.add_argument("--expansion_factor", "--width", type=int, default=defaults.expansion_factor,
-                   help="d_sae = expansion_factor * d_in")
-    p.add_argument("--max_tokens", "--tokens", type=int, default=defaults.max_tokens, help="token budget")
-    p.add_argument("--num_epochs", type=int, default=defaults.num_epochs)
-    p.add_argument("--model", default=None, help="a local Hugging Face model directory")
-    p.add_argument("--checkpoint", default=None, help="a nanochat checkpoint directory")
-    p.add_argument("--device", default=defaults.device)
+    add_option(p, "output_dir", default=defaults.output_dir)
+    add_option(p, "layer", type=int, default=defaults.layer, help="block whose residual output is read")
+    add_option(p, "k", type=positive_int, default=defaults.k, help="active latents per token")
+    add_option(p, "expansion_factor", "width", type=positive_int, default=defaults.expansion_factor,
+               help="d_sae = expansion_factor * d_in")
+    add_option(p, "max_tokens", "num_tokens", "num_activations", "tokens", type=positive_int,
+               default=defaults.max_tokens, help="tokens to collect")
+    add_option(p, "num_epochs", type=positive_int, default=defaults.num_epochs)
+    add_option(p, "model", default=None, help="a local Hugging Face model directory")
+    add_option(p, "checkpoint", default=None, help="a nanochat checkpoint directory")
+    add_option(p, "device", default=defaults.device)
     p.set_defaults(handler=run)
 
 
@@ -27,7 +32,11 @@ def run(args) -> int:
 
     names = {f.name for f in fields(DemoSettings)}
     settings = DemoSettings(**{k: v for k, v in vars(args).items() if k in names})
-    summary = run_demo(settings)
+    try:
+        summary = run_demo(settings)
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
+        print(f"fastsae demo: error: {e}", file=sys.stderr)
+        return 1
     print()
     print(summary_table(summary))
     print(f"\nOpen the dashboard: {summary['dashboard']}")

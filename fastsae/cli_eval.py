@@ -15,49 +15,48 @@ import re
 import sys
 from pathlib import Path
 
-# Both spellings are accepted, so the seed's scripts (underscores) share these parsers.
+from fastsae.cli_args import HelpFormatter, add_option, nonnegative_int, positive_int
 
-
-def _opt(parser, name: str, **kwargs):
-    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
-    parser.add_argument(*sorted(spellings), dest=name, **kwargs)
+_opt = add_option  # both spellings, so the seed's scripts (underscores) share these parsers
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     """Where activations come from: model, text, how many tokens."""
     _opt(parser, "checkpoint", default=None, help="nanochat checkpoint directory (e.g. base_checkpoints/d20)")
-    _opt(parser, "step", type=int, default=None, help="nanochat checkpoint step (default: latest)")
+    _opt(parser, "step", type=positive_int, default=None, help="nanochat checkpoint step (default: latest)")
     _opt(parser, "model", default=None, help="local Hugging Face model directory (default: embedded MiniLM)")
     _opt(parser, "texts", nargs="*", default=None, help=".txt/.jsonl files (default: Python's documentation)")
     _opt(parser, "layer", type=int, default=None,
          help="--sae_dir: only this layer's SAE; --sae_path: apply it at this layer")
     _opt(parser, "hook_point", default=None, help="override the SAE's hook point")
-    _opt(parser, "num_tokens", type=int, default=20_000, help="tokens of activations to use")
-    _opt(parser, "context_length", type=int, default=128)
-    _opt(parser, "batch_size", type=int, default=16, help="sequences per forward pass")
+    _opt(parser, "num_tokens", "num_activations", "tokens", type=positive_int, default=20_000,
+         help="tokens of activations to use")
+    _opt(parser, "context_length", type=positive_int, default=128)
+    _opt(parser, "batch_size", type=positive_int, default=16, help="sequences per forward pass")
     _opt(parser, "device", default=None, help="default: cuda if available")
     _opt(parser, "output_dir", default="sae_eval", help="where results are written")
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate SAEs on real model activations (metrics, loss recovered, dashboards)")
+    p = sub.add_parser("eval", help="evaluate SAEs on real model activations (metrics, loss recovered, dashboards)",
+                       formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(handler=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--sae-path", "--sae_path", dest="sae_path", help="one SAE (directory or .pt)")
-    group.add_argument("--sae-dir", "--sae_dir", dest="sae_dir", help="a directory of SAEs (layer_*/...)")
+    _opt(group, "sae_path", help="one SAE (directory or .pt)")
+    _opt(group, "sae_dir", help="a directory of SAEs (layer_*/...)")
     add_source_arguments(p)
-    p.add_argument("--store", "--store-dir", "--store_dir", dest="store_dir", default=None,
+    _opt(p, "store_dir", "store", default=None,
                    help="evaluate on the activations in this activation store directory (the first --num_tokens, "
                         "in store order) instead of running the model; a model (--checkpoint / --model) is then "
                         "only loaded if given, for the loss recovered and the dashboards' token text")
     _opt(p, "generate_dashboards", action="store_true", help="also write HTML feature dashboards")
-    _opt(p, "max_features", type=int, default=256, help="dashboard pages for this many most frequent features")
+    _opt(p, "max_features", type=positive_int, default=256, help="dashboard pages for this many most frequent features")
     _opt(p, "neuronpedia", action="store_true", help="also write a Neuronpedia export")
-    _opt(p, "loss_batches", type=int, default=4, help="batches for the loss-recovered test (0 to skip)")
+    _opt(p, "loss_batches", type=nonnegative_int, default=4, help="batches for the loss-recovered test (0 to skip)")
 
 
 # ----------------------------------------------------------------------------- shared steps
@@ -95,11 +94,13 @@ def with_layer(hook_point: str, layer: int | None) -> str:
 
 def load_selected_saes(args) -> dict:
     """{hook_point: sae} from --sae_path or --sae_dir, filtered / re-pointed by --layer and --hook_point."""
+    from fastsae.config import check_hook_point
     from fastsae.io import load_sae, load_saes
 
     if args.sae_path:
         sae = load_sae(args.sae_path, device_of(args))
-        sae.config.hook_point = args.hook_point or with_layer(sae.config.hook_point, args.layer)
+        hook_point = args.hook_point or with_layer(sae.config.hook_point, args.layer)
+        sae.config.hook_point = check_hook_point(hook_point, "--hook_point")
         return {sae.config.hook_point: sae}
     saes = load_saes(args.sae_dir, device_of(args))
     if args.layer is not None:
@@ -248,7 +249,7 @@ def run(args) -> int:
             model, tokenizer, model_name = None, None, store.manifest["model_name"]
         for hook_point, sae in saes.items():
             evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"fastsae eval: error: {e}", file=sys.stderr)
         return 2
     return 0

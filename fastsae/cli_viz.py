@@ -9,23 +9,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastsae.cli_args import HelpFormatter, positive_int
 from fastsae.cli_eval import _opt, activations_for, add_source_arguments, load_selected_saes, load_source, out_dir
 
 
 def register(sub) -> None:
-    p = sub.add_parser("viz", help="write static HTML feature dashboards for an SAE")
+    p = sub.add_parser("viz", help="write static HTML feature dashboards for an SAE", formatter_class=HelpFormatter)
     add_arguments(p)
     p.set_defaults(handler=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sae-path", "--sae_path", dest="sae_path", required=True, help="the SAE (directory or .pt)")
+    _opt(p, "sae_path", required=True, help="the SAE (directory or .pt)")
     add_source_arguments(p)
     p.set_defaults(num_tokens=10_000, output_dir="sae_viz")
     which = p.add_mutually_exclusive_group()
     _opt(which, "feature", type=int, action="append", default=None, help="a feature to show (repeatable)")
     _opt(which, "all_features", action="store_true", help="every feature that fires on the text")
-    _opt(p, "top", type=int, default=100, help="otherwise, this many most frequent features")
+    _opt(p, "top", type=positive_int, default=100, help="otherwise, this many most frequent features")
     _opt(p, "neuronpedia", action="store_true", help="also write a Neuronpedia export of these features")
 
 
@@ -42,7 +43,7 @@ def run(args) -> int:
         acts, meta = activations_for(args, model, tokenizer, hook_point)
         write_views(args, sae, acts, meta, model, tokenizer, out_dir(args, hook_point),
                     top_n=None if args.all_features else args.top, features=args.feature, model_name=model_name)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"fastsae viz: error: {e}", file=sys.stderr)
         return 2
     return 0

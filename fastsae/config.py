@@ -2,10 +2,48 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
 DTYPES = ("float32", "bfloat16", "float16")
+
+# Dotted module names ("blocks.3.hook_resid_post", "model.layers.3.mlp"): the name also names
+# output folders, so "..", "/" and empty parts are refused.
+HOOK_POINT_PATTERN = re.compile(r"[\w-]+(\.[\w-]+)*")
+
+# field -> smallest allowed value (integers, checked for type too: "16" and 2.5 are refused)
+_INT_MINIMUM = {"d_in": 1, "d_sae": 1, "k": 1, "expansion_factor": 1, "num_activations": 1, "batch_size": 1,
+                "num_epochs": 1, "warmup_steps": 0, "resample_interval": 0, "eval_every": 1, "save_every": 1,
+                "aux_k": 0, "dead_tokens_threshold": 1, "l1_warmup_steps": 0, "seed": 0}
+# field -> (smallest allowed value, whether that value itself is allowed); every float must be finite
+_FLOAT_MINIMUM = {"l1_coefficient": (0.0, True), "learning_rate": (0.0, False), "dead_latent_threshold": (0.0, True),
+                  "aux_k_coefficient": (0.0, True), "l0_coefficient": (0.0, True), "jumprelu_bandwidth": (0.0, False),
+                  "jumprelu_init_threshold": (0.0, False), "grad_clip": (0.0, True)}
+_BOOLS = ("normalize_decoder", "lr_decay", "normalize_activations")
+
+
+def check_hook_point(name, source: str = "hook_point") -> str:
+    """``name`` if it is a dotted module name, else a ValueError naming ``source``."""
+    if not isinstance(name, str) or not HOOK_POINT_PATTERN.fullmatch(name):
+        raise ValueError(f"{source} must be a dotted module name such as 'blocks.3.hook_resid_post', got {name!r}")
+    return name
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value, minimum: float, inclusive: bool) -> None:
+    relation = ">=" if inclusive else ">"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number {relation} {minimum}, got {value!r}")
+    if value < minimum or (value == minimum and not inclusive):
+        raise ValueError(f"{name} must be a finite number {relation} {minimum}, got {value}")
 
 
 @dataclass
@@ -45,12 +83,22 @@ class SAEConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if not isinstance(self.d_in, int) or self.d_in < 1:
-            raise ValueError(f"d_in must be a positive int, got {self.d_in!r}")
+        """Every field checked for type and range, so a bad value fails here, not hours later."""
+        _check_int("d_in", self.d_in, 1)
+        _check_int("expansion_factor", self.expansion_factor, 1)
         if self.d_sae is None:
             self.d_sae = self.d_in * self.expansion_factor
-        if not isinstance(self.d_sae, int) or self.d_sae < 1:
-            raise ValueError(f"d_sae must be a positive int, got {self.d_sae!r}")
+        for name, minimum in _INT_MINIMUM.items():
+            if not (name == "aux_k" and self.aux_k is None):  # None: the default, set below
+                _check_int(name, getattr(self, name), minimum)
+        for name, (minimum, inclusive) in _FLOAT_MINIMUM.items():
+            _check_float(name, getattr(self, name), minimum, inclusive)
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_hook_point(self.hook_point)
+        if not isinstance(self.extra, dict):
+            raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
@@ -78,5 +126,9 @@ class SAEConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "SAEConfig":
         """Build from a dict, ignoring keys this version does not know."""
+        if not isinstance(d, dict):
+            raise ValueError(f"an SAE config must be a JSON object, got {type(d).__name__}")
+        if "d_in" not in d:
+            raise ValueError("the field 'd_in' is missing")
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

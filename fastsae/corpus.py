@@ -107,8 +107,26 @@ def default_corpus() -> Corpus:
     return Corpus(name=f"python-docs-{version}", documents=_python_docs, fingerprint=f"python-docs-{version}")
 
 
+def _check_text_file(path: Path) -> None:
+    """A one-line error naming the file if its first MiB is not UTF-8 text (a binary file)."""
+    import codecs
+
+    with path.open("rb") as fh:
+        head = fh.read(1 << 20)
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)  # a cut last character is fine
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {path} is not UTF-8 text (byte {e.start}: {head[e.start:e.start + 1]!r})") \
+            from None
+    if b"\x00" in head:
+        raise ValueError(f"corpus file {path} is not text: it contains NUL bytes")
+
+
 def _read_txt(path: Path, split: str) -> Iterator[str]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"corpus file {path} is not UTF-8 text (byte {e.start})") from None
     if split == "file":
         yield text
     else:  # paragraphs: blank-line separated
@@ -128,7 +146,10 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not a JSON line ({e.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get(field), str):
                 raise ValueError(f"{path}:{line_no}: expected a JSON object with a string {field!r} field")
             yield record[field]
@@ -166,6 +187,7 @@ def load_text_corpus(
     for f in files:
         if f.suffix not in (".txt", ".jsonl"):
             raise ValueError(f"unsupported corpus file {f}: expected .txt or .jsonl")
+        _check_text_file(f)
 
     def documents() -> Iterator[str]:
         for f in files:

@@ -55,13 +55,16 @@ def collect(settings: DemoSettings, model, tokenizer, info, hook_point: str):
                             dtype=torch.float32, model_name=info.name)
 
 
-def train(settings: DemoSettings, activations: torch.Tensor, hook_point: str):
+def demo_config(settings: DemoSettings, d_in: int, hook_point: str) -> SAEConfig:
+    return SAEConfig(d_in=d_in, expansion_factor=settings.expansion_factor, k=settings.k, activation="topk",
+                     dtype="float32", hook_point=hook_point, batch_size=settings.batch_size,
+                     num_epochs=settings.num_epochs, learning_rate=settings.learning_rate, warmup_steps=50,
+                     seed=settings.seed)
+
+
+def train(settings: DemoSettings, activations: torch.Tensor, config: SAEConfig):
     from fastsae.trainer import train_sae_from_activations
 
-    config = SAEConfig(d_in=activations.shape[1], expansion_factor=settings.expansion_factor, k=settings.k,
-                       activation="topk", dtype="float32", hook_point=hook_point, batch_size=settings.batch_size,
-                       num_epochs=settings.num_epochs, learning_rate=settings.learning_rate, warmup_steps=50,
-                       seed=settings.seed)
     save_dir = Path(settings.output_dir) / "sae" / f"layer_{settings.layer}"
     sae, trainer = train_sae_from_activations(activations, config, val_split=0.05, device=settings.device,
                                               save_dir=save_dir, verbose=True)
@@ -98,9 +101,10 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     if not 0 <= settings.layer < info.n_layers:
         raise ValueError(f"layer must be in [0, {info.n_layers}) for {info.name}, got {settings.layer}")
     hook_point = f"blocks.{settings.layer}.hook_resid_post"
+    config = demo_config(settings, info.d_model, hook_point)  # a bad k or width fails before collecting
     store = collect(settings, model, tokenizer, info, hook_point)
     activations = store.load_all().float()
-    sae, config, trainer, save_dir = train(settings, activations, hook_point)
+    sae, config, trainer, save_dir = train(settings, activations, config)
     metrics = evaluate(settings, model, tokenizer, sae, config, activations, hook_point)
 
     cache = LatentCache.from_store(sae, store)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -52,7 +53,9 @@ class TokenText:
             elif self.tokenizer is None:
                 text = f"<{token_id}>"
             else:
-                text = self._decode(token_id)
+                text = printable(self._decode(token_id))
+            if len(text) > MAX_TOKEN_CHARS:
+                text = text[:MAX_TOKEN_CHARS - 1] + "\u2026"
             self._memo[token_id] = text
         return self._memo[token_id]
 
@@ -137,8 +140,10 @@ function filter() {
   for (const row of body.rows) row.hidden = !row.textContent.toLowerCase().includes(q);
 }
 search.addEventListener('input', filter);
-// index.html#q=TEXT opens with that search applied, so a filtered list can be linked to
-if (location.hash.startsWith('#q=')) { search.value = decodeURIComponent(location.hash.slice(3)); filter(); }
+// index.html#q=TEXT opens with that search applied, so a filtered list can be linked to; a
+// malformed escape (#q=%E0%A4%A) is searched for as written instead of stopping the script.
+function hashQuery(raw) { try { return decodeURIComponent(raw); } catch (e) { return raw; } }
+if (location.hash.startsWith('#q=')) { search.value = hashQuery(location.hash.slice(3)); filter(); }
 table.tHead.querySelectorAll('th').forEach((th, col) => {
   let ascending = false;
   th.addEventListener('click', () => {
@@ -155,8 +160,17 @@ table.tHead.querySelectorAll('th').forEach((th, col) => {
 """
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+MAX_TOKEN_CHARS = 40  # longer tokens (runs of spaces or symbols in code) are cut with an ellipsis
+
+
+def printable(text: str) -> str:
+    """``text`` with each lone surrogate (which no UTF-8 file can hold) replaced by U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def esc(value) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(printable(str(value)), quote=True)
 
 
 def _shown(token: str) -> str:

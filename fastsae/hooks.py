@@ -35,6 +35,7 @@ __all__ = [
     "find_blocks",
     "forward_tokens",
     "hook_point_map",
+    "hook_width",
     "list_hook_points",
     "model_device",
     "resolve_hook_point",
@@ -433,6 +434,16 @@ def run_collector_batch(collector: ActivationCollector, model: nn.Module, batch:
         pass
     finally:
         collector.stop_when_done = False
+
+
+def hook_width(model: nn.Module, hook_point: str) -> int:
+    """The width of the activations at ``hook_point`` (d_model, or the MLP width for
+    mlp_hidden), from a forward pass over two tokens, so settings that depend on it can be
+    checked before a long collection starts."""
+    with ActivationCollector(model, [hook_point], max_activations=2) as collector:
+        run_collector_batch(collector, model, torch.ones(1, 2, dtype=torch.long))
+        acts = collector.get_activations(hook_point)[hook_point]
+    return int(acts.shape[-1])
 
 
 def collect_activations_from_dataloader(model: nn.Module, dataloader: Iterable, hook_points: str | Iterable[str],

@@ -6,23 +6,35 @@ under ``"fastsae"``) and ``sae_weights.safetensors`` holding ``W_enc [d_in, d_sa
 ``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and, by architecture, ``threshold`` (JumpReLU)
 or ``r_mag`` / ``b_mag`` (Gated). Every write is atomic; no pickle is ever loaded without
 ``weights_only=True``.
+
+The two files of a folder are replaced one after the other, so each save writes one random
+save id into both (the weights' safetensors metadata and cfg.json); a reader that finds
+different ids caught a save in the middle and reads again. A folder is therefore read whole,
+from one save, or not at all. Weight shapes are checked against cfg.json from the
+safetensors header before any tensor is read.
 """
 from __future__ import annotations
 
 import json
 import re
+import time
+import uuid
+import warnings
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fastsae.config import SAEConfig
+from fastsae.config import SAEConfig, check_hook_point
 from fastsae.files import atomic_save_tensors, atomic_write_json
 from fastsae.models import SAE_CLASSES, BaseSAE, create_sae
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "cfg.json"
 SPARSITY_FILE = "sparsity.safetensors"
+SAVE_ID_KEY = "fastsae_save_id"
+READ_ATTEMPTS, READ_RETRY_S = 100, 0.02  # a reader waits up to 2 s for a concurrent save to finish
 
 # fastsae activation -> SAELens architecture
 _ARCHITECTURES = {"topk": "topk", "batchtopk": "topk", "relu": "standard", "jumprelu": "jumprelu",
@@ -67,32 +79,75 @@ def save_sae(sae: BaseSAE, config: SAEConfig | None = None, save_path: str | Pat
     path = Path(save_path)
     if path.suffix in (".pt", ".pth", ".safetensors"):
         path = path.with_suffix("")
-    atomic_save_tensors(path / WEIGHTS_FILE, {k: v.float() for k, v in sae_state(sae).items()})
-    atomic_write_json(path / CONFIG_FILE, saelens_config(config, metadata))
+    state = {k: v.float() for k, v in sae_state(sae).items()}
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FloatingPointError(f"not saving {path}: weights {bad} contain NaN or Inf")
+    save_id = uuid.uuid4().hex
+    cfg = saelens_config(config, metadata)
+    cfg["fastsae"]["save_id"] = save_id
+    atomic_save_tensors(path / WEIGHTS_FILE, state, metadata={SAVE_ID_KEY: save_id})
+    atomic_write_json(path / CONFIG_FILE, cfg)
     return path
 
 
-def _config_from_saelens(cfg: dict) -> SAEConfig:
-    if "fastsae" in cfg:
-        return SAEConfig.from_dict(cfg["fastsae"]["config"])
+def _config_from_saelens(cfg, source: str) -> SAEConfig:
+    """The SAEConfig a cfg.json describes, or a one-line ValueError naming ``source`` and the field."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    try:
+        if isinstance(cfg.get("fastsae"), dict) and isinstance(cfg["fastsae"].get("config"), dict):
+            return SAEConfig.from_dict(cfg["fastsae"]["config"])
+        return _config_from_plain_saelens(cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _config_from_plain_saelens(cfg: dict) -> SAEConfig:
     arch = cfg.get("architecture", "standard")
     activation = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "gated": "gated"}.get(arch)
     if activation is None:
-        raise ValueError(f"cfg.json architecture {arch!r} is not supported; expected topk, standard, jumprelu or gated")
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k") or 1
+        raise ValueError(f"architecture {arch!r} is not supported; expected topk, standard, jumprelu or gated")
+    for name in ("d_in", "d_sae"):
+        if name not in cfg:
+            raise ValueError(f"the field {name!r} is missing")
+    kwargs = cfg.get("activation_fn_kwargs") or {}
+    k = cfg.get("k", kwargs.get("k") if isinstance(kwargs, dict) else None)
+    if activation != "topk":
+        k = 1  # unused by ReLU-family SAEs
+    elif k is None:
+        raise ValueError("a topk SAE needs 'k' (or activation_fn_kwargs.k)")
     hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name") or "blocks.0.hook_resid_post"
-    return SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), activation=activation, k=int(k),
-                     hook_point=hook, dtype="float32")
+    return SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"], activation=activation, k=k,
+                     hook_point=check_hook_point(hook, "hook_name"), dtype="float32")
+
+
+def _check_shapes(shapes: dict[str, tuple], expected: dict[str, tuple], source: str) -> None:
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise ValueError(f"{source} lacks weights {missing}; found {sorted(shapes)}")
+    for name, shape in expected.items():
+        if tuple(shapes[name]) != shape:
+            raise ValueError(f"{source}: weight {name} has shape {tuple(shapes[name])}, expected {shape}")
+
+
+def _expected_shapes(config: SAEConfig) -> dict[str, tuple]:
+    """The SAELens weight shapes of an SAE of this config, without allocating it."""
+    d_in, d_sae = config.d_in, config.d_sae
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if config.activation == "jumprelu":
+        shapes["threshold"] = (d_sae,)
+    if config.activation == "gated":
+        shapes.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
+        del shapes["b_enc"]
+    if config.activation == "batchtopk":
+        shapes["threshold"] = (1,)
+    return shapes
 
 
 def _load_state_into(sae: BaseSAE, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = {k: tuple(v.shape) for k, v in sae_state(sae).items()}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ValueError(f"{source} lacks weights {missing}; found {sorted(state)}")
-    for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ValueError(f"{source}: weight {name} has shape {tuple(state[name].shape)}, expected {shape}")
+    _check_shapes({k: v.shape for k, v in state.items()}, {k: tuple(v.shape) for k, v in sae_state(sae).items()},
+                  source)
     with torch.no_grad():
         sae.enc_weight.copy_(state["W_enc"].t())
         sae.W_dec.copy_(state["W_dec"])
@@ -119,14 +174,43 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
     if not (path / CONFIG_FILE).exists() or not (path / WEIGHTS_FILE).exists():
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE} + {WEIGHTS_FILE} (fastsae / SAELens layout) "
                                 "nor sae.safetensors (sparsify layout)")
+    for _ in range(READ_ATTEMPTS):
+        loaded = _read_one_save(path)
+        if loaded is not None:
+            cfg, config, state = loaded
+            sae = create_sae(config)
+            _load_state_into(sae, state, str(path / WEIGHTS_FILE))
+            fastsae_part = cfg.get("fastsae") if isinstance(cfg.get("fastsae"), dict) else {}
+            sae.metadata = fastsae_part.get("metadata", {})
+            return sae.to(device).eval()
+        time.sleep(READ_RETRY_S)
+    raise ValueError(f"{path}: {CONFIG_FILE} and {WEIGHTS_FILE} stayed from different saves for "
+                     f"{READ_ATTEMPTS * READ_RETRY_S:.0f} s (is another process writing this folder?)")
+
+
+def _read_one_save(path: Path):
+    """(cfg dict, SAEConfig, weights) of one save, or None when the two files are from different
+    saves (a writer is between its two renames). The weights are read from the file opened
+    for the check, so a rename after it cannot mix them."""
+    cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     try:
-        cfg = json.loads((path / CONFIG_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
-    sae = create_sae(_config_from_saelens(cfg))
-    _load_state_into(sae, _read_safetensors(path / WEIGHTS_FILE), str(path / WEIGHTS_FILE))
-    sae.metadata = (cfg.get("fastsae") or {}).get("metadata", {})
-    return sae.to(device).eval()
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    config = _config_from_saelens(cfg, str(cfg_path))
+    expected_id = cfg["fastsae"].get("save_id") if isinstance(cfg.get("fastsae"), dict) else None
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            found_id = (f.metadata() or {}).get(SAVE_ID_KEY)
+            if expected_id is not None and found_id != expected_id:
+                return None
+            _check_shapes({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, _expected_shapes(config),
+                          str(weights_path))
+            return cfg, config, {k: f.get_tensor(k) for k in f.keys()}
+    except ValueError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for truncated/foreign files
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -217,7 +301,11 @@ def load_saes(sae_dir: str | Path, device="cpu", hook_points: list[str] | None =
         found = _candidates(group)
         if not found:
             continue
-        sae = load_sae(max(found, key=_rank), device)
+        try:
+            sae = load_sae(max(found, key=_rank), device)
+        except (ValueError, FileNotFoundError) as e:  # one broken folder must not hide the others
+            warnings.warn(f"skipped {max(found, key=_rank)}: {e}", stacklevel=2)
+            continue
         hook = sae.config.hook_point
         if hook_points is None or hook in hook_points:
             saes[hook] = sae

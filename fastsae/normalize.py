@@ -18,11 +18,22 @@ def finite_rows(sample: torch.Tensor) -> torch.Tensor:
     return sample[keep]
 
 
+OUTLIER_NORM_RATIO = 1000.0  # rows this many times the median norm are left out of the scale
+
+
 def estimate_norm_scale(sample: torch.Tensor) -> float:
-    """s with mean ||s x||^2 = d_in over the sample."""
-    sample = finite_rows(sample.float())
-    mean_sq = sample.pow(2).sum(dim=1).mean().item()
-    if mean_sq <= 0:
+    """s with mean ||s x||^2 = d_in over the sample, in float64.
+
+    Rows whose norm exceeds OUTLIER_NORM_RATIO x the median are left out: a single absurd row
+    (1e19, say) would otherwise set the scale alone and shrink every other row to zero. Real
+    outliers (BOS tokens, tens of times the median) stay in the mean. Training still sees the
+    absurd rows, and stops with an error if their loss overflows.
+    """
+    sq_norms = finite_rows(sample).double().pow(2).sum(dim=1)
+    median = sq_norms.median()
+    kept = sq_norms[sq_norms <= median * OUTLIER_NORM_RATIO**2] if median > 0 else sq_norms
+    mean_sq = kept.mean().item() if kept.numel() else 0.0
+    if not mean_sq > 0:
         raise ValueError("the activation sample is all zeros; cannot normalise it")
     return (sample.shape[1] / mean_sq) ** 0.5
 

@@ -92,6 +92,11 @@ def load_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu", d
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"not a Hugging Face model directory (no config.json): {path}")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f"it holds only pickled weights ({', '.join(pickled)})" if pickled else "it holds no weights"
+        raise ValueError(f"--model {path}: {found}; fastsae loads safetensors weights only (pickle can run code). "
+                         "Convert them once with transformers' save_pretrained(safe_serialization=True)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces next to local_files_only
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -100,7 +105,7 @@ def load_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu", d
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in (config.architectures or []))
     auto = AutoModelForCausalLM if causal else AutoModel
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = auto.from_pretrained(path, local_files_only=True, **kwargs).to(device).eval()
+    model = auto.from_pretrained(path, local_files_only=True, use_safetensors=True, **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer, model_info(model, path.name, config.model_type)
 

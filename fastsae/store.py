@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from fastsae.config import check_hook_point
 from fastsae.files import atomic_save_tensors, atomic_write_json
 from fastsae.hooks import (
     ActivationCollector,
@@ -96,6 +97,7 @@ class ActivationStore:
         if manifest is None:
             raise FileNotFoundError(f"no activation store at {self.store_dir} (missing {MANIFEST})")
         self.manifest = manifest
+        check_hook_point(manifest.get("hook_point"), f"{self.store_dir / MANIFEST}: hook_point")
         expected = {"hook_point": hook_point, "d_in": d_in,
                     "model_fingerprint": model_fingerprint(model) if model is not None else None}
         diffs = _differences(manifest, {k: v for k, v in expected.items() if v is not None})

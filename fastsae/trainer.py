@@ -21,12 +21,15 @@ Definitions a user may want to know:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -54,6 +57,8 @@ _NEVER = 2**62  # "no bad step yet"
 _AUXK = ("topk", "batchtopk")
 _RESAMPLED = ("relu", "gated", "jumprelu")
 _PER_LATENT = ("enc_weight", "W_dec", "b_enc", "r_mag", "b_mag", "log_threshold")
+# Config fields a resumed run may change: they decide when to look and save, not what is learnt.
+RESUMABLE_CHANGES = ("eval_every", "save_every", "extra")
 
 
 # ----------------------------------------------------------------------------- setup helpers
@@ -191,7 +196,8 @@ class SAETrainer:
     """
 
     def __init__(self, sae: BaseSAE, config: SAEConfig, activations, val_activations=None, device="cuda",
-                 save_dir=None, log_every: int = 50, keep_checkpoints: int = 3):
+                 save_dir=None, log_every: int = 50, keep_checkpoints: int = 3,
+                 checkpoint_minutes: float | None = 5.0, metadata: dict | None = None):
         if config.dtype == "float16":
             raise ValueError("config.dtype='float16' cannot train: float16 needs loss scaling, which the trainer "
                              "does not do; use 'bfloat16' (autocast on CUDA) or 'float32'")
@@ -205,6 +211,17 @@ class SAETrainer:
         self.val_data = None if val_activations is None else _source(val_activations, "val_activations", config.d_in)
         self.save_dir = None if save_dir is None else _writable_dir(save_dir)
         self.log_every, self.keep_checkpoints = int(log_every), int(keep_checkpoints)
+        if self.log_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError(f"log_every and keep_checkpoints must be >= 1, got {log_every} and {keep_checkpoints}")
+        if checkpoint_minutes is not None and not checkpoint_minutes > 0:
+            raise ValueError(f"checkpoint_minutes must be > 0 or None, got {checkpoint_minutes}")
+        # A checkpoint also every this many minutes of training, so a killed run loses at most that.
+        self.checkpoint_minutes = checkpoint_minutes
+        # Written into every saved SAE's cfg.json (e.g. model_name, context_size).
+        self.metadata = dict(metadata or {})
+        self.resumed_step: int | None = None  # the step a resume=True run found in its checkpoint
+        self._last_save_time = time.monotonic()
+        self._stop_signal: int | None = None
         self.rank, self.world_size = _dist_info()
         self.global_batch = min(int(config.batch_size), self.data.num_rows)
         if self.global_batch % self.world_size:
@@ -341,10 +358,15 @@ class SAETrainer:
         changing the schedule, so a later resume follows the uninterrupted run exactly."""
         from tqdm.auto import tqdm
 
+        for name, value in (("num_epochs", num_epochs), ("max_steps", max_steps)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         if num_epochs is not None:
             self.total_steps = self.steps_per_epoch * int(num_epochs)
         if resume:
             self._resume_latest()
+        if self.step == 0:
+            self._start_metrics()
         if self._folded:
             unfold_normalization(self.sae, self.scale)
             self._folded = False
@@ -355,16 +377,20 @@ class SAETrainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not verbose or self.rank != 0,
                    desc="train SAE", unit="step", dynamic_ncols=True)
         self._last_log = (time.perf_counter(), self.step)
+        self._last_save_time = time.monotonic()
         self.sae.train()
         try:
-            with ops.input_checks(False):  # NaN scans would sync every op; checked at log steps instead
+            with ops.input_checks(False), self._signals_stop_at_step_end():
+                # NaN scans would sync every op; they are checked at log steps instead.
                 while self.step < stop:
                     for x in self._batches(self.step):
                         out = self.train_step(self._normalized(x))
                         bar.update(1)
                         self._after_step(out, bar, last=self.step == stop)
-                        if self.step == stop:
+                        if self.step == stop or self._stop_signal is not None:
                             break
+                    if self._stop_signal is not None:
+                        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(self._stop_signal).name}")
         except KeyboardInterrupt:
             self._raise_if_nonfinite()
             self._save_checkpoint()
@@ -377,6 +403,29 @@ class SAETrainer:
         self._folded = True
         return self.history
 
+    @contextlib.contextmanager
+    def _signals_stop_at_step_end(self):
+        """While training, SIGINT and SIGTERM finish the current step, save a checkpoint and raise
+        KeyboardInterrupt (a second SIGINT interrupts at once). A stop in the middle of a step
+        would save a half-applied update; a stop between steps resumes bit-identically."""
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._stop_signal = None
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._stop_signal = None
+
     def _after_step(self, out: dict, bar, last: bool) -> None:
         step, cfg = self.step, self.config
         if cfg.activation in _AUXK and step % AUX_CHECK_EVERY == 0:
@@ -388,7 +437,9 @@ class SAETrainer:
         if self.val_data is not None and (step % cfg.eval_every == 0 or last):
             self._raise_if_nonfinite()
             self._evaluate_and_keep_best()
-        if step % cfg.save_every == 0 or last:
+        minutes = self.checkpoint_minutes
+        due = minutes is not None and time.monotonic() - self._last_save_time >= 60 * minutes
+        if step % cfg.save_every == 0 or last or due:
             self._raise_if_nonfinite()
             self._save_checkpoint()
 
@@ -407,6 +458,13 @@ class SAETrainer:
         bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}",
                         dead=f"{100 * record['dead_fraction']:.1f}%", refresh=False)
 
+    def _start_metrics(self) -> None:
+        """A run that starts at step 0 starts a new metrics.jsonl (a killed run that saved no
+        checkpoint would otherwise leave its lines in front of the new run's)."""
+        log = None if self.save_dir is None else self.save_dir / "metrics.jsonl"
+        if log is not None and self.rank == 0 and log.exists():
+            log.unlink()
+
     def _record(self, record: dict) -> None:
         self.history.append(record)
         if self.save_dir is not None and self.rank == 0:
@@ -424,16 +482,24 @@ class SAETrainer:
         self.sae.eval()
         err = sum_x = sum_sq = 0.0
         n = self.val_data.num_rows
+        # After train() returns, the SAE has the scale folded in and takes raw rows.
+        scale = 1.0 if self._folded else self.scale
         with ops.input_checks(False), self._autocast():
             for raw in self.val_data.sequential(batch_size):
-                x = self._normalized(raw)
+                x = raw.to(self.device, torch.float32) * scale
+                if not bool(torch.isfinite(x).all()):
+                    raise FloatingPointError("the validation activations contain NaN or Inf; "
+                                             "the validation FVU would be meaningless")
                 recon = self.sae.loss(x)["reconstruction"].float()
                 err = err + (recon - x).pow(2).sum().double()
                 sum_x = sum_x + x.double().sum(0)
                 sum_sq = sum_sq + x.double().pow(2).sum()
         self.sae.train(was_training)
         total_var = sum_sq - sum_x.pow(2).sum() / n
-        return float(err / total_var)
+        fvu = float(err / total_var)
+        if not math.isfinite(fvu):
+            raise FloatingPointError(f"the validation FVU is {fvu}: the SAE's reconstructions overflow")
+        return fvu
 
     def _evaluate_and_keep_best(self) -> None:
         if self.rank != 0:
@@ -454,7 +520,7 @@ class SAETrainer:
 
     def save_raw_sae(self, path, **metadata) -> Path:
         return save_sae(self.raw_sae(), self.config, path, step=self.step, normalization_scale=self.scale,
-                        **metadata)
+                        **{**self.metadata, **metadata})
 
     def _finish(self) -> None:
         if self.save_dir is None or self.rank != 0:
@@ -527,17 +593,23 @@ class SAETrainer:
         root = self.save_dir / "checkpoints"
         final, tmp = root / f"step_{self.step}", root / f".step_{self.step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
-        tensors["trainer.tokens_since_fired"] = self.tokens_since_fired
-        atomic_save_tensors(tmp / "state.safetensors", tensors)
-        opt_tensors, groups = _flatten_optimizer(self.optimizer)
-        atomic_save_tensors(tmp / "optimizer.safetensors", opt_tensors, metadata={"param_groups": groups})
-        atomic_write_json(tmp / "trainer_state.json", self._trainer_state())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            tmp.mkdir(parents=True)
+            tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+            tensors["trainer.tokens_since_fired"] = self.tokens_since_fired
+            atomic_save_tensors(tmp / "state.safetensors", tensors)
+            opt_tensors, groups = _flatten_optimizer(self.optimizer)
+            atomic_save_tensors(tmp / "optimizer.safetensors", opt_tensors, metadata={"param_groups": groups})
+            atomic_write_json(tmp / "trainer_state.json", self._trainer_state())
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "none was saved"
+            raise OSError(f"could not save the step {self.step} checkpoint in {root} ({e}); {kept}") from e
         self.last_checkpoint = final
+        self._last_save_time = time.monotonic()
         self._prune_checkpoints(root)
 
     def _trainer_state(self) -> dict:
@@ -561,6 +633,7 @@ class SAETrainer:
             warnings.warn("resume=True but no checkpoint found in save_dir; starting from scratch", stacklevel=3)
             return
         self.load_checkpoint(found[-1])
+        self.resumed_step = self.step
 
     def load_checkpoint(self, path) -> None:
         """Restore a checkpoint directory (or the latest under a save_dir / checkpoints dir)."""
@@ -571,7 +644,11 @@ class SAETrainer:
                 raise FileNotFoundError(f"{path} is not a trainer checkpoint (no trainer_state.json) "
                                         "and holds no checkpoints/step_N/")
             path = found[-1]
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = _read_json(path / "trainer_state.json")
+        changed = config_changes(state.get("config", {}), self.config.to_dict())
+        if changed:
+            raise ValueError(f"cannot resume {path}: it was trained with other settings ({'; '.join(changed)}); "
+                             "rerun with the checkpoint's settings, or train into a new output directory")
         if state["global_batch"] != self.global_batch:
             raise ValueError(f"checkpoint {path} was trained with a global batch of {state['global_batch']} rows, "
                              f"this trainer uses {self.global_batch}; the data order would not match")
@@ -601,8 +678,34 @@ class SAETrainer:
         log = None if self.save_dir is None else self.save_dir / "metrics.jsonl"
         if log is None or self.rank != 0 or not log.exists():
             return
-        lines = [ln for ln in log.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_text(log, "".join(ln + "\n" for ln in lines))
+        kept = [r for r in read_metrics(log) if r.get("step", 0) <= step]
+        atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """"field: saved -> current" for each setting a resumed run may not change."""
+    keys = sorted((set(saved) | set(current)) - set(RESUMABLE_CHANGES))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl; a line torn by a kill (only the last can be) is skipped."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _fire_counts(code, d_sae: int) -> torch.Tensor:
@@ -643,7 +746,7 @@ def plot_metrics(metrics_path, png_path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    records = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    records = read_metrics(metrics_path)
     fig = Figure(figsize=(10, 7))
     FigureCanvasAgg(fig)
     panels = [("total_loss", "loss", True), ("fvu", "FVU (train; val dashed)", True), ("l0", "L0", False),

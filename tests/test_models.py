@@ -127,10 +127,23 @@ def test_config_round_trip_and_unknown_keys():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"d_in": 0}, "d_in must be a positive int"),
+    ({"d_in": 0}, "d_in must be an integer >= 1, got 0"),
     ({"d_in": 8, "activation": "softmax"}, "activation must be one of"),
     ({"d_in": 8, "d_sae": 16, "k": 17}, r"k must be in \[1, d_sae=16\], got 17"),
-    ({"d_in": 8, "k": 0}, r"k must be in \[1, d_sae=64\], got 0"),
+    ({"d_in": 8, "k": 0}, "k must be an integer >= 1, got 0"),
+    ({"d_in": 8, "k": "8"}, "k must be an integer >= 1, got '8'"),
+    ({"d_in": 8, "k": 2.5}, "k must be an integer >= 1, got 2.5"),
+    ({"d_in": 8, "aux_k": -1}, "aux_k must be an integer >= 0, got -1"),
+    ({"d_in": 8, "batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"d_in": 8, "save_every": 0}, "save_every must be an integer >= 1, got 0"),
+    ({"d_in": 8, "eval_every": 0}, "eval_every must be an integer >= 1, got 0"),
+    ({"d_in": 8, "num_epochs": -1}, "num_epochs must be an integer >= 1, got -1"),
+    ({"d_in": 8, "l1_coefficient": -1.0}, r"l1_coefficient must be a finite number >= 0.0, got -1.0"),
+    ({"d_in": 8, "learning_rate": float("nan")}, "learning_rate must be a finite number > 0.0, got nan"),
+    ({"d_in": 8, "normalize_decoder": "yes"}, "normalize_decoder must be true or false"),
+    ({"d_in": 8, "hook_point": ".."}, "hook_point must be a dotted module name"),
+    ({"d_in": 8, "hook_point": "blocks/0"}, "hook_point must be a dotted module name"),
+    ({"d_in": 8, "hook_point": 5}, "hook_point must be a dotted module name"),
     ({"d_in": 8, "dtype": "int8"}, "dtype must be one of"),
 ])
 def test_config_rejects_bad_values(kwargs, match):
