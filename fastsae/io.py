@@ -16,6 +16,7 @@ safetensors header before any tensor is read.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 import uuid
@@ -23,7 +24,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file
 
 from fastsae.config import SAEConfig, check_hook_point
@@ -190,8 +191,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
 
 def _read_one_save(path: Path):
     """(cfg dict, SAEConfig, weights) of one save, or None when the two files are from different
-    saves (a writer is between its two renames). The weights are read from the file opened
-    for the check, so a rename after it cannot mix them."""
+    saves (a writer is between its two renames). Header and tensors are read through one open
+    file, so a rename after the check cannot mix two saves."""
     cfg_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -199,18 +200,32 @@ def _read_one_save(path: Path):
         raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
     config = _config_from_saelens(cfg, str(cfg_path))
     expected_id = cfg["fastsae"].get("save_id") if isinstance(cfg.get("fastsae"), dict) else None
+    with open(weights_path, "rb") as f:
+        header = _safetensors_header(f, weights_path)
+        if expected_id is not None and (header.get("__metadata__") or {}).get(SAVE_ID_KEY) != expected_id:
+            return None
+        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+        _check_shapes(shapes, _expected_shapes(config), str(weights_path))
+        f.seek(0)
+        try:
+            return cfg, config, safetensors_load(f.read())
+        except Exception as e:  # safetensors raises its own error types for truncated/foreign files
+            raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
+
+
+def _safetensors_header(f, path: Path) -> dict:
+    """The JSON header of an open safetensors file (8-byte little-endian length, then JSON)."""
+    size = os.fstat(f.fileno()).st_size
+    length = int.from_bytes(f.read(8), "little")
+    if size < 8 or not 2 <= length <= size - 8:
+        raise ValueError(f"{path} is not a readable safetensors file: bad header length")
     try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            found_id = (f.metadata() or {}).get(SAVE_ID_KEY)
-            if expected_id is not None and found_id != expected_id:
-                return None
-            _check_shapes({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, _expected_shapes(config),
-                          str(weights_path))
-            return cfg, config, {k: f.get_tensor(k) for k in f.keys()}
-    except ValueError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for truncated/foreign files
-        raise ValueError(f"{weights_path} is not a readable safetensors file: {e}") from None
+        header = json.loads(f.read(length))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path} is not a readable safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a readable safetensors file: its header is not a JSON object")
+    return header
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

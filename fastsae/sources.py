@@ -99,6 +99,9 @@ def load_hf_model(path: str | os.PathLike, device: str | torch.device = "cpu", d
                          "Convert them once with transformers' save_pretrained(safe_serialization=True)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces next to local_files_only
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a local load takes a second; its bar is noise in logs and --quiet runs
 
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     # Causal LMs keep their head, so the same model can generate for tracking and steering.

@@ -62,3 +62,39 @@ def test_feature_page_shows_top_context_and_script_token_as_text(site):
     assert not re.search(r"<script", dom, re.I)
     assert SCRIPT not in dom
     assert re.search(r'class="tok focus"[^>]*>\s*&lt;script&gt;alert\(1\)&lt;/script&gt;</span>', dom)
+
+
+class OddTokenizer:
+    """Decodes "SURR" to a lone surrogate, as byte-level tokenizers can for a split character."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_bos_token_id(self):
+        return 0
+
+    def encode(self, text, prepend=None, append=None):
+        return self.inner.encode(text)
+
+    def decode(self, ids):
+        return self.inner.decode(ids).replace("SURR", "\udcff")
+
+
+def test_odd_tokens_and_a_malformed_search_link(tmp_path):
+    from test_feature_viz import WordLM, WordTokenizer, identity_sae
+
+    texts = [*TEXTS, f"a {'y' * 300} SURR b", "SURR the cat"]
+    words = WordTokenizer(texts)
+    cache = LatentCache.from_model(identity_sae(), WordLM(words).eval(), words, texts, max_tokens=1000)
+    index = write_dashboard(cache, tmp_path / "site", identity_sae(), OddTokenizer(words))
+    pages = [index, *(tmp_path / "site" / "features").glob("*.html")]
+    for page in pages:
+        text = page.read_bytes().decode("utf-8")  # a lone surrogate would have stopped the write
+        assert "y" * 40 not in text  # the 300-character token is cut
+    assert any("\ufffd" in p.read_text(encoding="utf-8") for p in pages)
+
+    # A malformed escape in the link's search text: searched for as written, the script goes on.
+    dom, log = dump_dom(index.as_uri() + "#q=%E0%A4%A", tmp_path / "profile")
+    assert "Uncaught" not in log
+    rows = re.findall(r"<tr( hidden=\"\")?>(<td data-value=)", dom)
+    assert rows and all(hidden for hidden, _ in rows)  # nothing matches "%E0%A4%A": the filter ran
