@@ -90,6 +90,19 @@ def _input_ids(args, kwargs) -> torch.Tensor | None:
     return None
 
 
+def _token_entry(model: nn.Module) -> nn.Module:
+    """The module that first receives the token ids: the input embedding (Hugging Face's
+    get_input_embeddings, nanochat's transformer.wte), else the model itself."""
+    try:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # a Hugging Face model that does not say where its embedding is
+        embedding = None
+    if embedding is None:
+        transformer = getattr(model, "transformer", None)
+        embedding = getattr(transformer, "wte", None) if transformer is not None else None
+    return embedding if isinstance(embedding, nn.Module) else model
+
+
 def _plain_topk_encode(sae, x: torch.Tensor) -> SparseCode:
     """A TopK SAE's code for the hooks on the torch backend: the backend's own GEMM + ReLU, then
     torch.topk. Values are identical to ``encode_sparse``; only the order among exactly equal
@@ -163,6 +176,17 @@ class InterpretableModel(nn.Module):
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
 
+    def __getattr__(self, name: str):
+        """The wrapped model's attributes (config, get_device, ...), so code written for the model
+        (nanochat's Engine, a Hugging Face pipeline) accepts the wrapper."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None:
+                raise
+            return getattr(model, name)
+
     # -- input at a hook ------------------------------------------------------------------------
     def _sae_input(self, hook_point: str, x: torch.Tensor) -> torch.Tensor:
         """The activation as [N, d_in] in the SAE's dtype, after checks that read no tensor values."""
@@ -227,7 +251,9 @@ class InterpretableModel(nn.Module):
         self.reset_tracking()
         handles = []
         try:
-            handles.append(self.model.register_forward_pre_hook(
+            # The token ids are read where they enter the model, the input embedding, so that a
+            # caller of model.forward() (nanochat's Engine) is seen like a caller of model().
+            handles.append(_token_entry(self.model).register_forward_pre_hook(
                 lambda _m, args, kwargs: self.trace.start_step(_input_ids(args, kwargs)), with_kwargs=True))
             for hp, (module, kind) in self._targets.items():
                 handles.append(add_hook(module, kind, lambda x, hp=hp: self._track(hp, x)))

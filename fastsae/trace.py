@@ -7,9 +7,10 @@ happen later, on demand. The only host reads are in the query methods (``table``
 ``max_activating``), which run after generation.
 
 Positions: a forward whose activation has T > 1 tokens starts a new sequence at position 0 (a
-prefill, or a full-sequence forward); a forward with T == 1 and the same batch size as the
-previous one continues it (a KV-cache decode step). Chunked prefill is not recognised: call
-``Trace.new_sequence()`` between prompts fed one token at a time.
+prefill, or a full-sequence forward); a forward with T == 1 continues it (a KV-cache decode
+step) when it has the previous forward's batch size, or when the previous forward had one row:
+nanochat's Engine prefills a prompt once and decodes ``num_samples`` rows from it. Chunked
+prefill is not recognised: call ``Trace.new_sequence()`` between prompts fed one token at a time.
 """
 from __future__ import annotations
 
@@ -133,7 +134,7 @@ class HookTrace:
 
     def record(self, values: torch.Tensor, indices: torch.Tensor, batch: int, tokens: int, step: int) -> None:
         """Append one forward's [B*T, m] top features (device tensors; no host read)."""
-        continues = tokens == 1 and self._last_batch == batch
+        continues = tokens == 1 and self._last_batch in (batch, 1)
         if not continues:
             self._seq, self._next_pos = self._seq + 1, 0
         chunk = _Chunk(values, indices, step, self._seq, batch, tokens, self._next_pos)

@@ -336,7 +336,7 @@ def test_a_reader_never_mixes_two_saves(tmp_path):
     try:
         while writer.poll() is None:
             sae = load_sae(folder)
-            fill = float(sae.W_dec[0, 0])
+            fill = float(sae.W_dec[0, 0].detach())
             assert (sae.config.k, fill) in ((2, 1.0), (3, 2.0))
             assert bool((sae.W_dec == fill).all())
             seen.add(sae.config.k)

@@ -396,3 +396,48 @@ def test_hf_gpt2_generate_tracks_and_steers(gpt2, ids):
     with im.steering_enabled({attn: (feature, 1.0), "blocks.1.hook_resid_post": ablate(feature)}):
         assert not torch.equal(gpt2(ids).logits, logits)
     assert all_hooks(gpt2) == 0
+
+
+# ----------------------------------------------------------------------------- nanochat's Engine
+
+def _nanochat_engine_setup():
+    stubs = str(Path(__file__).parent / "stubs")
+    sys.path.insert(0, stubs)
+    try:
+        from nanochat.engine import Engine
+        from nanochat.gpt import GPT, GPTConfig
+        from nanochat.tokenizer import ByteTokenizer
+    finally:
+        sys.path.remove(stubs)
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(n_embd=32)).eval()
+    saes = {"blocks.1.hook_resid_post": make_sae(d_in=32, d_sae=64, k=4)}
+    return Engine, gpt, ByteTokenizer(), saes
+
+
+@pytest.mark.parametrize("wrap", [True, False], ids=["engine-on-wrapper", "engine-on-model"])
+def test_engine_with_two_samples_records_positions_and_tokens(wrap):
+    """Engine prefills the prompt once (batch 1) through model.forward, then decodes 2 rows."""
+    Engine, gpt, tokenizer, saes = _nanochat_engine_setup()
+    im = InterpretableModel(gpt, saes)
+    engine = Engine(im if wrap else gpt, tokenizer)  # the wrapper passes get_device and config through
+    prompt = tokenizer.encode("hello there", prepend=tokenizer.get_bos_token_id())
+    with im.interpretation_enabled():
+        rows = engine.generate_batch(prompt, num_samples=2, max_tokens=4)
+    records = im.trace.records("blocks.1.hook_resid_post")
+    n = len(prompt)
+    prefill, decode = records[:n], records[n:]
+    assert [r["position"] for r in prefill] == list(range(n))
+    assert [r["token"] for r in prefill] == prompt
+    # one decode forward per generated column, 2 rows each, continuing at position n
+    assert [(r["batch"], r["position"]) for r in decode] == [(b, n + i) for i in range(4) for b in (0, 1)]
+    assert [r["token"] for r in decode] == [rows[b][n + i] for i in range(4) for b in (0, 1)]
+    assert "?" not in im.trace.table(tokenizer, "blocks.1.hook_resid_post").split("\n", 1)[1]
+
+
+def test_wrapper_passes_model_attributes_through():
+    _, gpt, _, saes = _nanochat_engine_setup()
+    im = InterpretableModel(gpt, saes)
+    assert im.config is gpt.config and im.get_device() == gpt.get_device()
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        im.no_such_thing  # noqa: B018

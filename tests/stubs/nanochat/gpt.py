@@ -68,6 +68,12 @@ class KVCache:
     def __init__(self):
         self.kv = {}
 
+    def expand(self, rows):
+        """A cache for ``rows`` samples continuing this batch-1 prefill."""
+        out = KVCache()
+        out.kv = {layer: (k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)) for layer, (k, v) in self.kv.items()}
+        return out
+
     def append(self, layer, k, v):
         if layer in self.kv:
             k = torch.cat([self.kv[layer][0], k], dim=2)
@@ -88,6 +94,9 @@ class GPT(nn.Module):
         # nanochat mixes the embedding back into the residual before every block
         self.resid_lambdas = nn.Parameter(torch.linspace(1.0, 0.5, config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.linspace(0.1, 0.3, config.n_layer))
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         x = norm(self.transformer.wte(idx))
