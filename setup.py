@@ -15,8 +15,10 @@ setup(
     python_requires=">=3.10",
     # kernels/ lives at the top of the tree but installs as fastsae.kernels: the top-level
     # name `kernels` belongs to Hugging Face's kernel hub package, which nanochat imports.
-    packages=["fastsae", "fastsae.kernels"],
-    package_dir={"fastsae": "fastsae", "fastsae.kernels": "kernels"},
+    # scripts/ is a namespace package (no __init__.py), like nanochat's own scripts/: inside a
+    # nanochat checkout the two merge, so `python -m scripts.sae_train` runs there as the seed says.
+    packages=["fastsae", "fastsae.kernels", "scripts"],
+    package_dir={"fastsae": "fastsae", "fastsae.kernels": "kernels", "scripts": "scripts"},
     package_data={"fastsae": ["templates/*", "py.typed"]},
     install_requires=[
         "torch>=2.1",

@@ -60,9 +60,9 @@ def sae_state(sae: BaseSAE) -> dict[str, torch.Tensor]:
 def saelens_config(config: SAEConfig, metadata: dict | None = None) -> dict:
     metadata = dict(metadata or {})
     layer = re.search(r"\.(\d+)\.", f".{config.hook_point}.")
-    meta = {"model_name": metadata.pop("model_name", "unknown"), "hook_name": config.hook_point,
+    meta = {"model_name": metadata.get("model_name") or "unknown", "hook_name": config.hook_point,
             "hook_layer": int(layer.group(1)) if layer else 0, "hook_head_index": None,
-            "prepend_bos": True, "context_size": metadata.pop("context_size", None)}
+            "prepend_bos": True, "context_size": metadata.get("context_size")}
     cfg = {"architecture": _ARCHITECTURES[config.activation], "d_in": config.d_in, "d_sae": config.d_sae,
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta, **meta}

@@ -62,21 +62,61 @@ def _latest_step(checkpoint_dir: Path) -> int:
     return max(steps)
 
 
+def nanochat_base_dir() -> Path:
+    """Where nanochat keeps its checkpoints: $NANOCHAT_BASE_DIR, by default ~/.cache/nanochat."""
+    return Path(os.environ.get("NANOCHAT_BASE_DIR") or Path.home() / ".cache" / "nanochat")
+
+
+def resolve_checkpoint_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    """A checkpoint path as nanochat resolves it: as given if it exists (absolute, or relative to
+    the current directory), else relative to nanochat's base directory."""
+    path = Path(checkpoint_dir).expanduser()
+    if path.is_dir() or path.is_absolute():
+        return path
+    under_base = nanochat_base_dir() / path
+    if under_base.is_dir():
+        return under_base
+    raise FileNotFoundError(f"nanochat checkpoint directory not found: {path} (looked in the current directory "
+                            f"and in {nanochat_base_dir()}, $NANOCHAT_BASE_DIR)")
+
+
+def _find_nanochat_checkout(start: Path) -> Path | None:
+    """The nearest directory at or above ``start`` holding the nanochat package."""
+    for directory in (start, *start.parents):
+        if (directory / "nanochat" / "__init__.py").is_file() or (directory / "nanochat" / "gpt.py").is_file():
+            return directory
+    return None
+
+
+def import_nanochat(module: str):
+    """Import ``nanochat.<module>``; the nanochat package is not on PyPI, so when it is not
+    importable, the checkout around the current directory is put on sys.path first."""
+    import sys
+
+    try:
+        return importlib.import_module(f"nanochat.{module}")
+    except ImportError as first_error:
+        checkout = _find_nanochat_checkout(Path.cwd().resolve())
+        if checkout is None:
+            raise ImportError("loading a nanochat checkpoint needs the nanochat package, which is not on PyPI: run "
+                              f"from a nanochat checkout or add it to PYTHONPATH ({first_error})") from first_error
+        sys.path.insert(0, str(checkout))
+        return importlib.import_module(f"nanochat.{module}")
+
+
 def load_nanochat_checkpoint(checkpoint_dir: str | os.PathLike, step: int | None = None,
                              device: str | torch.device = "cpu"):
     """A nanochat checkpoint (e.g. base_checkpoints/d20/) -> (model, tokenizer, ModelInfo).
 
     Built with nanochat.checkpoint_manager.build_model(checkpoint_dir, step, device, phase="eval"),
-    so run from a nanochat checkout (or with it on PYTHONPATH). step=None takes the latest.
+    from a nanochat checkout (the current directory or one above it) or with nanochat on
+    PYTHONPATH. A relative path not under the current directory is looked up under
+    $NANOCHAT_BASE_DIR (default ~/.cache/nanochat), as nanochat does. step=None takes the latest.
     """
-    checkpoint_dir = Path(checkpoint_dir)
+    checkpoint_dir = resolve_checkpoint_dir(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         raise FileNotFoundError(f"nanochat checkpoint directory not found: {checkpoint_dir}")
-    try:
-        checkpoint_manager = importlib.import_module("nanochat.checkpoint_manager")
-    except ImportError as e:
-        raise ImportError("loading a nanochat checkpoint needs the nanochat package, which is not on PyPI: run from "
-                          f"a nanochat checkout or add it to PYTHONPATH ({e})") from e
+    checkpoint_manager = import_nanochat("checkpoint_manager")
     step = _latest_step(checkpoint_dir) if step is None else int(step)
     for name in (f"model_{step:06d}.pt", f"meta_{step:06d}.json"):
         if not (checkpoint_dir / name).is_file():

@@ -111,3 +111,41 @@ def test_split_store_holds_out_the_last_whole_shards(tmp_path):
     train, val = split_store(store, 0.99)  # at least one shard is always left to train on
     assert train.shards == store.shards[:1] and torch.equal(val, everything[64:])
     assert split_store(store, 0.0) == (store, None)
+
+
+def test_seed_commands_from_a_nanochat_checkout(tmp_path):
+    """Laid out as a user has it: a nanochat checkout (nanochat/ and its own scripts/, no
+    __init__.py) with fastsae installed and nothing on PYTHONPATH; checkpoints under
+    $NANOCHAT_BASE_DIR. The seed's commands and `fastsae train` run from the checkout."""
+    import shutil
+
+    checkout, base = tmp_path / "nanochat-checkout", tmp_path / "base"
+    shutil.copytree(STUBS / "nanochat", checkout / "nanochat")
+    (checkout / "scripts").mkdir()
+    (checkout / "scripts" / "base_train.py").write_text("print('nanochat base_train ran')\n")
+    _nanochat_checkpoint(base / "base_checkpoints" / "d2")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["NANOCHAT_BASE_DIR"] = str(base)
+
+    def run(*args, python_flags=()):
+        done = subprocess.run([sys.executable, *python_flags, *args], cwd=checkout, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    small = [*SMALL, "--num_activations", "2048", "--batch_size", "128", "--expansion_factor", "2"]
+    run("-m", "scripts.sae_train", "--checkpoint", "base_checkpoints/d2", "--layer", "1", *small)
+    cfg = json.loads((checkout / "sae_outputs" / "layer_1" / "best_model" / "cfg.json").read_text())
+    assert cfg["model_name"] == "nanochat-d2-step7" and cfg["context_size"] == 64
+    assert "nanochat base_train ran" in run("-m", "scripts.base_train").stdout  # nanochat's scripts still run
+    run("-m", "scripts.sae_eval", "--sae_path", "sae_outputs/layer_1/best_model", "--checkpoint",
+        "base_checkpoints/d2", "--num_tokens", "512", "--loss_batches", "1", "--device", "cpu")
+    assert (checkout / "sae_eval" / "layer_1" / "eval_metrics.json").is_file()
+    run("-m", "scripts.sae_viz", "--sae_path", "sae_outputs/layer_1/best_model", "--checkpoint",
+        "base_checkpoints/d2", "--num_tokens", "512", "--top", "3", "--device", "cpu")
+    assert (checkout / "sae_viz" / "layer_1" / "dashboard" / "index.html").is_file()
+    # The console command: -P keeps the current directory off sys.path, as an entry-point script has it.
+    run("-m", "fastsae.cli", "train", "--checkpoint", "base_checkpoints/d2", "--layer", "0", "--hook_type",
+        "mlp_hidden", *small, python_flags=["-P"])
+    hidden = load_sae(checkout / "sae_outputs" / "layer_0" / "best_model")
+    assert hidden.config.hook_point == "blocks.0.hook_mlp_hidden" and hidden.d_in == 64

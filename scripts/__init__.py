@@ -1,1 +1,0 @@
-"""Seed-compatible command lines: ``python -m scripts.sae_train``."""
