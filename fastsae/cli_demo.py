@@ -24,12 +24,15 @@ def register(sub):
     add_option(p, "model", default=None, help="a local Hugging Face model directory")
     add_option(p, "checkpoint", default=None, help="a nanochat checkpoint directory")
     add_option(p, "device", default=defaults.device)
+    add_option(p, "quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
 
 def run(args) -> int:
     from fastsae.demo import DemoSettings, run_demo, summary_table
+    from fastsae.progress import set_quiet
 
+    set_quiet(args.quiet)
     names = {f.name for f in fields(DemoSettings)}
     settings = DemoSettings(**{k: v for k, v in vars(args).items() if k in names})
     try:

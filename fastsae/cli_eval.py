@@ -35,6 +35,7 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     _opt(parser, "batch_size", type=positive_int, default=16, help="sequences per forward pass")
     _opt(parser, "device", default=None, help="default: cuda if available")
     _opt(parser, "output_dir", default="sae_eval", help="where results are written")
+    _opt(parser, "quiet", action="store_true", help="no progress bars")
 
 
 def register(sub) -> None:
@@ -79,6 +80,9 @@ def load_source(args):
         model, tok, info = sources.load_hf_model(args.model, device_of(args))
     else:
         model, tok, info = sources.load_default_model(device_of(args))
+    if not args.quiet:
+        print(f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device_of(args)}",
+              file=sys.stderr)
     return model, tok, info.name
 
 
@@ -230,8 +234,10 @@ def write_views(args, sae, acts, meta, model, tokenizer, out: Path, top_n: int |
 
 
 def run(args) -> int:
+    from fastsae.progress import set_quiet
     from fastsae.store import model_fingerprint
 
+    set_quiet(args.quiet)
     try:
         saes = load_selected_saes(args)
         store = None

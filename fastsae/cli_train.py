@@ -78,12 +78,14 @@ def add_train_arguments(p) -> None:
     add_option(out, "checkpoint_minutes", type=positive_float, default=5.0,
                help="also checkpoint every this many minutes of training")
     add_option(out, "prepare_neuronpedia", action="store_true", help="also write a Neuronpedia export")
-    add_option(out, "quiet", action="store_true", help="no progress bars")
+    add_option(out, "quiet", action="store_true", help="no progress bars or status lines")
 
 
 def train_command(args) -> int:
     from fastsae.files import DirectoryInUseError
+    from fastsae.progress import set_quiet
 
+    set_quiet(args.quiet)
     layer_dir = Path(args.output_dir) / f"layer_{args.layer}"
     created = [d for d in (Path(args.output_dir), layer_dir) if not d.exists()]
     try:

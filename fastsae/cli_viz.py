@@ -32,7 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from fastsae.cli_eval import write_views
+    from fastsae.progress import set_quiet
 
+    set_quiet(args.quiet)
     args.sae_dir = None
     try:
         (hook_point, sae), = load_selected_saes(args).items()

@@ -17,12 +17,12 @@ import re
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from fastsae.config import SAEConfig
 from fastsae.files import atomic_write_json, atomic_write_text
 from fastsae.latent_cache import LatentCache
 from fastsae.models import BaseSAE
+from fastsae.progress import progress_bar
 
 # ----------------------------------------------------------------------------- tokens and logits
 
@@ -297,7 +297,7 @@ def write_dashboard(cache: LatentCache, output_dir: str | Path, sae: BaseSAE | N
     title = title or (f"SAE features at {sae.config.hook_point}" if sae is not None else "SAE features")
     linked = set(features)
     rows = []
-    for f in tqdm(features, desc="feature pages", unit="feature", disable=not progress):
+    for f in progress_bar(features, desc="feature pages", unit="feature", disable=not progress):
         data = feature_data(cache, f, text, sae, W_U, **data_kwargs)
         atomic_write_text(output_dir / "features" / f"{f}.html", render_feature_page(data, title, linked))
         rows.append(index_row(data))

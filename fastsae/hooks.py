@@ -22,9 +22,9 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastsae.files import atomic_save_tensors
+from fastsae.progress import progress_bar
 
 __all__ = [
     "HOOK_KINDS",
@@ -457,7 +457,7 @@ def collect_activations_from_dataloader(model: nn.Module, dataloader: Iterable, 
     (and optional doc_ids/positions), or TokenBatch. Returns {hook_point: Tensor[N, d]}.
     """
     collector = ActivationCollector(model, hook_points, max_activations, device, save_path, dtype, drop_bos)
-    with collector, tqdm(total=max_activations, unit="tok", disable=not verbose, desc="collect") as bar:
+    with collector, progress_bar(total=max_activations, unit="tok", disable=not verbose, desc="collect") as bar:
         for batch in dataloader:
             run_collector_batch(collector, model, batch)
             bar.update(min(collector.counts.values()) - bar.n)

@@ -14,10 +14,10 @@ from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from fastsae.files import atomic_save_tensors
 from fastsae.models import BaseSAE
+from fastsae.progress import progress_bar
 
 _FIELDS = ("values", "indices", "row_offsets", "token_ids", "doc_ids", "positions")
 
@@ -226,7 +226,7 @@ def iter_activations(model, tokenizer, texts: Iterable[str], hook_point: str, ma
     from fastsae.hooks import ActivationCollector, run_collector_batch
 
     collector = ActivationCollector(model, hook_point, max_activations=max_tokens, dtype=torch.float32)
-    with collector, tqdm(total=max_tokens, unit="tok", disable=not progress, desc="activations") as bar:
+    with collector, progress_bar(total=max_tokens, unit="tok", disable=not progress, desc="activations") as bar:
         for batch in iter_token_batches(tokenizer, texts, context_length, batch_size):
             run_collector_batch(collector, model, batch)
             acts, meta = collector.pop(hook_point)

@@ -30,7 +30,6 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fastsae.config import check_hook_point
 from fastsae.files import atomic_save_tensors, atomic_write_json
@@ -41,6 +40,7 @@ from fastsae.hooks import (
     resolve_hook_point,
     run_collector_batch,
 )
+from fastsae.progress import progress_bar
 
 __all__ = ["ActivationStore", "StoreMismatchError", "collect_to_store", "model_fingerprint"]
 
@@ -361,7 +361,7 @@ def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_po
     # one synchronisation) per shard, not per batch.
     collector = ActivationCollector(model, [hook_point], max_activations=2**62, device=model_device(model),
                                     dtype=dtype, drop_bos=drop_bos)
-    bar = tqdm(total=max_tokens, initial=done, unit="tok", desc=f"collect {hook_point}", disable=not progress)
+    bar = progress_bar(total=max_tokens, initial=done, unit="tok", desc=f"collect {hook_point}", disable=not progress)
     exhausted = True
     with collector, bar:
         for batch in iter_token_batches(tokenizer, corpus, context_length, batch_size):

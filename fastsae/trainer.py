@@ -356,7 +356,7 @@ class SAETrainer:
         """Train for ``num_epochs`` (default config.num_epochs). ``resume=True`` continues from the
         latest checkpoint in save_dir; ``max_steps`` stops early (with a checkpoint) without
         changing the schedule, so a later resume follows the uninterrupted run exactly."""
-        from tqdm.auto import tqdm
+        from fastsae.progress import progress_bar
 
         for name, value in (("num_epochs", num_epochs), ("max_steps", max_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -374,7 +374,7 @@ class SAETrainer:
             self._initialise()
         self._write_config()
         stop = self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not verbose or self.rank != 0,
+        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not verbose or self.rank != 0,
                    desc="train SAE", unit="step", dynamic_ncols=True)
         self._last_log = (time.perf_counter(), self.step)
         self._last_save_time = time.monotonic()
@@ -749,17 +749,19 @@ def plot_metrics(metrics_path, png_path) -> Path:
     records = read_metrics(metrics_path)
     fig = Figure(figsize=(10, 7))
     FigureCanvasAgg(fig)
-    panels = [("total_loss", "loss", True), ("fvu", "FVU (train; val dashed)", True), ("l0", "L0", False),
+    panels = [("total_loss", "loss", True), ("fvu", "FVU", True), ("l0", "L0", False),
               ("dead_fraction", "dead fraction", False)]
     for i, (key, title, log_y) in enumerate(panels):
         ax = fig.add_subplot(2, 2, i + 1)
         pts = [(r["step"], r[key]) for r in records if key in r]
         if pts:
-            ax.plot(*zip(*pts))
+            ax.plot(*zip(*pts), label="train")
         if key == "fvu":
             val = [(r["step"], r["val_fvu"]) for r in records if "val_fvu" in r]
-            if val:
-                ax.plot(*zip(*val), linestyle="--")
+            if val:  # markers: a short run has one or two evaluations, which a line alone would hide
+                ax.plot(*zip(*val), linestyle="--", marker="o", label="validation")
+            if pts or val:
+                ax.legend()
         if log_y and pts and min(v for _, v in pts) > 0:
             ax.set_yscale("log")
         ax.set_title(title)

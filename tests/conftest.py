@@ -26,3 +26,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def stub_store(tmp_path_factory):
+    """An activation store from the nanochat stand-in (d_model 32), collected once."""
+    import sys
+    from pathlib import Path
+
+    from fastsae.corpus import Corpus
+    from fastsae.store import collect_to_store
+
+    stubs = str(Path(__file__).parent / "stubs")
+
+    sys.path.insert(0, stubs)
+    try:
+        from nanochat.gpt import GPT, GPTConfig
+        from nanochat.tokenizer import ByteTokenizer
+    finally:
+        sys.path.remove(stubs)
+    torch.manual_seed(0)
+    texts = Corpus("words", lambda: [f"document {i} says " + "word " * (3 + i % 7) for i in range(400)], "words-400")
+    path = tmp_path_factory.mktemp("store") / "acts"
+    collect_to_store(GPT(GPTConfig(n_embd=32)).eval(), ByteTokenizer(), texts, "blocks.1.hook_resid_post", path,
+                     2560, shard_tokens=512, progress=False)
+    return path

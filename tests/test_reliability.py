@@ -30,29 +30,9 @@ TRAIN = ["--batch_size", "128", "--num_epochs", "40", "--expansion_factor", "4",
          "--quiet", "--val_split", "0.2"]
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    """An activation store from the nanochat stand-in (d_model 32), collected once."""
-    from fastsae.corpus import Corpus
-    from fastsae.store import collect_to_store
-
-    sys.path.insert(0, str(STUBS))
-    try:
-        from nanochat.gpt import GPT, GPTConfig
-        from nanochat.tokenizer import ByteTokenizer
-    finally:
-        sys.path.remove(str(STUBS))
-    torch.manual_seed(0)
-    texts = Corpus("words", lambda: [f"document {i} says " + "word " * (3 + i % 7) for i in range(400)], "words-400")
-    path = tmp_path_factory.mktemp("store") / "acts"
-    collect_to_store(GPT(GPTConfig(n_embd=32)).eval(), ByteTokenizer(), texts, "blocks.1.hook_resid_post", path,
-                     2560, shard_tokens=512, progress=False)
-    return path
-
-
-def train_process(store, out, *extra, **popen):
+def train_process(stub_store, out, *extra, **popen):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "fastsae.cli", "train", "--layer", "1", "--activations", str(store),
+    cmd = [sys.executable, "-m", "fastsae.cli", "train", "--layer", "1", "--activations", str(stub_store),
            "--output_dir", str(out), *TRAIN, *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -70,9 +50,9 @@ def final_weights(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(store, tmp_path_factory):
+def uninterrupted(stub_store, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole")
-    proc = train_process(store, out, "--max_steps", "400", "--save_every", "1000")
+    proc = train_process(stub_store, out, "--max_steps", "400", "--save_every", "1000")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return out
@@ -92,24 +72,24 @@ def assert_same_run(out: Path, reference: Path, step: int = 400) -> None:
     assert steps == sorted(set(steps)) and steps[-1] == step  # no step twice, none torn
 
 
-def test_sigkill_then_resume_follows_the_uninterrupted_run(store, uninterrupted, tmp_path):
+def test_sigkill_then_resume_follows_the_uninterrupted_run(stub_store, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = train_process(store, out, "--max_steps", "400", "--save_every", "40")
+    proc = train_process(stub_store, out, "--max_steps", "400", "--save_every", "40")
     wait_for_checkpoint(out, proc)
     proc.kill()
     proc.wait()
     metrics = out / "layer_1" / "metrics.jsonl"
     with metrics.open("a") as f:
         f.write('{"step": 3, "fv')  # the torn last line a kill can leave
-    resumed = train_process(store, out, "--max_steps", "400", "--save_every", "40", "--resume")
+    resumed = train_process(stub_store, out, "--max_steps", "400", "--save_every", "40", "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert_same_run(out, uninterrupted)
 
 
-def test_sigterm_saves_a_checkpoint_at_a_step_boundary(store, uninterrupted, tmp_path):
+def test_sigterm_saves_a_checkpoint_at_a_step_boundary(stub_store, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    proc = train_process(store, out, "--max_steps", "400", "--save_every", "10")
+    proc = train_process(stub_store, out, "--max_steps", "400", "--save_every", "10")
     wait_for_checkpoint(out, proc)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -117,19 +97,19 @@ def test_sigterm_saves_a_checkpoint_at_a_step_boundary(store, uninterrupted, tmp
     assert "stopped by signal SIGTERM" in err and "--resume" in err and "Traceback" not in err
     latest = max((out / "layer_1" / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))
     assert json.loads((latest / "trainer_state.json").read_text())["step"] == int(latest.name[5:]) < 400
-    resumed = train_process(store, out, "--max_steps", "400", "--save_every", "10", "--resume")
+    resumed = train_process(stub_store, out, "--max_steps", "400", "--save_every", "10", "--resume")
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert_same_run(out, uninterrupted)
 
 
-def test_full_disk_is_one_line_and_leaves_no_temporary_files(store, tmp_path):
+def test_full_disk_is_one_line_and_leaves_no_temporary_files(stub_store, tmp_path):
     def limit_file_size():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     out = tmp_path / "run"
-    proc = train_process(store, out, "--max_steps", "20", "--save_every", "10", preexec_fn=limit_file_size)
+    proc = train_process(stub_store, out, "--max_steps", "20", "--save_every", "10", preexec_fn=limit_file_size)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
     assert err.count("\n") == 1 and "fastsae train: error: could not save the step 10 checkpoint" in err
@@ -138,9 +118,10 @@ def test_full_disk_is_one_line_and_leaves_no_temporary_files(store, tmp_path):
     assert left == []
 
 
-def test_resume_with_other_settings_is_refused(store, tmp_path, capsys):
+def test_resume_with_other_settings_is_refused(stub_store, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--layer", "1", "--activations", str(store), "--output_dir", str(out), *TRAIN, "--max_steps", "3"]
+    args = ["train", "--layer", "1", "--activations", str(stub_store), "--output_dir", str(out), *TRAIN,
+            "--max_steps", "3"]
     assert main(args) == 0
     changed = [*args, "--resume", "--k", "8", "--learning_rate", "1e-2", "--seed", "5"]
     assert main(changed) == 1
@@ -149,18 +130,18 @@ def test_resume_with_other_settings_is_refused(store, tmp_path, capsys):
     assert "seed: 0 -> 5" in err
 
 
-def test_a_second_run_into_a_locked_folder_is_refused(store, tmp_path, capsys):
+def test_a_second_run_into_a_locked_folder_is_refused(stub_store, tmp_path, capsys):
     out = tmp_path / "run"
     with DirectoryLock(out / "layer_1", "fastsae train"):
-        args = ["train", "--layer", "1", "--activations", str(store), "--output_dir", str(out), *TRAIN]
+        args = ["train", "--layer", "1", "--activations", str(stub_store), "--output_dir", str(out), *TRAIN]
         assert main(args) == 1
     err = capsys.readouterr().err
     assert f"{out / 'layer_1'} is in use by fastsae train (pid {os.getpid()})" in err
     assert not (out / "layer_1" / "metrics.jsonl").exists()
 
 
-def test_resume_of_a_finished_run_says_so(store, tmp_path, capsys):
-    args = ["train", "--layer", "1", "--activations", str(store), "--output_dir", str(tmp_path), *TRAIN,
+def test_resume_of_a_finished_run_says_so(stub_store, tmp_path, capsys):
+    args = ["train", "--layer", "1", "--activations", str(stub_store), "--output_dir", str(tmp_path), *TRAIN,
             "--num_epochs", "1"]
     assert main(args) == 0
     capsys.readouterr()
@@ -296,13 +277,13 @@ def test_one_broken_sae_does_not_hide_the_others(tmp_path):
     assert list(saes) == ["blocks.0.hook_resid_post"]
 
 
-def test_store_with_a_path_like_hook_point_is_refused(store, tmp_path):
+def test_store_with_a_path_like_hook_point_is_refused(stub_store, tmp_path):
     import shutil
 
     from fastsae.store import ActivationStore
 
     copy = tmp_path / "acts"
-    shutil.copytree(store, copy)
+    shutil.copytree(stub_store, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     (copy / "manifest.json").write_text(json.dumps({**manifest, "hook_point": ".."}))
     with pytest.raises(ValueError, match="manifest.json: hook_point must be a dotted module name"):
