@@ -31,6 +31,9 @@ def add_source_arguments(parser: argparse.ArgumentParser) -> None:
     _opt(parser, "hook_point", default=None, help="override the SAE's hook point")
     _opt(parser, "num_tokens", "num_activations", "tokens", type=positive_int, default=20_000,
          help="tokens of activations to use")
+    _opt(parser, "skip_tokens", type=nonnegative_int, default=None,
+         help="tokens of the text to skip first (default: the tokens the SAE was trained on, when it was "
+              "trained on this text, so the evaluation is held out)")
     _opt(parser, "context_length", type=positive_int, default=128)
     _opt(parser, "batch_size", type=positive_int, default=16, help="sequences per forward pass")
     _opt(parser, "device", default=None, help="default: cuda if available")
@@ -121,11 +124,31 @@ def out_dir(args, hook_point: str) -> Path:
     return Path(args.output_dir) / name
 
 
-def activations_for(args, model, tokenizer, hook_point: str):
+def activations_for(args, model, tokenizer, hook_point: str, sae=None):
+    """Activations of the text at the hook point, past what the SAE was trained on (see held_out_skip)."""
     from fastsae.latent_cache import collect_activations
 
-    return collect_activations(model, tokenizer, load_texts(args), hook_point, args.num_tokens,
-                               args.context_length, args.batch_size, progress=True)
+    texts = load_texts(args)
+    skip, where = held_out_skip(args, texts, sae)
+    if not args.quiet:
+        print(f"text: {texts.name}, {where}", file=sys.stderr)
+    return collect_activations(model, tokenizer, texts, hook_point, args.num_tokens, args.context_length,
+                               args.batch_size, progress=True, skip_tokens=skip)
+
+
+def held_out_skip(args, texts, sae) -> tuple[int, str]:
+    """(tokens to skip, a phrase saying which tokens are evaluated). An SAE trained by fastsae
+    records its corpus and how many tokens it was trained on; on that same corpus, they are
+    skipped unless --skip_tokens says otherwise."""
+    if args.skip_tokens is not None:
+        return args.skip_tokens, f"from token {args.skip_tokens} (--skip_tokens)"
+    meta = getattr(sae, "metadata", None) or {}
+    trained_on, count = meta.get("corpus") or {}, meta.get("num_tokens_collected")
+    if not trained_on or count is None:
+        return 0, "from its start (the SAE records no training text)"
+    if trained_on.get("fingerprint") != getattr(texts, "fingerprint", None):
+        return 0, f"from its start (the SAE was trained on another text, {trained_on.get('name')})"
+    return int(count), f"held out: past the first {count} tokens, which the SAE was trained on"
 
 
 def open_store(args, saes: dict):
@@ -184,14 +207,15 @@ def evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store=None
     if store is not None:
         acts, meta = store_activations(store, args.num_tokens)
     else:
-        acts, meta = activations_for(args, model, tokenizer, hook_point)
+        acts, meta = activations_for(args, model, tokenizer, hook_point, sae)
     metrics = SAEEvaluator(sae).evaluate(acts)
     notes = []
     if args.loss_batches > 0 and model is None:
         notes.append("loss recovered: skipped, it runs the model (give --checkpoint or --model with --store)")
     elif args.loss_batches > 0:
+        skip, _ = held_out_skip(args, load_texts(args), sae)
         batches = itertools.islice(iter_token_batches(tokenizer, load_texts(args), args.context_length,
-                                                      args.batch_size), args.loss_batches)
+                                                      args.batch_size, skip_tokens=skip), args.loss_batches)
         metrics.loss_recovered = loss_recovered(model, sae, hook_point, batches)
     out = out_dir(args, hook_point)
     result = {"hook_point": hook_point, "model": model_name, **metrics.to_dict()}

@@ -232,7 +232,7 @@ def _model_metadata(store, args) -> dict:
     """What every saved SAE's cfg.json records about where its activations came from."""
     manifest = store.manifest
     return {"model_name": manifest.get("model_name"), "context_size": manifest.get("context_length"),
-            "num_tokens_collected": store.num_tokens}
+            "num_tokens_collected": store.num_tokens, "corpus": manifest.get("corpus")}
 
 
 def _say(args, line: str) -> None:

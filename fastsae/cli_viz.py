@@ -42,7 +42,7 @@ def run(args) -> int:
             if not 0 <= f < sae.d_sae:
                 raise ValueError(f"--feature {f} is out of range: the SAE has {sae.d_sae} features")
         model, tokenizer, model_name = load_source(args)
-        acts, meta = activations_for(args, model, tokenizer, hook_point)
+        acts, meta = activations_for(args, model, tokenizer, hook_point, sae)
         write_views(args, sae, acts, meta, model, tokenizer, out_dir(args, hook_point),
                     top_n=None if args.all_features else args.top, features=args.feature, model_name=model_name)
     except (ValueError, OSError, ImportError, RuntimeError) as e:

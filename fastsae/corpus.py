@@ -262,11 +262,13 @@ def iter_token_chunks(tokenizer, corpus: Iterable[str], context_length: int) -> 
 
 
 def iter_token_batches(tokenizer, corpus: Iterable[str], context_length: int = 128,
-                       batch_size: int = 32) -> Iterator[TokenBatch]:
+                       batch_size: int = 32, skip_tokens: int = 0) -> Iterator[TokenBatch]:
     """Tokenized corpus as TokenBatch(input_ids, attention_mask, doc_ids, positions), each (B, T).
 
     One context window per row, right-padded to the longest row of the batch (pad positions have
     attention_mask 0, doc_id -1). Deterministic: the same corpus gives the same batches.
+    ``skip_tokens``: context windows are left out until at least that many tokens were (whole
+    windows, so text an SAE was trained on on this corpus stays out of its evaluation).
     """
     if context_length < 2 or batch_size < 1:
         raise ValueError(f"need context_length >= 2 and batch_size >= 1, got {context_length}, {batch_size}")
@@ -285,7 +287,11 @@ def iter_token_batches(tokenizer, corpus: Iterable[str], context_length: int = 1
         positions = torch.arange(width).expand(len(rows), width).clone()
         return TokenBatch(input_ids, mask, doc_ids, positions)
 
+    skipped = 0
     for row in iter_token_chunks(tokenizer, corpus, context_length):
+        if skipped < skip_tokens:
+            skipped += len(row[1])
+            continue
         rows.append(row)
         if len(rows) == batch_size:
             yield make_batch()

@@ -219,15 +219,16 @@ class LatentCache:
 
 def iter_activations(model, tokenizer, texts: Iterable[str], hook_point: str, max_tokens: int,
                      context_length: int = 128, batch_size: int = 16,
-                     progress: bool = False) -> Iterator[tuple[torch.Tensor, dict]]:
+                     progress: bool = False, skip_tokens: int = 0) -> Iterator[tuple[torch.Tensor, dict]]:
     """(activations [n, d], {"token_ids", "doc_ids", "positions"}) per batch of tokenized text,
-    until ``max_tokens`` real tokens (padding dropped)."""
+    until ``max_tokens`` real tokens (padding dropped), after the first ``skip_tokens`` tokens
+    (see ``iter_token_batches``), which the model does not run on."""
     from fastsae.corpus import iter_token_batches
     from fastsae.hooks import ActivationCollector, run_collector_batch
 
     collector = ActivationCollector(model, hook_point, max_activations=max_tokens, dtype=torch.float32)
     with collector, progress_bar(total=max_tokens, unit="tok", disable=not progress, desc="activations") as bar:
-        for batch in iter_token_batches(tokenizer, texts, context_length, batch_size):
+        for batch in iter_token_batches(tokenizer, texts, context_length, batch_size, skip_tokens=skip_tokens):
             run_collector_batch(collector, model, batch)
             acts, meta = collector.pop(hook_point)
             if acts is not None and acts.shape[0]:
@@ -239,12 +240,13 @@ def iter_activations(model, tokenizer, texts: Iterable[str], hook_point: str, ma
 
 def collect_activations(model, tokenizer, texts: Iterable[str], hook_point: str, max_tokens: int,
                         context_length: int = 128, batch_size: int = 16,
-                        progress: bool = False) -> tuple[torch.Tensor, dict]:
+                        progress: bool = False, skip_tokens: int = 0) -> tuple[torch.Tensor, dict]:
     """All of ``iter_activations`` concatenated: (activations [N, d], metadata {name: [N]})."""
     chunks = list(iter_activations(model, tokenizer, texts, hook_point, max_tokens, context_length, batch_size,
-                                   progress))
+                                   progress, skip_tokens))
     if not chunks:
-        raise ValueError("the texts produced no token")
+        after = f" after the first {skip_tokens} tokens" if skip_tokens else ""
+        raise ValueError(f"the texts produced no token{after}")
     acts = torch.cat([a for a, _ in chunks])
     meta = {k: torch.cat([m[k] for _, m in chunks]) for k in chunks[0][1]}
     return acts, meta

@@ -149,3 +149,48 @@ def test_seed_commands_from_a_nanochat_checkout(tmp_path):
         "mlp_hidden", *small, python_flags=["-P"])
     hidden = load_sae(checkout / "sae_outputs" / "layer_0" / "best_model")
     assert hidden.config.hook_point == "blocks.0.hook_mlp_hidden" and hidden.d_in == 64
+
+
+def test_eval_of_a_trained_sae_is_held_out_by_default(tmp_path, capsys):
+    """fastsae train records its corpus and token count; fastsae eval on the same text skips
+    those tokens (the loss-recovered batches too) unless --skip_tokens says otherwise."""
+    from fastsae.corpus import iter_token_batches, load_text_corpus
+    from fastsae.io import load_sae
+
+    ckpt = tmp_path / "d2"
+    _nanochat_checkpoint(ckpt)
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "some words here " * (1 + i % 9)}) + "\n"
+                              for i in range(300)))
+    env_stubs = str(STUBS)
+    sys.path.insert(0, env_stubs)
+    try:
+        out = tmp_path / "out"
+        assert main(["train", "--checkpoint", str(ckpt), "--layer", "1", "--corpus", str(corpus), "--output_dir",
+                     str(out), *SMALL, "--num_activations", "2048", "--batch_size", "128"]) == 0
+        sae_path = out / "layer_1" / "best_model"
+        meta = load_sae(sae_path).metadata
+        assert meta["num_tokens_collected"] >= 2048 and meta["corpus"]["name"] == "docs.jsonl"
+        common = ["eval", "--sae_path", str(sae_path), "--checkpoint", str(ckpt), "--texts", str(corpus),
+                  "--num_tokens", "512", "--loss_batches", "1", "--device", "cpu", "--context_length", "64"]
+        capsys.readouterr()
+        assert main([*common, "--output_dir", str(tmp_path / "held")]) == 0
+        err = capsys.readouterr().err
+        assert f"held out: past the first {meta['num_tokens_collected']} tokens" in err
+        assert main([*common, "--output_dir", str(tmp_path / "start"), "--skip_tokens", "0"]) == 0
+        assert "from token 0 (--skip_tokens)" in capsys.readouterr().err
+    finally:
+        sys.path.remove(env_stubs)
+    held = json.loads((tmp_path / "held" / "layer_1" / "eval_metrics.json").read_text())
+    start = json.loads((tmp_path / "start" / "layer_1" / "eval_metrics.json").read_text())
+    assert held["fvu"] != start["fvu"]  # other tokens
+
+    from nanochat.tokenizer import ByteTokenizer  # imported above through the stubs path
+
+    texts = load_text_corpus(corpus)
+    everything = [b for b in iter_token_batches(ByteTokenizer(), texts, 64, 1)]
+    skipped = list(iter_token_batches(ByteTokenizer(), texts, 64, 1, skip_tokens=100))
+    sizes = [int(b.attention_mask.sum()) for b in everything]
+    first_kept = next(i for i in range(len(sizes)) if sum(sizes[:i]) >= 100)
+    assert torch.equal(skipped[0].input_ids, everything[first_kept].input_ids)
+    assert len(skipped) == len(everything) - first_kept
