@@ -25,6 +25,11 @@ def register(sub):
     add_option(p, "checkpoint", default=None, help="a nanochat checkpoint directory")
     add_option(p, "device", default=defaults.device)
     add_option(p, "quiet", action="store_true", help="no progress bars")
+    from fastsae.feature_viz import SHOWCASE_MODES
+
+    add_option(p, "features", choices=SHOWCASE_MODES, default=defaults.features,
+               help="which features the dashboard shows: spread over density bands, most readable first (the "
+                    "densest 5%% skipped); sparse; dense (most frequent first); all")
     p.set_defaults(handler=run)
 
 

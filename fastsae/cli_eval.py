@@ -58,7 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "in store order) instead of running the model; a model (--checkpoint / --model) is then "
                         "only loaded if given, for the loss recovered and the dashboards' token text")
     _opt(p, "generate_dashboards", action="store_true", help="also write HTML feature dashboards")
-    _opt(p, "max_features", type=positive_int, default=256, help="dashboard pages for this many most frequent features")
+    _opt(p, "max_features", type=positive_int, default=256, help="dashboard pages for this many features")
+    add_showcase_option(p)
     _opt(p, "neuronpedia", action="store_true", help="also write a Neuronpedia export")
     _opt(p, "loss_batches", type=nonnegative_int, default=4, help="batches for the loss-recovered test (0 to skip)")
 
@@ -185,14 +186,12 @@ def store_activations(store, num_tokens: int):
     return acts, {k: meta[k] for k in ("token_ids", "doc_ids", "positions")}
 
 
-def top_features(cache, n: int | None) -> list[int]:
-    """Live latents, most frequent first (all of them when n is None)."""
-    import torch
+def add_showcase_option(p) -> None:
+    from fastsae.feature_viz import SHOWCASE_MODES
 
-    counts = cache.counts()
-    order = torch.sort(counts, descending=True, stable=True).indices
-    live = order[counts[order] > 0].tolist()
-    return live if n is None else live[:n]
+    _opt(p, "features", dest="showcase", choices=SHOWCASE_MODES, default="spread",
+         help="which features get pages: spread over density bands, most readable first (the densest 5%% "
+              "skipped); sparse; dense (most frequent first); all")
 
 
 # ----------------------------------------------------------------------------- the command
@@ -234,19 +233,20 @@ def evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store=None
 def write_views(args, sae, acts, meta, model, tokenizer, out: Path, top_n: int | None, metrics=None,
                 features: list[int] | None = None, model_name: str = "model") -> None:
     """Dashboard (and Neuronpedia export when asked) from one latent cache."""
-    from fastsae.feature_viz import unembedding, write_dashboard
+    from fastsae.feature_viz import showcase_features, unembedding, write_dashboard
     from fastsae.latent_cache import LatentCache
 
     cache = LatentCache.from_activations(sae, acts, **meta)
     cache.save(out / "latent_cache.safetensors")  # LatentCache.load() gives every view back without the model
-    features = features if features is not None else top_features(cache, top_n)
+    if features is None:
+        features = showcase_features(cache, top_n or 0, "all" if top_n is None else args.showcase)
     W_U = unembedding(model)
     metrics = metrics or {}
     summary = {k: metrics[k] for k in ("mse_loss", "fvu", "l0_mean", "dead_latent_fraction") if k in metrics}
     if metrics.get("loss_recovered"):
         summary["loss recovered"] = metrics["loss_recovered"]["fraction_recovered"]
     index = write_dashboard(cache, out / "dashboard", sae, tokenizer, W_U, features, summary=summary,
-                            progress=True)
+                            progress=True, model_name=model_name)
     print(f"dashboard: {index} ({len(features)} features)")
     if getattr(args, "neuronpedia", False):
         from fastsae.neuronpedia import NeuronpediaUploader

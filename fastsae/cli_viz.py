@@ -1,8 +1,9 @@
 """``fastsae viz``: feature dashboards for one SAE from real activations of its model.
 
 One pass over the text builds a latent cache; every page is rendered from it. ``--feature i``
-(repeatable) shows those features, ``--all_features`` every live one, otherwise the
-``--top`` most frequent. The site is ``{output_dir}/layer_{L}/dashboard/index.html``.
+(repeatable) shows those features, ``--all_features`` every live one, otherwise ``--top``
+features chosen by ``--features`` (spread over density bands by default). The site is
+``{output_dir}/layer_{L}/dashboard/index.html``.
 """
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import argparse
 import sys
 
 from fastsae.cli_args import HelpFormatter, positive_int
-from fastsae.cli_eval import _opt, activations_for, add_source_arguments, load_selected_saes, load_source, out_dir
+from fastsae.cli_eval import (
+    _opt,
+    activations_for,
+    add_showcase_option,
+    add_source_arguments,
+    load_selected_saes,
+    load_source,
+    out_dir,
+)
 
 
 def register(sub) -> None:
@@ -26,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     which = p.add_mutually_exclusive_group()
     _opt(which, "feature", type=int, action="append", default=None, help="a feature to show (repeatable)")
     _opt(which, "all_features", action="store_true", help="every feature that fires on the text")
-    _opt(p, "top", type=positive_int, default=100, help="otherwise, this many most frequent features")
+    _opt(p, "top", type=positive_int, default=100, help="otherwise, this many features, chosen by --features")
+    add_showcase_option(p)
     _opt(p, "neuronpedia", action="store_true", help="also write a Neuronpedia export of these features")
 
 

@@ -31,6 +31,7 @@ class DemoSettings:
     device: str = "cpu"
     eval_documents: int = 64
     dashboard_features: int = 64
+    features: str = "spread"  # which features the dashboard and export show (feature_viz.showcase_features)
     seed: int = 0
 
 
@@ -58,6 +59,7 @@ def collect(settings: DemoSettings, model, tokenizer, info, hook_point: str):
 def demo_config(settings: DemoSettings, d_in: int, hook_point: str) -> SAEConfig:
     return SAEConfig(d_in=d_in, expansion_factor=settings.expansion_factor, k=settings.k, activation="topk",
                      dtype="float32", hook_point=hook_point, batch_size=settings.batch_size,
+                     num_activations=settings.max_tokens,
                      num_epochs=settings.num_epochs, learning_rate=settings.learning_rate, warmup_steps=50,
                      seed=settings.seed)
 
@@ -89,7 +91,7 @@ def evaluate(settings, model, tokenizer, sae, config, activations, hook_point):
 
 def run_demo(settings: DemoSettings | None = None) -> dict:
     """Run every stage and return the summary (also written to output_dir/metrics.json)."""
-    from fastsae.feature_viz import write_dashboard
+    from fastsae.feature_viz import showcase_features, write_dashboard
     from fastsae.latent_cache import LatentCache
     from fastsae.neuronpedia import NeuronpediaUploader
 
@@ -108,10 +110,9 @@ def run_demo(settings: DemoSettings | None = None) -> dict:
     metrics = evaluate(settings, model, tokenizer, sae, config, activations, hook_point)
 
     cache = LatentCache.from_store(sae, store)
-    # The dashboard shows the most frequently firing features (a cheap, useful first look).
-    shown = torch.argsort(cache.density(), descending=True)[:settings.dashboard_features].tolist()
+    shown = showcase_features(cache, settings.dashboard_features, settings.features)
     dashboard = write_dashboard(cache, out / "dashboard", sae=sae, tokenizer=tokenizer, features=shown,
-                                title=f"{info.name} {hook_point}", progress=True)
+                                model_name=info.name, progress=True)
     export = NeuronpediaUploader(model_name=info.name, model_version=f"layer{settings.layer}").prepare_sae_for_upload(
         sae, config, out / "neuronpedia", cache=cache, tokenizer=tokenizer, features=shown)
 

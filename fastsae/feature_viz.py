@@ -82,19 +82,36 @@ def logit_effects(sae: BaseSAE, W_U: torch.Tensor, feature: int, n: int = 10) ->
 # ----------------------------------------------------------------------------- per-feature data
 
 def context_example(cache: LatentCache, feature: int, row: int, text: TokenText,
-                    before: int = 8, after: int = 4) -> dict:
-    """One activating token with the tokens around it and the latent's value on each."""
-    rows = cache.context(row, before, after)
+                    before: int = 12, after: int = 8, word_slack: int = 6) -> dict:
+    """One activating token with the tokens around it and the latent's value on each.
+
+    About ``before`` tokens to the left and ``after`` to the right of the peak, widened by up to
+    ``word_slack`` tokens on each side so the context starts and ends on a word boundary (a
+    token beginning with whitespace, a special token or the document's edge): "precated" and
+    "itera" fragments are hard to read."""
+    rows = cache.context(row, before + word_slack, after + word_slack)
+    focus = int((rows == row).nonzero()[0, 0])
+    tokens = [text(i) for i in cache.token_ids[rows].tolist()]
+    start, end = max(0, focus - before), min(len(rows) - 1, focus + after)
+    while start > 0 and not _starts_word(tokens[start]):
+        start -= 1
+    while end + 1 < len(rows) and not _starts_word(tokens[end + 1]):
+        end += 1
+    rows, tokens = rows[start:end + 1], tokens[start:end + 1]
     values = cache.values_at(feature, rows)
-    ids = cache.token_ids[rows]
     return {"row": int(row), "doc_id": int(cache.doc_ids[row]), "position": int(cache.positions[row]),
-            "activation": values[int((rows == row).nonzero()[0, 0])].item(), "focus": int(row - rows[0]),
-            "token_ids": ids.tolist(), "tokens": [text(i) for i in ids.tolist()], "values": values.tolist()}
+            "activation": values[focus - start].item(), "focus": focus - start,
+            "token_ids": cache.token_ids[rows].tolist(), "tokens": tokens, "values": values.tolist()}
+
+
+def _starts_word(token: str) -> bool:
+    """Whether a word begins at this token: leading whitespace, or a token with no text (specials)."""
+    return not token or token[0].isspace() or (token.startswith("<") and token.endswith(">"))
 
 
 def feature_data(cache: LatentCache, feature: int, text: TokenText | None = None, sae: BaseSAE | None = None,
                  W_U: torch.Tensor | None = None, n_examples: int = 10, n_quantiles: int = 4, per_quantile: int = 3,
-                 n_cooccurring: int = 8, n_logits: int = 10, before: int = 8, after: int = 4) -> dict:
+                 n_cooccurring: int = 8, n_logits: int = 10, before: int = 12, after: int = 8) -> dict:
     """Everything the dashboard and the Neuronpedia export show about one latent."""
     text = text or TokenText()
     rows, values = cache.feature(feature)
@@ -107,8 +124,9 @@ def feature_data(cache: LatentCache, feature: int, text: TokenText | None = None
         "quantiles": [{"low": lo, "high": hi,
                        "examples": [context_example(cache, feature, int(r), text, before, after) for r in qrows]}
                       for lo, hi, qrows, _ in cache.quantile_rows(feature, n_quantiles, per_quantile)],
-        "cooccurring": [{"index": j, "count": c, "fraction": f}
-                        for j, c, f in cache.cooccurrence(feature, n_cooccurring)],
+        "cooccurring": [{"index": j, "count": c, "fraction": f, "lift": lift}
+                        for j, c, f, lift in cache.cooccurrence(feature, n_cooccurring)],
+        "histogram": activation_histogram(values),
         "top_logits": [], "bottom_logits": [],
     }
     if sae is not None and W_U is not None:
@@ -116,6 +134,76 @@ def feature_data(cache: LatentCache, feature: int, text: TokenText | None = None
         data["top_logits"] = [{"token_id": i, "token": text(i), "value": v} for i, v in promoted]
         data["bottom_logits"] = [{"token_id": i, "token": text(i), "value": v} for i, v in suppressed]
     return data
+
+
+# ----------------------------------------------------------------------------- which features to show
+
+SHOWCASE_MODES = ("spread", "sparse", "dense", "all")
+DENSE_CUT_QUANTILE = 0.95  # "spread" and "sparse" skip the densest 5% of live features
+SHOWCASE_BANDS = 4  # log-density bands "spread" draws from
+MIN_FIRINGS = 5  # a feature needs this many firings to show a few examples
+READABILITY_EXAMPLES = 20
+
+
+def readability(cache: LatentCache, feature: int, n: int = READABILITY_EXAMPLES) -> float:
+    """How quickly a reader can name the feature from its strongest activations, in [0, 1].
+
+    The product of two shares over its top ``n`` activations: how concentrated they are on few
+    distinct tokens (1 - normalised entropy of the peak tokens: a feature that peaks on "must"
+    or on digit literals reads at a glance) and how many different documents they come from
+    (a pattern seen across the text, not one document's quirk)."""
+    rows, _ = cache.top_rows(feature, n)
+    if rows.numel() < 2:
+        return 0.0
+    _, counts = torch.unique(cache.token_ids[rows], return_counts=True)
+    p = counts.double() / rows.numel()
+    concentration = 1.0 - float(-(p * p.log()).sum()) / math.log(rows.numel())
+    documents = torch.unique(cache.doc_ids[rows]).numel() / rows.numel()
+    return concentration * documents
+
+
+def showcase_features(cache: LatentCache, n: int, mode: str = "spread") -> list[int]:
+    """The features to put in front of a reader.
+
+    * ``dense``: the most frequent first (they fire on 10-40% of tokens and are the least
+      readable: punctuation, whole contexts);
+    * ``sparse``: below the median density, most readable first;
+    * ``spread`` (default): the live features below the densest 5%, split into SHOWCASE_BANDS
+      equal bands of log density, about n / bands from each, most readable first;
+    * ``all``: every live feature (n is ignored).
+    """
+    if mode not in SHOWCASE_MODES:
+        raise ValueError(f"features must be one of {SHOWCASE_MODES}, got {mode!r}")
+    counts = cache.counts()
+    live = torch.nonzero(counts > 0).flatten()
+    if mode == "all":
+        return live.tolist()
+    if mode == "dense":
+        order = torch.sort(counts, descending=True, stable=True).indices
+        return order[counts[order] > 0][:n].tolist()
+    density = cache.density()
+    candidates = live[counts[live] >= MIN_FIRINGS]
+    if candidates.numel() == 0:
+        return []
+    cut = torch.quantile(density[candidates].double(), DENSE_CUT_QUANTILE if mode == "spread" else 0.5)
+    candidates = candidates[density[candidates] <= cut]
+    if mode == "sparse":
+        return _most_readable(cache, candidates.tolist(), n)
+    log_density = density[candidates].double().log10()
+    edges = torch.linspace(float(log_density.min()), float(log_density.max()) + 1e-9, SHOWCASE_BANDS + 1)
+    bands = [candidates[(log_density >= lo) & (log_density < hi)].tolist() for lo, hi in zip(edges, edges[1:])]
+    chosen, left = [], n
+    for i, band in enumerate(bands):  # a band with too few features leaves its share to the next
+        share = math.ceil(left / (len(bands) - i))
+        picked = _most_readable(cache, band, share)
+        chosen += picked
+        left -= len(picked)
+    return chosen
+
+
+def _most_readable(cache: LatentCache, features: list[int], n: int) -> list[int]:
+    scores = {f: readability(cache, f) for f in features}
+    return sorted(features, key=lambda f: (-scores[f], f))[:n]
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -204,6 +292,33 @@ def _logits_html(title: str, items: list) -> str:
     return f'<h3>{esc(title)}</h3><div class="logits">{spans}</div>'
 
 
+HISTOGRAM_BINS = 24
+
+
+def activation_histogram(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> dict:
+    """Counts of the latent's non-zero activations in equal bins from 0 to its maximum."""
+    top = values.max().item() if values.numel() else 0.0
+    counts = torch.histc(values.float(), bins=bins, min=0.0, max=top) if top > 0 else torch.zeros(bins)
+    return {"max": top, "counts": [int(c) for c in counts.tolist()]}
+
+
+def histogram_svg(histogram: dict, width: int = 480, height: int = 120) -> str:
+    """Inline SVG bars of an activation histogram (no script, no external resource)."""
+    counts, top = histogram["counts"], histogram["max"]
+    if not any(counts):
+        return ""
+    tallest, bar_w, room = max(counts), (width - 40) / len(counts), height - 30
+    bars = "".join(
+        f'<rect x="{20 + i * bar_w:.1f}" y="{height - 20 - c / tallest * room:.1f}" width="{bar_w - 1:.1f}" '
+        f'height="{c / tallest * room:.1f}" fill="#e07b39"><title>{c} tokens in '
+        f'[{i * top / len(counts):.3g}, {(i + 1) * top / len(counts):.3g})</title></rect>'
+        for i, c in enumerate(counts))
+    axis = (f'<text x="20" y="{height - 4}" font-size="10">0</text>'
+            f'<text x="{width - 20}" y="{height - 4}" font-size="10" text-anchor="end">{top:.3g}</text>')
+    return (f'<svg class="histogram" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'role="img" aria-label="activation histogram">{bars}{axis}</svg>')
+
+
 def render_feature_page(data: dict, title: str = "", link_features: set | None = None) -> str:
     """One feature's page. Co-occurring latents link to their pages when in ``link_features``."""
     f, mx = data["index"], data["max_activation"]
@@ -211,10 +326,12 @@ def render_feature_page(data: dict, title: str = "", link_features: set | None =
              f'<tr><th>max activation</th><td>{mx:.4g}</td></tr>'
              f'<tr><th>mean activation (when active)</th><td>{data["mean_activation"]:.4g}</td></tr></table>')
     cooc = "".join(
-        f'<li>{_feature_link(c["index"], link_features)}: {c["count"]} tokens ({c["fraction"]:.1%})</li>'
-        for c in data["cooccurring"])
+        f'<li>{_feature_link(c["index"], link_features)}: {c["lift"]:.1f}x chance, {c["count"]} tokens '
+        f'together ({c["fraction"]:.1%} of this feature\'s)</li>' for c in data["cooccurring"])
+    histogram = histogram_svg(data["histogram"]) if data.get("histogram") else ""
     parts = [f'<p><a href="../index.html">&larr; all features</a></p><h1>Feature {f}</h1>',
              f'<p class="meta">{esc(title)}</p>', stats,
+             f"<h3>Activation histogram (when active)</h3>{histogram}" if histogram else "",
              _logits_html("Promoted output tokens", data["top_logits"]),
              _logits_html("Suppressed output tokens", data["bottom_logits"]),
              "<h2>Top activations</h2>" + ("".join(render_context(e, mx) for e in data["examples"])
@@ -223,7 +340,7 @@ def render_feature_page(data: dict, title: str = "", link_features: set | None =
         parts.append(f'<h3>Activations in [{band["low"]:.3g}, {band["high"]:.3g}]</h3>'
                      + "".join(render_context(e, mx) for e in band["examples"]))
     if cooc:
-        parts.append(f"<h2>Co-occurring features</h2><ul>{cooc}</ul>")
+        parts.append(f"<h2>Features that fire with it (by lift)</h2><ul>{cooc}</ul>")
     return _page(f"Feature {f}", "".join(parts))
 
 
@@ -285,23 +402,28 @@ def index_row(data: dict) -> dict:
 
 def write_dashboard(cache: LatentCache, output_dir: str | Path, sae: BaseSAE | None = None, tokenizer=None,
                     W_U: torch.Tensor | None = None, features: list[int] | None = None, title: str | None = None,
-                    summary: dict | None = None, progress: bool = False, **data_kwargs) -> Path:
+                    summary: dict | None = None, progress: bool = False, model_name: str | None = None,
+                    **data_kwargs) -> Path:
     """Write index.html and features/{i}.html under ``output_dir``; returns the index path.
 
-    ``features`` defaults to every latent that fires at least once in the cache.
+    ``features`` defaults to every latent that fires at least once in the cache. Every page
+    names the model (``model_name``) and the SAE's hook point.
     """
     output_dir = Path(output_dir)
     if features is None:
         features = torch.nonzero(cache.counts()).flatten().tolist()
     text = TokenText(tokenizer)
-    title = title or (f"SAE features at {sae.config.hook_point}" if sae is not None else "SAE features")
+    if title is None:
+        where = sae.config.hook_point if sae is not None else "SAE"
+        title = f"{model_name} · {where}" if model_name else f"SAE features at {where}"
     linked = set(features)
     rows = []
     for f in progress_bar(features, desc="feature pages", unit="feature", disable=not progress):
         data = feature_data(cache, f, text, sae, W_U, **data_kwargs)
         atomic_write_text(output_dir / "features" / f"{f}.html", render_feature_page(data, title, linked))
         rows.append(index_row(data))
-    info = {"tokens": cache.num_tokens, "latents": cache.d_sae, "features shown": len(features),
+    info = {**({"model": model_name} if model_name else {}), "tokens": cache.num_tokens, "latents": cache.d_sae,
+            "features shown": len(features),
             "dead latents": int((cache.counts() == 0).sum())}
     if sae is not None:
         info.update({"hook point": sae.config.hook_point, "d_in": sae.d_in, "activation": sae.config.activation})

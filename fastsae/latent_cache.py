@@ -180,9 +180,12 @@ class LatentCache:
             bands.append((values[chunk[0]].item(), values[chunk[-1]].item(), rows[pick], values[pick]))
         return bands
 
-    def cooccurrence(self, feature: int, n: int = 10) -> list[tuple[int, int, float]]:
-        """Latents most often active on the same tokens: [(latent, tokens together, fraction of
-        this latent's tokens)]."""
+    def cooccurrence(self, feature: int, n: int = 10, min_together: int = 3) -> list[tuple[int, int, float, float]]:
+        """Latents that fire with this one far more often than chance, by lift:
+        [(latent, tokens together, fraction of this latent's tokens, lift)], where lift =
+        P(other fires | this fires) / P(other fires). Ranking by raw counts would list the same
+        dense latents on every page; latents seen together fewer than ``min_together`` times
+        are left out (their lift is noise)."""
         rows, _ = self.feature(feature)
         if rows.numel() == 0:
             return []
@@ -191,8 +194,11 @@ class LatentCache:
         flat = torch.repeat_interleave(starts - lengths.cumsum(0) + lengths, lengths) + torch.arange(int(lengths.sum()))
         together = torch.bincount(self.indices[flat], minlength=self.d_sae)
         together[feature] = 0
-        top = torch.topk(together, min(n, self.d_sae))
-        return [(int(i), int(c), c.item() / rows.numel()) for i, c in zip(top.indices, top.values) if c > 0]
+        fraction = together.double() / rows.numel()
+        lift = torch.where(together >= min_together, fraction / self.density().double().clamp_min(1e-12), 0.0)
+        top = torch.topk(lift, min(n, self.d_sae))
+        return [(int(i), int(together[i]), fraction[i].item(), v.item()) for i, v in zip(top.indices, top.values)
+                if v > 0]
 
     def values_at(self, feature: int, rows: torch.Tensor) -> torch.Tensor:
         """The latent's activation on each of ``rows`` (0 where it is silent)."""

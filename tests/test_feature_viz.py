@@ -118,11 +118,15 @@ def test_cache_matches_dense_codes_and_round_trips(tmp_path):
     active = (dense > 0).long()
     together = active.t() @ active
     f = int(active.sum(0).argmax())
-    cooc = cache.cooccurrence(f, n=5)
-    expected = together[f].clone()
-    expected[f] = 0
-    assert [c for _, c, _ in cooc] == torch.topk(expected, 5).values[:len(cooc)].tolist()
-    assert all(together[f, j] == c for j, c, _ in cooc)
+    cooc = cache.cooccurrence(f, n=5, min_together=2)
+    counts = active.sum(0).double()
+    lift = torch.where(together[f] >= 2, (together[f] / counts[f]) / (counts / 150), 0.0)
+    lift[f] = 0
+    expected = torch.topk(lift, 5)
+    assert [v for *_, v in cooc] == pytest.approx(expected.values[expected.values > 0].tolist())
+    for j, c, fraction, value in cooc:
+        assert together[f, j] == c and fraction == pytest.approx(c / counts[f].item())
+        assert value == pytest.approx(lift[j].item())
     # contexts never cross a document boundary
     assert cache.context(50, before=5, after=2).tolist() == [50, 51, 52]
     assert cache.context(49, before=2, after=5).tolist() == [47, 48, 49]
