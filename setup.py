@@ -26,6 +26,7 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "matplotlib>=3.6",
+        "schedulefree>=1.2",
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={

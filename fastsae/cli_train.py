@@ -39,7 +39,7 @@ def register(sub):
 
 def add_train_arguments(p) -> None:
     """The seed's sae_train flags plus fastsae's, in both spellings."""
-    from fastsae.config import ACTIVATIONS, SAEConfig
+    from fastsae.config import ACTIVATIONS, OPTIMIZERS, SAEConfig
 
     defaults = SAEConfig(d_in=64, expansion_factor=1)
     src = p.add_argument_group("model and data")
@@ -63,7 +63,9 @@ def add_train_arguments(p) -> None:
     add_option(sae, "expansion_factor", "width", type=positive_int, default=8, help="d_sae = expansion_factor * d_in")
     add_option(sae, "batch_size", type=positive_int, default=4096, help="rows per optimisation step")
     add_option(sae, "num_epochs", type=positive_int, default=10)
-    add_option(sae, "learning_rate", "lr", type=positive_float, default=defaults.learning_rate)
+    add_option(sae, "learning_rate", "lr", type=positive_float, default=None,
+               help="default: automatic, from the width and the batch (README, 'Learning rate')")
+    add_option(sae, "optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     add_option(sae, "l1_coefficient", type=nonnegative_float, default=None,
                help=f"ReLU/Gated sparsity (default: {defaults.l1_coefficient})")
     add_option(sae, "val_split", type=fraction, default=0.1, help="fraction of shards held out for validation")
@@ -185,7 +187,7 @@ def sae_config(args, d_in: int, hook_point: str):
     extra = {"l1_coefficient": args.l1_coefficient} if args.l1_coefficient is not None else {}
     return SAEConfig(d_in=d_in, activation=args.activation, k=args.k, expansion_factor=args.expansion_factor,
                      num_activations=args.num_activations, batch_size=args.batch_size, num_epochs=args.num_epochs,
-                     learning_rate=args.learning_rate, hook_point=hook_point, seed=args.seed,
+                     learning_rate=args.learning_rate, optimizer=args.optimizer, hook_point=hook_point, seed=args.seed,
                      save_every=args.save_every, **extra)
 
 

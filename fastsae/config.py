@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
 DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("schedule_free_adam", "adam")
 
 # Dotted module names ("blocks.3.hook_resid_post", "model.layers.3.mlp"): the name also names
 # output folders, so "..", "/" and empty parts are refused.
@@ -62,7 +63,11 @@ class SAEConfig:
     num_activations: int = 10_000_000
     batch_size: int = 4096
     num_epochs: int = 10
-    learning_rate: float = 3e-4
+    # None: derived from the width and the batch (trainer.auto_learning_rate); a number is used as is.
+    learning_rate: float | None = None
+    # "schedule_free_adam" (Defazio et al. 2024: no decay schedule, the saved SAE is the iterates'
+    # average) or "adam" (Adam with warmup and, with lr_decay, linear decay).
+    optimizer: str = "schedule_free_adam"
     warmup_steps: int = 1000
     dead_latent_threshold: float = 0.001
     resample_interval: int = 25000
@@ -76,7 +81,7 @@ class SAEConfig:
     jumprelu_bandwidth: float = 1e-3
     jumprelu_init_threshold: float = 1e-3
     l1_warmup_steps: int = 0
-    lr_decay: bool = True  # linear decay to 0 over the last 20% of steps
+    lr_decay: bool = True  # optimizer "adam": linear decay to 0 over the last 20% of steps
     grad_clip: float = 1.0
     normalize_activations: bool = True  # scale inputs to E||x||^2 = d_in during training
     seed: int = 0
@@ -92,7 +97,10 @@ class SAEConfig:
             if not (name == "aux_k" and self.aux_k is None):  # None: the default, set below
                 _check_int(name, getattr(self, name), minimum)
         for name, (minimum, inclusive) in _FLOAT_MINIMUM.items():
-            _check_float(name, getattr(self, name), minimum, inclusive)
+            if not (name == "learning_rate" and self.learning_rate is None):  # None: automatic
+                _check_float(name, getattr(self, name), minimum, inclusive)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in _BOOLS:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")

@@ -24,7 +24,7 @@ class DemoSettings:
     max_tokens: int = 150_000
     num_epochs: int = 4
     batch_size: int = 1024
-    learning_rate: float = 3e-3
+    learning_rate: float | None = None  # automatic (trainer.auto_learning_rate)
     context_length: int = 128
     model: str | None = None  # a local Hugging Face model directory
     checkpoint: str | None = None  # a nanochat checkpoint directory
@@ -60,8 +60,7 @@ def demo_config(settings: DemoSettings, d_in: int, hook_point: str) -> SAEConfig
     return SAEConfig(d_in=d_in, expansion_factor=settings.expansion_factor, k=settings.k, activation="topk",
                      dtype="float32", hook_point=hook_point, batch_size=settings.batch_size,
                      num_activations=settings.max_tokens,
-                     num_epochs=settings.num_epochs, learning_rate=settings.learning_rate, warmup_steps=50,
-                     seed=settings.seed)
+                     num_epochs=settings.num_epochs, learning_rate=settings.learning_rate, seed=settings.seed)
 
 
 def train(settings: DemoSettings, activations: torch.Tensor, config: SAEConfig):

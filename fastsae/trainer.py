@@ -57,6 +57,12 @@ _NEVER = 2**62  # "no bad step yet"
 _AUXK = ("topk", "batchtopk")
 _RESAMPLED = ("relu", "gated", "jumprelu")
 _PER_LATENT = ("enc_weight", "W_dec", "b_enc", "r_mag", "b_mag", "log_threshold")
+# The learning rate when config.learning_rate is None, at 2^14 latents and a batch of 4096 rows;
+# it scales as 1 / sqrt(d_sae / 2^14) (Gao et al. 2024, "Scaling and evaluating sparse
+# autoencoders", which sparsify follows) and as sqrt(batch / 4096) (Adam's square-root rule).
+# Schedule-free Adam: chosen on MiniLM activations (README, "Quality"); Adam: Gao et al.'s 2e-4.
+AUTO_LR = {"schedule_free_adam": 4.3e-3, "adam": 2e-4}
+SCHEDULE_FREE_BETAS = (0.95, 0.999)
 # Config fields a resumed run may change: they decide when to look and save, not what is learnt.
 RESUMABLE_CHANGES = ("eval_every", "save_every", "extra")
 
@@ -85,6 +91,23 @@ def _writable_dir(path) -> Path:
     except OSError as e:
         raise OSError(f"save_dir {str(path)!r} is not a writable directory: {e.strerror or e}") from None
     return path
+
+
+def auto_learning_rate(optimizer: str, d_sae: int, batch_size: int) -> float:
+    """The learning rate used when config.learning_rate is None (see AUTO_LR)."""
+    return AUTO_LR[optimizer] * math.sqrt(2**14 / d_sae) * math.sqrt(batch_size / 4096)
+
+
+def _make_optimizer(name: str, params, lr: float, device: torch.device):
+    if name == "adam":
+        # The fused Adam is one pass over each parameter instead of about ten (7x faster on CPU).
+        return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+    from schedulefree import AdamWScheduleFree
+
+    # Warmup comes from lr_at (the trainer sets each step's lr), so the library's is off.
+    optimizer = AdamWScheduleFree(params, lr=lr, betas=SCHEDULE_FREE_BETAS, warmup_steps=0)
+    optimizer.train()
+    return optimizer
 
 
 def _dist_info() -> tuple[int, int]:
@@ -232,9 +255,10 @@ class SAETrainer:
             raise ValueError(f"too few activations ({self.data.num_rows}) for one step of {self.global_batch} rows "
                              f"on {self.world_size} rank(s)")
         self.total_steps = self.steps_per_epoch * int(config.num_epochs)
-        # The fused Adam is one pass over each parameter instead of about ten (7x faster on CPU).
-        self.optimizer = torch.optim.Adam(self.sae.parameters(), lr=config.learning_rate,
-                                          fused=self.device.type in ("cpu", "cuda"))
+        self.learning_rate = (config.learning_rate if config.learning_rate is not None
+                              else auto_learning_rate(config.optimizer, config.d_sae, self.global_batch))
+        self.schedule_free = config.optimizer == "schedule_free_adam"
+        self.optimizer = _make_optimizer(config.optimizer, self.sae.parameters(), self.learning_rate, self.device)
         self.step = 0
         self.scale: float | None = None  # input normalisation, set on the first train()
         self.best_val_fvu = math.inf
@@ -244,6 +268,7 @@ class SAETrainer:
         self._first_bad = torch.full((2,), _NEVER, dtype=torch.long, device=self.device)  # [input, loss]
         self._resample_gen = torch.Generator().manual_seed(config.seed + 1)
         self._folded = False
+        self._iterate: list[torch.Tensor] | None = None  # schedule-free: y while the SAE holds the average
         # Dead latents at the last check (every AUX_CHECK_EVERY steps): AuxK runs only while some
         # are, and selects at most that many per token, so a few dead latents cost a few slots.
         self._num_dead = 0
@@ -251,9 +276,11 @@ class SAETrainer:
 
     # ---- schedules (plain functions of the step, so a resumed run follows the same curve)
     def lr_at(self, step: int) -> float:
+        """Linear warmup, then constant; with optimizer "adam" and lr_decay, a linear decay to 0
+        over the last DECAY_FRACTION of the run (schedule-free Adam needs none: it averages)."""
         warmup = min(self.config.warmup_steps, int(RUN_FRACTION_CAP * self.total_steps))
-        lr = self.config.learning_rate * min(1.0, (step + 1) / warmup if warmup > 0 else 1.0)
-        if self.config.lr_decay:
+        lr = self.learning_rate * min(1.0, (step + 1) / warmup if warmup > 0 else 1.0)
+        if self.config.lr_decay and not self.schedule_free:
             decay_steps = max(1, int(DECAY_FRACTION * self.total_steps))
             lr *= min(1.0, (self.total_steps - step) / decay_steps)
         return lr
@@ -369,6 +396,11 @@ class SAETrainer:
             self._start_metrics()
         if self._folded:
             unfold_normalization(self.sae, self.scale)
+            if self._iterate is not None:  # the SAE held the average; training continues from the iterate
+                with torch.no_grad():
+                    for p, y in zip(self.sae.parameters(), self._iterate):
+                        p.copy_(y)
+                self._iterate = None
             self._folded = False
         if self.scale is None:
             self._initialise()
@@ -399,6 +431,9 @@ class SAETrainer:
             bar.close()
         if self.step == self.total_steps:
             self._finish()
+        if self.schedule_free:  # the trained SAE is the average of the iterates
+            self._iterate = [p.detach().clone() for p in self.sae.parameters()]
+            self._load_average_into(self.sae)
         fold_normalization(self.sae, self.scale)
         self._folded = True
         return self.history
@@ -478,8 +513,9 @@ class SAETrainer:
         if self.val_data is None:
             raise ValueError("no val_activations were given")
         batch_size = batch_size or self.global_batch
-        was_training = self.sae.training
-        self.sae.eval()
+        sae = self._model_for_eval()
+        was_training = sae.training
+        sae.eval()
         err = sum_x = sum_sq = 0.0
         n = self.val_data.num_rows
         # After train() returns, the SAE has the scale folded in and takes raw rows.
@@ -490,11 +526,11 @@ class SAETrainer:
                 if not bool(torch.isfinite(x).all()):
                     raise FloatingPointError("the validation activations contain NaN or Inf; "
                                              "the validation FVU would be meaningless")
-                recon = self.sae.loss(x)["reconstruction"].float()
+                recon = sae.loss(x)["reconstruction"].float()
                 err = err + (recon - x).pow(2).sum().double()
                 sum_x = sum_x + x.double().sum(0)
                 sum_sq = sum_sq + x.double().pow(2).sum()
-        self.sae.train(was_training)
+        sae.train(was_training)
         total_var = sum_sq - sum_x.pow(2).sum() / n
         fvu = float(err / total_var)
         if not math.isfinite(fvu):
@@ -511,9 +547,29 @@ class SAETrainer:
             if self.save_dir is not None:
                 self.save_raw_sae(self.save_dir / "best_model", val_fvu=fvu)
 
+    @torch.no_grad()
+    def _load_average_into(self, sae: BaseSAE) -> None:
+        """Schedule-free Adam trains the iterate y; the SAE it returns is the average x, which the
+        library's eval() computes as x = y + (1 - 1/beta1) (z - y). Done here into ``sae`` (the
+        trained SAE or a copy of it) from self.sae's y and z, so y itself is never round-tripped."""
+        for averaged, live in zip(sae.parameters(), self.sae.parameters()):
+            z = self.optimizer.state.get(live, {}).get("z")
+            if z is not None:
+                averaged.copy_(torch.lerp(live, z, 1 - 1 / SCHEDULE_FREE_BETAS[0]))
+
+    def _model_for_eval(self) -> BaseSAE:
+        """The SAE as it would be saved now, in the training space (a copy under schedule-free
+        Adam: the iterate being trained stays as it is)."""
+        if self._folded or not self.schedule_free:
+            return self.sae
+        sae = copy.deepcopy(self.sae)
+        self._load_average_into(sae)
+        return sae
+
     def raw_sae(self) -> BaseSAE:
         """A copy of the SAE that takes raw (unnormalised) activations."""
-        sae = copy.deepcopy(self.sae)
+        sae = self._model_for_eval()
+        sae = copy.deepcopy(sae) if sae is self.sae else sae
         if not self._folded:
             fold_normalization(sae, self.scale)
         return sae.eval()
@@ -578,11 +634,16 @@ class SAETrainer:
         return torch.nan_to_num(torch.cat(errs), nan=0.0, posinf=0.0)
 
     def _reset_adam_rows(self, rows: torch.Tensor) -> None:
+        """Forget the optimizer's memory of re-initialised latents (schedule-free: the average
+        restarts at the new weights too)."""
         for name, p in self.sae.named_parameters():
             state = self.optimizer.state.get(p)
             if name in _PER_LATENT and state:
-                state["exp_avg"][rows] = 0.0
                 state["exp_avg_sq"][rows] = 0.0
+                if "exp_avg" in state:
+                    state["exp_avg"][rows] = 0.0
+                if "z" in state:
+                    state["z"][rows] = p.detach()[rows]
 
     # ---- checkpoints
     def _save_checkpoint(self) -> None:
@@ -668,7 +729,7 @@ class SAETrainer:
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["rng"]["cuda"]])
         self._first_bad.fill_(_NEVER)
-        self._folded = False
+        self._folded, self._iterate = False, None
         self.last_checkpoint = path
         self._trim_metrics(self.step)
 

@@ -126,7 +126,7 @@ def test_resume_with_other_settings_is_refused(stub_store, tmp_path, capsys):
     changed = [*args, "--resume", "--k", "8", "--learning_rate", "1e-2", "--seed", "5"]
     assert main(changed) == 1
     err = capsys.readouterr().err
-    assert "cannot resume" in err and "k: 4 -> 8" in err and "learning_rate: 0.0003 -> 0.01" in err
+    assert "cannot resume" in err and "k: 4 -> 8" in err and "learning_rate: None -> 0.01" in err
     assert "seed: 0 -> 5" in err
 
 

@@ -198,9 +198,10 @@ def test_resampling_revives_a_dead_relu_latent():
     assert _fires(trainer, trainer.batch_at(0), 7) > 0
 
 
-def test_resample_geometry_and_adam_reset():
+@pytest.mark.parametrize("optimizer", ["adam", "schedule_free_adam"])
+def test_resample_geometry_and_adam_reset(optimizer):
     x, _ = sparse_dictionary_data(n=4096)
-    cfg = small_config(activation="relu", resample_interval=10**9, dead_tokens_threshold=256)
+    cfg = small_config(activation="relu", resample_interval=10**9, dead_tokens_threshold=256, optimizer=optimizer)
     trainer = make_trainer(x, cfg)
     trainer._initialise()
     trainer.train(verbose=False, max_steps=3)
@@ -211,8 +212,11 @@ def test_resample_geometry_and_adam_reset():
     torch.testing.assert_close(norms, torch.full((2,), 0.2 * alive_norm.item()))
     torch.testing.assert_close(trainer.sae.W_dec[[3, 9]].norm(dim=1), torch.ones(2))
     state = trainer.optimizer.state[trainer.sae.W_dec]
-    assert state["exp_avg"][[3, 9]].abs().sum() == 0 and state["exp_avg_sq"][[3, 9]].abs().sum() == 0
-    assert state["exp_avg_sq"][4].abs().sum() > 0
+    assert state["exp_avg_sq"][[3, 9]].abs().sum() == 0 and state["exp_avg_sq"][4].abs().sum() > 0
+    if optimizer == "adam":
+        assert state["exp_avg"][[3, 9]].abs().sum() == 0
+    else:  # the schedule-free average restarts at the new rows
+        assert torch.equal(state["z"][[3, 9]], trainer.sae.W_dec.detach()[[3, 9]])
 
 
 def test_dead_threshold_is_capped_for_short_runs():
@@ -320,11 +324,29 @@ def test_cuda_request_falls_back_to_cpu_with_a_warning():
 
 
 def test_lr_schedule_warms_up_and_decays():
-    trainer = make_trainer(torch.randn(2560, 32), small_config(num_epochs=10, warmup_steps=5))  # 100 steps
+    config = small_config(num_epochs=10, warmup_steps=5, optimizer="adam")
+    trainer = make_trainer(torch.randn(2560, 32), config)  # 100 steps
     lrs = [trainer.lr_at(s) for s in range(100)]
     assert lrs[0] == pytest.approx(3e-3 / 5) and lrs[10] == pytest.approx(3e-3)
     assert lrs[99] == pytest.approx(3e-3 / 20) and all(b <= a for a, b in zip(lrs[80:], lrs[81:]))
     assert not math.isnan(sum(lrs))
+    # schedule-free Adam: the same warmup, then constant (the average replaces the decay)
+    free = make_trainer(torch.randn(2560, 32), small_config(num_epochs=10, warmup_steps=5))
+    assert [free.lr_at(s) for s in range(100)] == lrs[:80] + [3e-3] * 20
+
+
+def test_auto_learning_rate_follows_width_and_batch():
+    from fastsae.trainer import AUTO_LR, auto_learning_rate
+
+    assert auto_learning_rate("schedule_free_adam", 2**14, 4096) == AUTO_LR["schedule_free_adam"]
+    assert auto_learning_rate("adam", 2**16, 4096) == pytest.approx(1e-4)  # Gao et al.: 2e-4 / sqrt(4)
+    assert auto_learning_rate("schedule_free_adam", 2**14, 1024) == pytest.approx(AUTO_LR["schedule_free_adam"] / 2)
+    config = SAEConfig(d_in=32, expansion_factor=4, k=4, batch_size=256, num_epochs=1)
+    trainer = SAETrainer(create_sae(config), config, torch.randn(200, 32), device="cpu")
+    assert trainer.global_batch == 200  # capped by the data: the rule sees the batch actually used
+    assert trainer.learning_rate == pytest.approx(auto_learning_rate("schedule_free_adam", 128, 200))
+    explicit = SAEConfig(d_in=32, expansion_factor=4, k=4, learning_rate=3e-4)
+    assert SAETrainer(create_sae(explicit), explicit, torch.randn(200, 32), device="cpu").learning_rate == 3e-4
 
 
 # ----------------------------------------------------------------------------- activation store
