@@ -9,7 +9,7 @@ validation FVU and the fraction of dead latents (never firing on the validation 
 sparsify trains its own ``SparseCoder`` with the recipe of its ``Trainer`` (see
 bench/sparsify_recipe.py) on the same rows in the same order as fastsae, with its default
 optimizer (schedule-free Signum) or ``--sparsify_optimizer adam``. AuxK is off in sparsify by
-default; ``--sparsify_auxk`` turns it on at fastsae's weight (1/32) and dead threshold.
+default; ``--sparsify_auxk`` turns it on at fastsae's weight (1/8) and dead threshold.
 
 SAELens (``--libraries ... saelens``) trains its ``TopKTrainingSAE`` with its own ``SAETrainer``
 and all its defaults (bench/saelens_recipe.py); only d_in, d_sae, k, the batch rows and their
@@ -28,7 +28,7 @@ its defaults differ from the others' in ways that matter for quality:
   (``rescale_acts_by_decoder_norm``), and no decoder-parallel gradient is removed;
 * Adam at a constant lr of 3e-4 with no warmup or decay (fastsae: schedule-free Adam at its
   automatic learning rate, with warmup);
-* AuxK at coefficient 1 (fastsae: 1/32) on k_aux = d_in / 2 latents, but a latent only counts
+* AuxK at coefficient 1 (fastsae: 1/8) on k_aux = d_in / 2 latents, but a latent only counts
   as dead after 1000 steps without firing, so runs shorter than 1000 steps never use AuxK.
 """
 import argparse

@@ -2,10 +2,11 @@
 
 sparsify (``pip install eai-sparsify``, a bench-only dependency; its benches skip without it)
 runs its own SparseCoder step as its Trainer does (bench/sparsify_recipe.py), with Adam (the
-same optimizer as fastsae) and with its default schedule-free Signum. fastsae's step is
+same optimizer family as fastsae) and with its default schedule-free Signum. fastsae's step is
 ``SAETrainer.train_step`` as training runs it: sparse autograd ops, decoder-gradient
-projection, clipping, Adam, on-device dead-latent tracking. "auxk-on" runs both with 10% of
-the latents marked dead, so the AuxK selection and its decode run too.
+projection, clipping, schedule-free Adam (its default), on-device dead-latent tracking.
+"auxk-on" runs both with 10% of the latents marked dead, so the AuxK selection and its decode
+run too.
 
 SAELens (``pip install sae-lens``, bench-only as well) runs its own TopKTrainingSAE through its own
 SAETrainer with its defaults (bench/saelens_recipe.py): dense TopK activations and decode, MSE

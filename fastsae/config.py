@@ -75,7 +75,8 @@ class SAEConfig:
     save_every: int = 10000
     # fastsae additions
     aux_k: int | None = None  # AuxK latents; default d_in // 2
-    aux_k_coefficient: float = 1 / 32
+    # AuxK weight: 1/8 (Gao et al. use 1/32) revives dead latents within a short run's few steps.
+    aux_k_coefficient: float = 1 / 8
     dead_tokens_threshold: int = 10_000_000  # a latent silent this many tokens is dead
     l0_coefficient: float = 1e-3  # JumpReLU sparsity penalty
     jumprelu_bandwidth: float = 1e-3
