@@ -67,3 +67,36 @@ def test_demo_export_loads_back_and_rerun_reuses_activations(demo):
     model, tokenizer, info = load_source(settings)
     collect(settings, model, tokenizer, info, summary["hook_point"])
     assert {p.name: p.stat().st_mtime_ns for p in store_dir.glob("*.safetensors")} == shards_before
+
+
+def test_showcase_in_chromium_histograms_word_boundaries_and_no_dense_features(demo):
+    """The default showcase as a reader sees it: no feature above the density cut, a histogram
+    on every feature page, contexts that start and end on word boundaries, model and hook."""
+    import re
+
+    from fastsae.feature_viz import DENSE_CUT_QUANTILE, MIN_FIRINGS
+    from fastsae.latent_cache import LatentCache
+    from fastsae.store import ActivationStore
+
+    settings, summary = demo
+    store = ActivationStore(Path(settings.output_dir) / "activations")
+    cache = LatentCache.from_store(load_sae(summary["sae_dir"]), store)
+    counts, density = cache.counts(), cache.density()
+    candidates = density[counts >= MIN_FIRINGS].double()
+    cut = torch.quantile(candidates, DENSE_CUT_QUANTILE).item()
+    index = Path(summary["dashboard"])
+    pages = sorted(index.parent.glob("features/*.html"))
+    shown = [int(p.stem) for p in pages]
+    assert len(shown) == 12
+    assert all(density[f] <= cut + 1e-12 for f in shown)
+    assert max(density[shown]) < density.max()  # the densest features are not the showcase
+    for page in pages[:3]:
+        dom = dump_dom(page)
+        assert '<svg class="histogram"' in dom and "<rect" in dom
+        assert summary["model"] in dom and summary["hook_point"] in dom
+        for ctx in re.findall(r'<div class="ctx">(.*?)</div>', dom, re.S)[:5]:
+            tokens = re.findall(r'<span class="tok[^"]*"[^>]*>(.*?)</span>', ctx, re.S)
+            assert tokens
+            # WordPiece text as fastsae shows it: a word start carries a leading space
+            first_ok = tokens[0][:1].isspace() or tokens[0].startswith("[")
+            assert first_ok, tokens

@@ -212,3 +212,31 @@ def test_seed_feature_visualizer_api(tmp_path):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["d_sae"] == 16 and saved["metrics"]["fvu"] == pytest.approx(0.0, abs=1e-6)
     assert summary["top_features"][0]["activation_frequency"] == pytest.approx(freqs[0].item())
+
+
+class PieceTokenizer:
+    """Decodes ids to word pieces: a leading space starts a word, no space continues one."""
+
+    pieces = [" the", " de", "pre", "cated", " function", " is", " gone", "<bos>"]
+
+    def decode(self, ids):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_contexts_start_and_end_on_word_boundaries():
+    from fastsae.feature_viz import context_example
+
+    sae = identity_sae(d=8)
+    ids = torch.tensor([7, 0, 1, 2, 3, 4, 5, 6])  # <bos> the de|pre|cated function is gone
+    acts = torch.zeros(8, 8)
+    acts[3, 0] = 1.0  # the feature peaks on "pre", inside "deprecated"
+    cache = LatentCache.from_activations(sae, acts, token_ids=ids, doc_ids=torch.zeros(8, dtype=torch.long),
+                                         positions=torch.arange(8))
+    text = TokenText(PieceTokenizer())
+    example = context_example(cache, 0, 3, text, before=0, after=0)
+    assert "".join(example["tokens"]) == " deprecated"  # widened both ways to whole words
+    assert example["tokens"][example["focus"]] == "pre" and example["activation"] == pytest.approx(1.0)
+    wide = context_example(cache, 0, 3, text, before=1, after=1)
+    assert "".join(wide["tokens"]) == " deprecated"  # " de" and "cated" were already in reach
+    wider = context_example(cache, 0, 3, text, before=3, after=2)
+    assert "".join(wider["tokens"]) == "<bos> the deprecated function"
