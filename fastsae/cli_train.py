@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 from fastsae.cli_args import (
@@ -122,7 +123,11 @@ def _train(args, layer_dir: Path) -> int:
         raise ValueError("--activations trains on a store already collected: it takes no --checkpoint, --model "
                          "or --corpus")
     layer_dir = _writable_dir(layer_dir)
-    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with warnings.catch_warnings(record=True) as caught:  # one plain line, not a pointer into this file
+        warnings.simplefilter("always")
+        device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for w in caught:
+        print(f"fastsae train: note: {w.message}", file=sys.stderr)
     if rank != 0:  # one lock per run: rank 0 holds it for every rank
         return _train_locked(args, layer_dir, device, rank)
     with DirectoryLock(layer_dir, "fastsae train"):

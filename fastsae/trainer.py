@@ -590,8 +590,13 @@ class SAETrainer:
             warnings.warn(f"could not plot the loss curves: {e}", stacklevel=2)
 
     def _write_config(self) -> None:
+        """config.json: the config, and what the run made of it (the learning rate it used when
+        the config left it automatic, its length and batch)."""
         if self.save_dir is not None and self.rank == 0:
-            atomic_write_json(self.save_dir / "config.json", self.config.to_dict())
+            run = {"learning_rate": self.learning_rate, "total_steps": self.total_steps,
+                   "global_batch": self.global_batch, "train_rows": self.data.num_rows,
+                   "world_size": self.world_size}
+            atomic_write_json(self.save_dir / "config.json", {**self.config.to_dict(), "run": run})
 
     # ---- dead-latent resampling (ReLU / Gated / JumpReLU)
     @torch.no_grad()

@@ -40,6 +40,10 @@ def test_fastsae_train_on_default_model_then_resume(tmp_path, capsys):
     assert sae.config.hook_point == "blocks.1.hook_resid_post" and sae.d_in == 384 and sae.d_sae == 384
     for name in ("config.json", "loss_curves.png", "final_model"):
         assert (layer / name).exists(), name
+    recorded = json.loads((layer / "config.json").read_text())
+    assert recorded["num_activations"] == 4096 and recorded["learning_rate"] == 1e-3
+    assert recorded["run"] == {"learning_rate": 1e-3, "total_steps": 12, "global_batch": 256, "train_rows": 3072,
+                               "world_size": 1}
 
 
 def _nanochat_checkpoint(directory: Path) -> None:

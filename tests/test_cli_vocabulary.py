@@ -70,3 +70,14 @@ def test_a_log_gets_plain_lines_and_quiet_gets_none(stub_store, tmp_path):
     assert "\r" not in logged
     assert "activations:" in logged and "train SAE: 8/8 (100%) step" in logged
     assert _train(stub_store, tmp_path / "b", "--quiet").stderr == ""
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_on_a_cpu_machine_is_one_plain_note(stub_store, tmp_path, capsys):
+    from fastsae.cli import main
+
+    assert main(["train", "--layer", "1", "--activations", str(stub_store), "--output_dir", str(tmp_path),
+                 "--batch_size", "256", "--num_epochs", "1", "--k", "4", "--device", "cuda", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "fastsae train: note: device 'cuda' was requested but CUDA is not available; training on CPU" in err
+    assert "Warning" not in err and ".py:" not in err
