@@ -57,11 +57,14 @@ _NEVER = 2**62  # "no bad step yet"
 _AUXK = ("topk", "batchtopk")
 _RESAMPLED = ("relu", "gated", "jumprelu")
 _PER_LATENT = ("enc_weight", "W_dec", "b_enc", "r_mag", "b_mag", "log_threshold")
-# The learning rate when config.learning_rate is None, at 2^14 latents and a batch of 4096 rows;
-# it scales as 1 / sqrt(d_sae / 2^14) (Gao et al. 2024, "Scaling and evaluating sparse
-# autoencoders", which sparsify follows) and as sqrt(batch / 4096) (Adam's square-root rule).
-# Schedule-free Adam: chosen on MiniLM activations (README, "Quality"); Adam: Gao et al.'s 2e-4.
-AUTO_LR = {"schedule_free_adam": 6e-3, "adam": 2e-4}
+# The learning rate when config.learning_rate is None (auto_learning_rate): its value at 2^14
+# latents, a batch of 4096 rows and runs of up to AUTO_LR_SHORT_RUN steps, and the power of
+# 2^14 / d_sae it scales with. Adam: Gao et al. 2024 ("Scaling and evaluating sparse
+# autoencoders", which sparsify follows): 2e-4 / sqrt(d_sae / 2^14). Schedule-free Adam: fitted
+# on MiniLM activations (README, "Quality"): its best rate fell far less with width.
+AUTO_LR = {"schedule_free_adam": 8.5e-3, "adam": 2e-4}
+AUTO_LR_WIDTH_POWER = {"schedule_free_adam": 0.25, "adam": 0.5}
+AUTO_LR_SHORT_RUN = 100  # schedule-free: a run of T > 100 steps gets lr * sqrt(100 / T)
 # beta1 0.95 (the average's weight on the iterate) and beta2 0.99: at ~100 steps on MiniLM they
 # kept fewer latents dead than (0.9, 0.999) at the same FVU.
 SCHEDULE_FREE_BETAS = (0.95, 0.99)
@@ -95,9 +98,15 @@ def _writable_dir(path) -> Path:
     return path
 
 
-def auto_learning_rate(optimizer: str, d_sae: int, batch_size: int) -> float:
-    """The learning rate used when config.learning_rate is None (see AUTO_LR)."""
-    return AUTO_LR[optimizer] * math.sqrt(2**14 / d_sae) * math.sqrt(batch_size / 4096)
+def auto_learning_rate(optimizer: str, d_sae: int, batch_size: int, total_steps: int) -> float:
+    """The learning rate used when config.learning_rate is None: AUTO_LR scaled by
+    (2^14 / d_sae)^AUTO_LR_WIDTH_POWER, by sqrt(batch / 4096) (Adam's square-root rule) and,
+    for schedule-free Adam, by sqrt(AUTO_LR_SHORT_RUN / total_steps) beyond a short run
+    (its constant rate has no decay to calm a long run)."""
+    lr = AUTO_LR[optimizer] * (2**14 / d_sae) ** AUTO_LR_WIDTH_POWER[optimizer] * math.sqrt(batch_size / 4096)
+    if optimizer == "schedule_free_adam":
+        lr *= min(1.0, math.sqrt(AUTO_LR_SHORT_RUN / max(total_steps, 1)))
+    return lr
 
 
 def _make_optimizer(name: str, params, lr: float, device: torch.device):
@@ -257,8 +266,7 @@ class SAETrainer:
             raise ValueError(f"too few activations ({self.data.num_rows}) for one step of {self.global_batch} rows "
                              f"on {self.world_size} rank(s)")
         self.total_steps = self.steps_per_epoch * int(config.num_epochs)
-        self.learning_rate = (config.learning_rate if config.learning_rate is not None
-                              else auto_learning_rate(config.optimizer, config.d_sae, self.global_batch))
+        self.learning_rate = self._resolved_learning_rate()
         self.schedule_free = config.optimizer == "schedule_free_adam"
         self.optimizer = _make_optimizer(config.optimizer, self.sae.parameters(), self.learning_rate, self.device)
         self.step = 0
@@ -275,6 +283,12 @@ class SAETrainer:
         # are, and selects at most that many per token, so a few dead latents cost a few slots.
         self._num_dead = 0
         self._last_log = (time.perf_counter(), 0)
+
+    def _resolved_learning_rate(self) -> float:
+        config = self.config
+        if config.learning_rate is not None:
+            return float(config.learning_rate)
+        return auto_learning_rate(config.optimizer, config.d_sae, self.global_batch, self.total_steps)
 
     # ---- schedules (plain functions of the step, so a resumed run follows the same curve)
     def lr_at(self, step: int) -> float:
@@ -392,6 +406,7 @@ class SAETrainer:
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
         if num_epochs is not None:
             self.total_steps = self.steps_per_epoch * int(num_epochs)
+            self.learning_rate = self._resolved_learning_rate()
         if resume:
             self._resume_latest()
         if self.step == 0:
@@ -725,6 +740,7 @@ class SAETrainer:
         self.tokens_since_fired = tensors["trainer.tokens_since_fired"].to(self.device)
         self.optimizer.load_state_dict(_unflatten_optimizer(path / "optimizer.safetensors"))
         self.step, self.total_steps = int(state["step"]), int(state["total_steps"])
+        self.learning_rate = self._resolved_learning_rate()
         self.scale = state["normalization_scale"]
         if "num_dead" in state:
             self._num_dead = int(state["num_dead"])

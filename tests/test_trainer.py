@@ -335,16 +335,21 @@ def test_lr_schedule_warms_up_and_decays():
     assert [free.lr_at(s) for s in range(100)] == lrs[:80] + [3e-3] * 20
 
 
-def test_auto_learning_rate_follows_width_and_batch():
+def test_auto_learning_rate_follows_width_batch_and_length():
     from fastsae.trainer import AUTO_LR, auto_learning_rate
 
-    assert auto_learning_rate("schedule_free_adam", 2**14, 4096) == AUTO_LR["schedule_free_adam"]
-    assert auto_learning_rate("adam", 2**16, 4096) == pytest.approx(1e-4)  # Gao et al.: 2e-4 / sqrt(4)
-    assert auto_learning_rate("schedule_free_adam", 2**14, 1024) == pytest.approx(AUTO_LR["schedule_free_adam"] / 2)
+    base = AUTO_LR["schedule_free_adam"]
+    assert auto_learning_rate("schedule_free_adam", 2**14, 4096, 100) == base
+    assert auto_learning_rate("schedule_free_adam", 2**18, 4096, 100) == pytest.approx(base / 2)  # (1/16)^(1/4)
+    assert auto_learning_rate("schedule_free_adam", 2**14, 1024, 50) == pytest.approx(base / 2)
+    assert auto_learning_rate("schedule_free_adam", 2**14, 4096, 400) == pytest.approx(base / 2)  # sqrt(100/400)
+    assert auto_learning_rate("adam", 2**16, 4096, 10**5) == pytest.approx(1e-4)  # Gao et al.: 2e-4 / sqrt(4)
     config = SAEConfig(d_in=32, expansion_factor=4, k=4, batch_size=256, num_epochs=1)
     trainer = SAETrainer(create_sae(config), config, torch.randn(200, 32), device="cpu")
     assert trainer.global_batch == 200  # capped by the data: the rule sees the batch actually used
-    assert trainer.learning_rate == pytest.approx(auto_learning_rate("schedule_free_adam", 128, 200))
+    assert trainer.learning_rate == pytest.approx(auto_learning_rate("schedule_free_adam", 128, 200, 1))
+    trainer.train(num_epochs=400, verbose=False, max_steps=1)  # a longer run: a smaller rate
+    assert trainer.learning_rate == pytest.approx(auto_learning_rate("schedule_free_adam", 128, 200, 400))
     explicit = SAEConfig(d_in=32, expansion_factor=4, k=4, learning_rate=3e-4)
     assert SAETrainer(create_sae(explicit), explicit, torch.randn(200, 32), device="cpu").learning_rate == 3e-4
 
