@@ -569,10 +569,11 @@ class SAETrainer:
         """Schedule-free Adam trains the iterate y; the SAE it returns is the average x, which the
         library's eval() computes as x = y + (1 - 1/beta1) (z - y). Done here into ``sae`` (the
         trained SAE or a copy of it) from self.sae's y and z, so y itself is never round-tripped."""
+        beta1 = self.optimizer.param_groups[0]["betas"][0]  # as the optimizer (or its checkpoint) has it
         for averaged, live in zip(sae.parameters(), self.sae.parameters()):
             z = self.optimizer.state.get(live, {}).get("z")
             if z is not None:
-                averaged.copy_(torch.lerp(live, z, 1 - 1 / SCHEDULE_FREE_BETAS[0]))
+                averaged.copy_(torch.lerp(live, z, 1 - 1 / beta1))
 
     def _model_for_eval(self) -> BaseSAE:
         """The SAE as it would be saved now, in the training space (a copy under schedule-free

@@ -415,3 +415,22 @@ def test_checkpoint_without_a_dead_count_resumes_with_auxk_sized_by_the_dead_lat
     state_path.write_text(json.dumps(state))
     resumed.load_checkpoint(trainer.last_checkpoint)
     assert resumed._num_dead == 0
+
+
+def test_schedule_free_saves_the_libraries_average():
+    """The SAE the trainer evaluates and saves is what schedulefree's own eval() would swap in,
+    and computing it leaves the training iterate untouched."""
+    x = torch.randn(2048, 32)
+    config = small_config(num_epochs=2)
+    trainer = make_trainer(x, config)
+    trainer._initialise()
+    with ops.input_checks(False):
+        for step in range(5):
+            trainer.train_step(trainer.batch_at(step))
+    iterate = [p.detach().clone() for p in trainer.sae.parameters()]
+    averaged = [p.detach().clone() for p in trainer._model_for_eval().parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(iterate, trainer.sae.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(iterate, averaged))  # the average is not the iterate
+    trainer.optimizer.eval()  # the library swaps its average into the parameters
+    for mine, library in zip(averaged, trainer.sae.parameters()):
+        torch.testing.assert_close(mine, library.detach(), rtol=1e-5, atol=1e-6)
