@@ -412,12 +412,13 @@ class SAETrainer:
         if self.step == 0:
             self._start_metrics()
         if self._folded:
-            unfold_normalization(self.sae, self.scale)
-            if self._iterate is not None:  # the SAE held the average; training continues from the iterate
-                with torch.no_grad():
+            if self._iterate is not None:  # the SAE held the folded average: back to the iterate y,
+                with torch.no_grad():      # kept in the training space, so nothing to unfold
                     for p, y in zip(self.sae.parameters(), self._iterate):
                         p.copy_(y)
                 self._iterate = None
+            else:
+                unfold_normalization(self.sae, self.scale)
             self._folded = False
         if self.scale is None:
             self._initialise()
