@@ -31,20 +31,13 @@ def one_thread():
 @pytest.fixture(scope="session")
 def stub_store(tmp_path_factory):
     """An activation store from the nanochat stand-in (d_model 32), collected once."""
-    import sys
-    from pathlib import Path
+    from nanochat_stub import nanochat
 
     from fastsae.corpus import Corpus
     from fastsae.store import collect_to_store
 
-    stubs = str(Path(__file__).parent / "stubs")
-
-    sys.path.insert(0, stubs)
-    try:
-        from nanochat.gpt import GPT, GPTConfig
-        from nanochat.tokenizer import ByteTokenizer
-    finally:
-        sys.path.remove(stubs)
+    gpt, tokenizer = nanochat("gpt"), nanochat("tokenizer")
+    GPT, GPTConfig, ByteTokenizer = gpt.GPT, gpt.GPTConfig, tokenizer.ByteTokenizer
     torch.manual_seed(0)
     texts = Corpus("words", lambda: [f"document {i} says " + "word " * (3 + i % 7) for i in range(400)], "words-400")
     path = tmp_path_factory.mktemp("store") / "acts"

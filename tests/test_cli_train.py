@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from nanochat_stub import nanochat, stubs_on_path
 
 from fastsae.cli import main
 from fastsae.io import load_sae
@@ -47,15 +48,11 @@ def test_fastsae_train_on_default_model_then_resume(tmp_path, capsys):
 
 
 def _nanochat_checkpoint(directory: Path) -> None:
-    sys.path.insert(0, str(STUBS))
-    try:
-        from nanochat.checkpoint_manager import save_checkpoint
-        from nanochat.gpt import GPT, GPTConfig
-    finally:
-        sys.path.remove(str(STUBS))
+    gpt = nanochat("gpt")
     torch.manual_seed(0)
-    config = GPTConfig(n_layer=2, n_embd=16)
-    save_checkpoint(str(directory), 7, GPT(config).state_dict(), {"model_config": asdict(config), "step": 7})
+    config = gpt.GPTConfig(n_layer=2, n_embd=16)
+    nanochat("checkpoint_manager").save_checkpoint(str(directory), 7, gpt.GPT(config).state_dict(),
+                                                   {"model_config": asdict(config), "step": 7})
 
 
 def test_seed_script_on_a_nanochat_checkpoint(tmp_path):
@@ -91,16 +88,12 @@ def test_split_store_holds_out_the_last_whole_shards(tmp_path):
     from fastsae.corpus import Corpus
     from fastsae.store import collect_to_store
 
-    sys.path.insert(0, str(STUBS))
-    try:
-        from nanochat.gpt import GPT, GPTConfig
-        from nanochat.tokenizer import ByteTokenizer
-    finally:
-        sys.path.remove(str(STUBS))
+    gpt = nanochat("gpt")
     torch.manual_seed(0)
     texts = Corpus("numbers", lambda: [f"document number {i} " * (1 + i % 5) for i in range(40)], "numbers-40")
-    store = collect_to_store(GPT(GPTConfig()).eval(), ByteTokenizer(), texts, "blocks.0.hook_resid_post", tmp_path,
-                             300, shard_tokens=64, progress=False)
+    model, tokenizer = gpt.GPT(gpt.GPTConfig()).eval(), nanochat("tokenizer").ByteTokenizer()
+    store = collect_to_store(model, tokenizer, texts, "blocks.0.hook_resid_post", tmp_path, 300, shard_tokens=64,
+                             progress=False)
     assert [s["num_tokens"] for s in store.shards] == [64, 64, 64, 64, 44]
     everything = store.load_all()
 
@@ -166,9 +159,7 @@ def test_eval_of_a_trained_sae_is_held_out_by_default(tmp_path, capsys):
     corpus = tmp_path / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "some words here " * (1 + i % 9)}) + "\n"
                               for i in range(300)))
-    env_stubs = str(STUBS)
-    sys.path.insert(0, env_stubs)
-    try:
+    with stubs_on_path():  # fastsae train and eval import nanochat to load the checkpoint
         out = tmp_path / "out"
         assert main(["train", "--checkpoint", str(ckpt), "--layer", "1", "--corpus", str(corpus), "--output_dir",
                      str(out), *SMALL, "--num_activations", "2048", "--batch_size", "128"]) == 0
@@ -183,14 +174,11 @@ def test_eval_of_a_trained_sae_is_held_out_by_default(tmp_path, capsys):
         assert f"held out: past the first {meta['num_tokens_collected']} tokens" in err
         assert main([*common, "--output_dir", str(tmp_path / "start"), "--skip_tokens", "0"]) == 0
         assert "from token 0 (--skip_tokens)" in capsys.readouterr().err
-    finally:
-        sys.path.remove(env_stubs)
     held = json.loads((tmp_path / "held" / "layer_1" / "eval_metrics.json").read_text())
     start = json.loads((tmp_path / "start" / "layer_1" / "eval_metrics.json").read_text())
     assert held["fvu"] != start["fvu"]  # other tokens
 
-    from nanochat.tokenizer import ByteTokenizer  # imported above through the stubs path
-
+    ByteTokenizer = nanochat("tokenizer").ByteTokenizer
     texts = load_text_corpus(corpus)
     everything = [b for b in iter_token_batches(ByteTokenizer(), texts, 64, 1)]
     skipped = list(iter_token_batches(ByteTokenizer(), texts, 64, 1, skip_tokens=100))

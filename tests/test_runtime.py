@@ -401,18 +401,13 @@ def test_hf_gpt2_generate_tracks_and_steers(gpt2, ids):
 # ----------------------------------------------------------------------------- nanochat's Engine
 
 def _nanochat_engine_setup():
-    stubs = str(Path(__file__).parent / "stubs")
-    sys.path.insert(0, stubs)
-    try:
-        from nanochat.engine import Engine
-        from nanochat.gpt import GPT, GPTConfig
-        from nanochat.tokenizer import ByteTokenizer
-    finally:
-        sys.path.remove(stubs)
+    from nanochat_stub import nanochat
+
+    gpt_module = nanochat("gpt")
     torch.manual_seed(0)
-    gpt = GPT(GPTConfig(n_embd=32)).eval()
+    gpt = gpt_module.GPT(gpt_module.GPTConfig(n_embd=32)).eval()
     saes = {"blocks.1.hook_resid_post": make_sae(d_in=32, d_sae=64, k=4)}
-    return Engine, gpt, ByteTokenizer(), saes
+    return nanochat("engine").Engine, gpt, nanochat("tokenizer").ByteTokenizer(), saes
 
 
 @pytest.mark.parametrize("wrap", [True, False], ids=["engine-on-wrapper", "engine-on-model"])
