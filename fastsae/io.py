@@ -147,8 +147,7 @@ def _expected_shapes(config: SAEConfig) -> dict[str, tuple]:
 
 
 def _load_state_into(sae: BaseSAE, state: dict[str, torch.Tensor], source: str) -> None:
-    _check_shapes({k: v.shape for k, v in state.items()}, {k: tuple(v.shape) for k, v in sae_state(sae).items()},
-                  source)
+    _check_shapes({k: v.shape for k, v in state.items()}, _expected_shapes(sae.config), source)
     with torch.no_grad():
         sae.enc_weight.copy_(state["W_enc"].t())
         sae.W_dec.copy_(state["W_dec"])

@@ -170,3 +170,13 @@ def test_sae_lens_loads_our_export_and_encodes_identically(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), sae.encode(x))
         torch.testing.assert_close(theirs.decode(sae.encode(x)), sae.decode(sae.encode(x)))
+
+
+@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu", "gated"])
+def test_expected_shapes_match_what_save_writes(activation):
+    """The loader checks files against _expected_shapes (no SAE allocated); it must name and
+    shape exactly what sae_state writes."""
+    from fastsae.io import _expected_shapes, sae_state
+
+    config = SAEConfig(d_in=8, d_sae=24, activation=activation, k=3)
+    assert _expected_shapes(config) == {k: tuple(v.shape) for k, v in sae_state(create_sae(config)).items()}
