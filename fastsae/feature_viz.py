@@ -302,17 +302,27 @@ def activation_histogram(values: torch.Tensor, bins: int = HISTOGRAM_BINS) -> di
     return {"max": top, "counts": [int(c) for c in counts.tolist()]}
 
 
+_SVG_PAD = 20  # room for the axis labels at both ends of a bar chart
+
+
+def _svg_bars(counts: list, titles: list[str], width: int, height: int, fill: str) -> str:
+    """SVG <rect> bars for ``counts`` between the side pads, scaled to the tallest, each with
+    a hover title; 20 px at the bottom are left for the axis labels."""
+    tallest, bar_w, room = max(max(counts), 1), (width - 2 * _SVG_PAD) / len(counts), height - 30
+    return "".join(
+        f'<rect x="{_SVG_PAD + i * bar_w:.1f}" y="{height - 20 - c / tallest * room:.1f}" width="{bar_w - 1:.1f}" '
+        f'height="{c / tallest * room:.1f}" fill="{fill}"><title>{esc(t)}</title></rect>'
+        for i, (c, t) in enumerate(zip(counts, titles)))
+
+
 def histogram_svg(histogram: dict, width: int = 480, height: int = 120) -> str:
     """Inline SVG bars of an activation histogram (no script, no external resource)."""
     counts, top = histogram["counts"], histogram["max"]
     if not any(counts):
         return ""
-    tallest, bar_w, room = max(counts), (width - 40) / len(counts), height - 30
-    bars = "".join(
-        f'<rect x="{20 + i * bar_w:.1f}" y="{height - 20 - c / tallest * room:.1f}" width="{bar_w - 1:.1f}" '
-        f'height="{c / tallest * room:.1f}" fill="#e07b39"><title>{c} tokens in '
-        f'[{i * top / len(counts):.3g}, {(i + 1) * top / len(counts):.3g})</title></rect>'
-        for i, c in enumerate(counts))
+    step = top / len(counts)
+    bars = _svg_bars(counts, [f"{c} tokens in [{i * step:.3g}, {(i + 1) * step:.3g})" for i, c in enumerate(counts)],
+                     width, height, "#e07b39")
     axis = (f'<text x="20" y="{height - 4}" font-size="10">0</text>'
             f'<text x="{width - 20}" y="{height - 4}" font-size="10" text-anchor="end">{top:.3g}</text>')
     return (f'<svg class="histogram" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -356,13 +366,9 @@ def density_svg(density: torch.Tensor, num_tokens: int, bins: int = 30, width: i
     dead = int((density == 0).sum())
     low = min(math.floor(math.log10(1.0 / max(num_tokens, 1))), -1)
     counts = torch.histc(live.log10().float(), bins=bins, min=low, max=0) if live.numel() else torch.zeros(bins)
-    top = max(counts.max().item(), 1.0)
-    pad = 20  # room for the axis labels at both ends
-    bar_w = (width - 2 * pad) / bins
-    bars = "".join(
-        f'<rect x="{pad + i * bar_w:.1f}" y="{height - 20 - (c / top) * (height - 30):.1f}" width="{bar_w - 1:.1f}" '
-        f'height="{(c / top) * (height - 30):.1f}" fill="#4a7ab5"><title>{int(c)} features</title></rect>'
-        for i, c in enumerate(counts.tolist()))
+    counts = counts.tolist()
+    bars = _svg_bars(counts, [f"{int(c)} features" for c in counts], width, height, "#4a7ab5")
+    pad = _SVG_PAD
     axis = "".join(f'<text x="{pad + (e - low) / -low * (width - 2 * pad):.1f}" y="{height - 4}" font-size="10" '
                    f'text-anchor="middle">1e{e}</text>' for e in range(low, 1))
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
