@@ -125,11 +125,12 @@ def out_dir(args, hook_point: str) -> Path:
     return Path(args.output_dir) / name
 
 
-def activations_for(args, model, tokenizer, hook_point: str, sae=None):
-    """Activations of the text at the hook point, past what the SAE was trained on (see held_out_skip)."""
+def activations_for(args, model, tokenizer, hook_point: str, sae=None, texts=None):
+    """Activations of the text (default: load_texts) at the hook point, past what the SAE was
+    trained on (see held_out_skip)."""
     from fastsae.latent_cache import collect_activations
 
-    texts = load_texts(args)
+    texts = texts if texts is not None else load_texts(args)
     skip, where = held_out_skip(args, texts, sae)
     if not args.quiet:
         print(f"text: {texts.name}, {where}", file=sys.stderr)
@@ -203,17 +204,18 @@ def evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store=None
     from fastsae.evaluator import SAEEvaluator, loss_recovered
     from fastsae.files import atomic_write_json
 
+    texts = load_texts(args) if store is None or model is not None else None  # read once, used twice
     if store is not None:
         acts, meta = store_activations(store, args.num_tokens)
     else:
-        acts, meta = activations_for(args, model, tokenizer, hook_point, sae)
+        acts, meta = activations_for(args, model, tokenizer, hook_point, sae, texts)
     metrics = SAEEvaluator(sae).evaluate(acts)
     notes = []
     if args.loss_batches > 0 and model is None:
         notes.append("loss recovered: skipped, it runs the model (give --checkpoint or --model with --store)")
     elif args.loss_batches > 0:
-        skip, _ = held_out_skip(args, load_texts(args), sae)
-        batches = itertools.islice(iter_token_batches(tokenizer, load_texts(args), args.context_length,
+        skip, _ = held_out_skip(args, texts, sae)
+        batches = itertools.islice(iter_token_batches(tokenizer, texts, args.context_length,
                                                       args.batch_size, skip_tokens=skip), args.loss_batches)
         metrics.loss_recovered = loss_recovered(model, sae, hook_point, batches)
     out = out_dir(args, hook_point)
