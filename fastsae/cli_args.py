@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with every option's default."""
+
+
+def say(args, line: str) -> None:
+    """A status line on stderr (which model, which text), unless --quiet."""
+    if not args.quiet:
+        print(line, file=sys.stderr)
 
 
 def add_option(parser, name: str, *aliases: str, **kwargs):

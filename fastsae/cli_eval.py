@@ -15,7 +15,7 @@ import re
 import sys
 from pathlib import Path
 
-from fastsae.cli_args import HelpFormatter, add_option, nonnegative_int, positive_int
+from fastsae.cli_args import HelpFormatter, add_option, nonnegative_int, positive_int, say
 
 _opt = add_option  # both spellings, so the seed's scripts (underscores) share these parsers
 
@@ -84,9 +84,7 @@ def load_source(args):
         model, tok, info = sources.load_hf_model(args.model, device_of(args))
     else:
         model, tok, info = sources.load_default_model(device_of(args))
-    if not args.quiet:
-        print(f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device_of(args)}",
-              file=sys.stderr)
+    say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device_of(args)}")
     return model, tok, info.name
 
 
@@ -132,8 +130,7 @@ def activations_for(args, model, tokenizer, hook_point: str, sae=None, texts=Non
 
     texts = texts if texts is not None else load_texts(args)
     skip, where = held_out_skip(args, texts, sae)
-    if not args.quiet:
-        print(f"text: {texts.name}, {where}", file=sys.stderr)
+    say(args, f"text: {texts.name}, {where}")
     return collect_activations(model, tokenizer, texts, hook_point, args.num_tokens, args.context_length,
                                args.batch_size, progress=True, skip_tokens=skip)
 

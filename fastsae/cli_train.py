@@ -24,6 +24,7 @@ from fastsae.cli_args import (
     nonnegative_float,
     positive_float,
     positive_int,
+    say,
 )
 
 # CLI hook type -> hook point kind (blocks.{L}.hook_{kind}); "attn" and "mlp" are the seed's names.
@@ -65,7 +66,7 @@ def add_train_arguments(p) -> None:
     add_option(sae, "batch_size", type=positive_int, default=4096, help="rows per optimisation step")
     add_option(sae, "num_epochs", type=positive_int, default=10)
     add_option(sae, "learning_rate", "lr", type=positive_float, default=None,
-               help="default: automatic, from the width and the batch (README, 'Learning rate')")
+               help="default: automatic, from the width, the batch and the run's length (README, 'Learning rate')")
     add_option(sae, "optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     add_option(sae, "l1_coefficient", type=nonnegative_float, default=None,
                help=f"ReLU/Gated sparsity (default: {defaults.l1_coefficient})")
@@ -207,9 +208,9 @@ def collect_activations(args, hook_point: str, store_dir: Path, device, rank: in
     if args.activations:
         store = ActivationStore(args.activations, hook_point=hook_point)
         config = sae_config(args, store.d_in, store.hook_point)
-        _say(args, f"activations: {store.store_dir} ({store.num_tokens} tokens of {store.manifest['model_name']} "
+        say(args, f"activations: {store.store_dir} ({store.num_tokens} tokens of {store.manifest['model_name']} "
                    f"at {store.hook_point})")
-        return store, config, _model_metadata(store, args)
+        return store, config, _model_metadata(store)
     config = None
     if rank == 0:
         from fastsae.corpus import default_corpus, load_text_corpus
@@ -221,7 +222,7 @@ def collect_activations(args, hook_point: str, store_dir: Path, device, rank: in
             raise ValueError(f"--layer {args.layer} is out of range: {info.name} has {info.n_layers} layers "
                              f"(0 to {info.n_layers - 1})")
         config = sae_config(args, hook_width(model, hook_point), hook_point)
-        _say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; "
+        say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; "
                    f"SAE: {config.activation} d_in {config.d_in} d_sae {config.d_sae}")
         collect_to_store(model, tokenizer, corpus, hook_point, store_dir, args.num_activations,
                          batch_size=args.collect_batch_size, context_length=args.context_length,
@@ -232,19 +233,14 @@ def collect_activations(args, hook_point: str, store_dir: Path, device, rank: in
         dist.barrier()
     store = ActivationStore(store_dir, hook_point=hook_point)
     config = config or sae_config(args, store.d_in, hook_point)
-    return store, config, _model_metadata(store, args)
+    return store, config, _model_metadata(store)
 
 
-def _model_metadata(store, args) -> dict:
+def _model_metadata(store) -> dict:
     """What every saved SAE's cfg.json records about where its activations came from."""
     manifest = store.manifest
     return {"model_name": manifest.get("model_name"), "context_size": manifest.get("context_length"),
             "num_tokens_collected": store.num_tokens, "corpus": manifest.get("corpus")}
-
-
-def _say(args, line: str) -> None:
-    if not args.quiet:
-        print(line, file=sys.stderr)
 
 
 def shard_tokens(num_activations: int) -> int:
