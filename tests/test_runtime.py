@@ -206,6 +206,27 @@ def test_tracking_with_kv_cache_equals_full_sequence_forward(im, model, ids):
     assert set(cached[HP].rows()["seq"].tolist()) == {0}
 
 
+def test_decode_step_tracking_equals_the_saes_code_and_follows_weight_updates(model):
+    # One-row activations take the transposed-encoder path: it must agree with encode_sparse,
+    # and an in-place change of W_enc (training on after wrapping) must not leave it stale.
+    sae = make_sae(d_sae=320, k=5)  # d_sae not a multiple of 64 or of the GEMM's blocks
+    im = InterpretableModel(model, {HP: sae})
+    seen, handle = capture(model.transformer.h[1])
+    ids = torch.randint(0, VOCAB, (1, 1), generator=torch.Generator().manual_seed(3))
+    try:
+        for _ in range(2):  # as made, then after W_enc changes in place
+            with im.interpretation_enabled():
+                model(ids)
+            rows = im.trace[HP].rows()
+            code = sae.encode_sparse(seen.pop().reshape(-1, D))
+            assert torch.equal(rows["indices"], code.indices)
+            torch.testing.assert_close(rows["values"], code.values, rtol=1e-6, atol=1e-6)
+            with torch.no_grad():
+                sae.enc_weight.mul_(-1.5)  # a different top-k from here on
+    finally:
+        handle.remove()
+
+
 def test_tracking_records_every_step_not_just_the_last(im, model, ids):
     with im.interpretation_enabled():
         out = im.generate(ids, max_new_tokens=5, kv_cache=KVCache())
