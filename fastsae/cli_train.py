@@ -1,9 +1,11 @@
 """``fastsae train`` (and ``python -m scripts.sae_train``): collect activations, train an SAE.
 
-Writes ``{output_dir}/layer_{L}/``: ``activations/`` (the activation store; a rerun reuses or
-extends it), ``best_model/``, ``final_model/``, ``checkpoints/``, ``config.json``,
-``metrics.jsonl`` and ``loss_curves.png``. With no --checkpoint / --model, the embedded
-all-MiniLM-L6-v2 is used. Under torchrun, rank 0 collects and every rank trains on its slice.
+Writes ``{output_dir}/layer_{L}/`` per block of --layer / --layers (``{output_dir}/{hook point}/``
+per --hook_points match): ``activations/`` (the activation store; a rerun reuses or extends it),
+``best_model/``, ``final_model/``, ``checkpoints/``, ``config.json``, ``metrics.jsonl`` and
+``loss_curves.png``. Every hook point is collected from the same forward passes, then the SAEs
+are trained one after another. With no --checkpoint / --model, the embedded all-MiniLM-L6-v2 is
+used. Under torchrun, rank 0 collects and every rank trains on its slice.
 
 Every setting is checked (and the SAE's config built) before collection starts; the layer
 folder is locked for the run; a checkpoint is written every --save_every steps and every
@@ -32,6 +34,25 @@ HOOK_TYPES = {"resid_pre": "resid_pre", "resid_post": "resid_post", "attn_out": 
               "mlp_hidden": "mlp_hidden", "attn": "attn_out", "mlp": "mlp_out"}
 
 
+def layer_list(text: str):
+    """argparse type of --layers: "all", or block indices and ranges ("0,2,4", "0-3,8")."""
+    import argparse
+
+    if text == "all":
+        return "all"
+    layers = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            layers.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 0 or len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"expected block indices (0,2,4), ranges (0-3) or 'all', each block once, "
+                                         f"got {text!r}")
+    return sorted(layers)
+
+
 def register(sub):
     p = sub.add_parser("train", help="collect activations from a model and train an SAE on them",
                        formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
@@ -48,7 +69,12 @@ def add_train_arguments(p) -> None:
     add_option(src, "checkpoint", default=None, help="nanochat checkpoint directory (e.g. base_checkpoints/d20)")
     add_option(src, "step", type=positive_int, default=None, help="nanochat checkpoint step (default: latest)")
     add_option(src, "model", default=None, help="local Hugging Face model directory (instead of --checkpoint)")
-    add_option(src, "layer", type=int, required=True, help="block index to hook")
+    add_option(src, "layer", type=int, default=None, help="block index to hook")
+    add_option(src, "layers", type=layer_list, default=None,
+               help="several blocks, collected from one forward pass: 0,2,4, a range 0-3, or all")
+    add_option(src, "hook_points", nargs="+", default=None,
+               help="hook point names or globs (e.g. 'blocks.*.hook_mlp_out'), one SAE each, instead of "
+                    "--layer / --hook_type")
     add_option(src, "hook_type", choices=list(HOOK_TYPES), default="resid_post",
                help="where in the block: resid_pre, resid_post, attn_out, mlp_out, mlp_hidden "
                     "(attn and mlp are the seed's names for attn_out and mlp_out)")
@@ -90,10 +116,9 @@ def train_command(args) -> int:
     from fastsae.progress import set_quiet
 
     set_quiet(args.quiet)
-    layer_dir = Path(args.output_dir) / f"layer_{args.layer}"
-    created = [d for d in (Path(args.output_dir), layer_dir) if not d.exists()]
+    created: list[Path] = []  # folders this run made, removed again if it fails before using them
     try:
-        return _train(args, layer_dir)
+        return _train(args, created)
     except KeyboardInterrupt as e:
         print(f"fastsae train: {e or 'interrupted'}; the checkpoint is saved: rerun with --resume to continue",
               file=sys.stderr)
@@ -111,55 +136,139 @@ def _remove_if_empty(dirs) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _train(args, layer_dir: Path) -> int:
-    import torch
-
-    from fastsae.files import DirectoryLock
-    from fastsae.trainer import _writable_dir, resolve_device
-
-    rank, world_size = _init_distributed()
+def _check_arguments(args) -> None:
     if args.checkpoint and args.model:
         raise ValueError("give --checkpoint (nanochat) or --model (Hugging Face directory), not both")
+    if sum(x is not None for x in (args.layer, args.layers, args.hook_points)) != 1:
+        raise ValueError("give one of --layer, --layers or --hook_points")
     if args.activations and (args.checkpoint or args.model or args.corpus):
         raise ValueError("--activations trains on a store already collected: it takes no --checkpoint, --model "
                          "or --corpus")
-    layer_dir = _writable_dir(layer_dir)
+    if args.activations and args.layer is None:
+        raise ValueError("--activations holds one hook point: give it with --layer (and --hook_type)")
+
+
+def _block_hook_point(args, layer: int) -> str:
+    return f"blocks.{layer}.hook_{HOOK_TYPES[args.hook_type]}"
+
+
+def hook_point_folders(args, model=None, n_layers: int | None = None) -> dict[str, Path]:
+    """{hook point: output folder} of the run: layer_{L} for --layer / --layers, the hook point's
+    own name for --hook_points (globs matched against the model's block hook points first, then
+    its module paths)."""
+    from fnmatch import fnmatchcase
+
+    from fastsae.hooks import hook_point_map, resolve_hook_point
+
+    out = Path(args.output_dir)
+    if args.hook_points is None:
+        layers = [args.layer] if args.layer is not None else args.layers
+        option = "--layer" if args.layer is not None else "--layers"
+        if layers == "all":
+            layers = list(range(n_layers))
+        for layer in layers:
+            if n_layers is not None and not 0 <= layer < n_layers:
+                raise ValueError(f"{option} {layer} is out of range: the model has {n_layers} layers "
+                                 f"(0 to {n_layers - 1})")
+        return {_block_hook_point(args, layer): out / f"layer_{layer}" for layer in layers}
+    names = list(hook_point_map(model))
+    modules = [name for name, _ in model.named_modules() if name]
+    found: list[str] = []
+    for pattern in args.hook_points:
+        if any(c in pattern for c in "*?["):
+            matches = [n for n in names if fnmatchcase(n, pattern)] or [n for n in modules if fnmatchcase(n, pattern)]
+            if not matches:
+                raise ValueError(f"--hook_points {pattern!r} matches no hook point of this model (block hook points "
+                                 f"look like {names[0] if names else 'a module path'})")
+        else:
+            resolve_hook_point(model, pattern)  # an unknown name fails here, with the valid ones
+            matches = [pattern]
+        found.extend(m for m in matches if m not in found)
+    return {hp: out / hp for hp in found}
+
+
+def _train(args, created: list[Path]) -> int:
+    import torch
+
+    from fastsae.trainer import _writable_dir, resolve_device
+
+    _check_arguments(args)
+    if not Path(args.output_dir).exists():
+        created.append(Path(args.output_dir))
+    _writable_dir(args.output_dir)  # before the model loads: a typo costs no minutes
+    rank, world_size = _init_distributed()
     with warnings.catch_warnings(record=True) as caught:  # one plain line, not a pointer into this file
         warnings.simplefilter("always")
         device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     for w in caught:
         print(f"fastsae train: note: {w.message}", file=sys.stderr)
-    if rank != 0:  # one lock per run: rank 0 holds it for every rank
-        return _train_locked(args, layer_dir, device, rank)
-    with DirectoryLock(layer_dir, "fastsae train"):
-        return _train_locked(args, layer_dir, device, rank)
+    if args.activations:
+        return _train_on_stores(args, hook_point_folders(args), None, device, rank, created)
+    model = tokenizer = info = None
+    folders = None
+    if rank == 0:
+        model, tokenizer, info = load_model(args, device)
+        folders = hook_point_folders(args, model, info.n_layers)
+    folders = _broadcast(folders)
+    return _train_on_stores(args, folders, (model, tokenizer, info), device, rank, created)
 
 
-def _train_locked(args, layer_dir: Path, device, rank: int) -> int:
+def _broadcast(value):
+    """Rank 0's value on every rank (as is, without torch.distributed)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, created: list[Path]) -> int:
+    """Lock the folders, collect every hook point in one pass (rank 0), train each SAE."""
+    from contextlib import ExitStack
+
+    from fastsae.files import DirectoryLock
+    from fastsae.trainer import _writable_dir
+
+    for d in (Path(args.output_dir), *folders.values()):
+        if not d.exists() and d not in created:
+            created.append(d)
+    with ExitStack() as locks:
+        for folder in folders.values():
+            _writable_dir(folder)
+            if rank == 0:  # one lock per run: rank 0 holds it for every rank
+                locks.enter_context(DirectoryLock(folder, "fastsae train"))
+        runs = collect_activations(args, folders, loaded, device, rank)
+        for hook_point, (store, config, model_meta) in runs.items():
+            _train_one(args, folders[hook_point], store, config, model_meta, device, rank)
+    return 0
+
+
+def _train_one(args, folder: Path, store, config, model_meta: dict, device, rank: int) -> None:
     from fastsae.models import create_sae
+    from fastsae.store import split_store
     from fastsae.trainer import SAETrainer
 
-    hook_point = f"blocks.{args.layer}.hook_{HOOK_TYPES[args.hook_type]}"
-    store, config, model_meta = collect_activations(args, hook_point, layer_dir / "activations", device, rank)
     train, val = split_store(store, args.val_split)
-    trainer = SAETrainer(create_sae(config), config, train, val, device=device, save_dir=layer_dir,
+    trainer = SAETrainer(create_sae(config), config, train, val, device=device, save_dir=folder,
                          checkpoint_minutes=args.checkpoint_minutes, metadata=model_meta)
     trainer.train(verbose=not args.quiet, resume=args.resume, max_steps=args.max_steps)
-    if rank == 0:
-        if trainer.resumed_step is not None and trainer.resumed_step >= trainer.total_steps:
-            print(f"this run was already complete (step {trainer.total_steps} of {trainer.total_steps}); "
-                  "nothing was trained")
-        best = layer_dir / ("best_model" if (layer_dir / "best_model").exists() else "final_model")
-        fvu = f"best val FVU {trainer.best_val_fvu:.4f}" if val is not None else "no validation split"
-        if trainer.step < trainer.total_steps:
-            print(f"stopped at step {trainer.step} of {trainer.total_steps} (--max_steps); checkpoint "
-                  f"{trainer.last_checkpoint}; rerun with --resume to continue")
-        else:
-            print(f"trained {config.activation} SAE d_in={config.d_in} d_sae={config.d_sae} on "
-                  f"{store.hook_point} ({fvu}); saved to {best}")
-            if args.prepare_neuronpedia:
-                _prepare_neuronpedia(trainer, config, layer_dir)
-    return 0
+    if rank != 0:
+        return
+    if trainer.resumed_step is not None and trainer.resumed_step >= trainer.total_steps:
+        print(f"{store.hook_point}: this run was already complete (step {trainer.total_steps} of "
+              f"{trainer.total_steps}); nothing was trained")
+    best = folder / ("best_model" if (folder / "best_model").exists() else "final_model")
+    fvu = f"best val FVU {trainer.best_val_fvu:.4f}" if val is not None else "no validation split"
+    if trainer.step < trainer.total_steps:
+        print(f"stopped at step {trainer.step} of {trainer.total_steps} (--max_steps); checkpoint "
+              f"{trainer.last_checkpoint}; rerun with --resume to continue")
+    else:
+        print(f"trained {config.activation} SAE d_in={config.d_in} d_sae={config.d_sae} on "
+              f"{store.hook_point} ({fvu}); saved to {best}")
+        if args.prepare_neuronpedia:
+            _prepare_neuronpedia(trainer, config, folder)
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -197,43 +306,48 @@ def sae_config(args, d_in: int, hook_point: str):
                      save_every=args.save_every, **extra)
 
 
-def collect_activations(args, hook_point: str, store_dir: Path, device, rank: int = 0):
-    """(store, config, model metadata): --activations as given, else collected (rank 0 only; a
-    rerun with the same settings reuses or extends what is on disk). The config is built, and
+def collect_activations(args, folders: dict[str, Path], loaded, device, rank: int = 0) -> dict:
+    """{hook point: (store, config, model metadata)}: --activations as given, else collected on
+    rank 0 into each folder's activations/, every hook point from the same forward passes (a
+    rerun with the same settings reuses or extends what is on disk). Every config is built, and
     so every setting checked, before the collection starts."""
     import torch.distributed as dist
 
-    from fastsae.store import ActivationStore, collect_to_store
+    from fastsae.pipeline import shard_tokens
+    from fastsae.store import ActivationStore, collect_to_stores
 
     if args.activations:
+        (hook_point,) = folders
         store = ActivationStore(args.activations, hook_point=hook_point)
         config = sae_config(args, store.d_in, store.hook_point)
         say(args, f"activations: {store.store_dir} ({store.num_tokens} tokens of {store.manifest['model_name']} "
                    f"at {store.hook_point})")
-        return store, config, _model_metadata(store)
-    config = None
+        return {hook_point: (store, config, _model_metadata(store))}
+    store_dirs = {hp: folder / "activations" for hp, folder in folders.items()}
+    configs = {}
     if rank == 0:
         from fastsae.corpus import default_corpus, load_text_corpus
         from fastsae.hooks import hook_width
 
         corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
-        model, tokenizer, info = load_model(args, device)
-        if not 0 <= args.layer < info.n_layers:
-            raise ValueError(f"--layer {args.layer} is out of range: {info.name} has {info.n_layers} layers "
-                             f"(0 to {info.n_layers - 1})")
-        config = sae_config(args, hook_width(model, hook_point), hook_point)
+        model, tokenizer, info = loaded
+        configs = {hp: sae_config(args, hook_width(model, hp), hp) for hp in folders}
+        widths = sorted({(c.d_in, c.d_sae) for c in configs.values()})
         say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; "
-                   f"SAE: {config.activation} d_in {config.d_in} d_sae {config.d_sae}")
-        collect_to_store(model, tokenizer, corpus, hook_point, store_dir, args.num_activations,
-                         batch_size=args.collect_batch_size, context_length=args.context_length,
-                         shard_tokens=shard_tokens(args.num_activations), model_name=info.name,
-                         progress=not args.quiet)
+                   f"{len(configs)} SAE{'s' if len(configs) > 1 else ''}: {args.activation} "
+                   + ", ".join(f"d_in {d} d_sae {m}" for d, m in widths))
+        collect_to_stores(model, tokenizer, corpus, store_dirs, args.num_activations,
+                          batch_size=args.collect_batch_size, context_length=args.context_length,
+                          shard_tokens=shard_tokens(args.num_activations), model_name=info.name,
+                          progress=not args.quiet)
         del model
     if dist.is_initialized():
         dist.barrier()
-    store = ActivationStore(store_dir, hook_point=hook_point)
-    config = config or sae_config(args, store.d_in, hook_point)
-    return store, config, _model_metadata(store)
+    runs = {}
+    for hp, store_dir in store_dirs.items():
+        store = ActivationStore(store_dir, hook_point=hp)
+        runs[hp] = (store, configs.get(hp) or sae_config(args, store.d_in, hp), _model_metadata(store))
+    return runs
 
 
 def _model_metadata(store) -> dict:
@@ -241,26 +355,6 @@ def _model_metadata(store) -> dict:
     manifest = store.manifest
     return {"model_name": manifest.get("model_name"), "context_size": manifest.get("context_length"),
             "num_tokens_collected": store.num_tokens, "corpus": manifest.get("corpus")}
-
-
-def shard_tokens(num_activations: int) -> int:
-    """About 20 shards (multiples of the store's 1024-row blocks, at most 65536 rows), so that
-    whole shards can be held out for validation even from a small collection."""
-    return int(min(1 << 16, max(1024, num_activations // 20 // 1024 * 1024)))
-
-
-def split_store(store, val_split: float):
-    """(train store view, validation tensor): the last shards, about ``val_split`` of the
-    tokens, are held out (whole shards, so the store's block reader still serves the rest)."""
-    shards = store.shards
-    n_val, held = 0, 0
-    while val_split > 0 and n_val < len(shards) - 1 and held < val_split * store.num_tokens:
-        n_val += 1
-        held += shards[-n_val]["num_tokens"]
-    if n_val == 0:
-        return store, None
-    n_train = len(shards) - n_val
-    return store.select_shards(range(n_train)), store.select_shards(range(n_train, len(shards))).load_all()
 
 
 def _prepare_neuronpedia(trainer, config, layer_dir: Path) -> None:

@@ -42,7 +42,8 @@ from fastsae.hooks import (
 )
 from fastsae.progress import progress_bar
 
-__all__ = ["ActivationStore", "StoreMismatchError", "collect_to_store", "model_fingerprint"]
+__all__ = ["ActivationStore", "StoreMismatchError", "collect_to_store", "collect_to_stores", "model_fingerprint",
+           "split_store"]
 
 MANIFEST = "manifest.json"
 FORMAT = "fastsae.activation_store"
@@ -249,6 +250,20 @@ class ActivationStore:
         return self.iter_batches(batch_size=4096)
 
 
+def split_store(store, val_split: float):
+    """(train store view, validation tensor): the last shards, about ``val_split`` of the
+    tokens, are held out (whole shards, so the store's block reader still serves the rest)."""
+    shards = store.shards
+    n_val, held = 0, 0
+    while val_split > 0 and n_val < len(shards) - 1 and held < val_split * store.num_tokens:
+        n_val += 1
+        held += shards[-n_val]["num_tokens"]
+    if n_val == 0:
+        return store, None
+    n_train = len(shards) - n_val
+    return store.select_shards(range(n_train)), store.select_shards(range(n_train, len(shards))).load_all()
+
+
 def _windows(blocks: list[tuple[int, int, int]], buffer_tokens: int) -> Iterator[list[tuple[int, int, int]]]:
     window, size = [], 0
     for block in blocks:
@@ -294,108 +309,154 @@ def _write_shard(store_dir: Path, index: int, data: dict[str, torch.Tensor]) -> 
     return {"file": name, "num_tokens": int(data["activations"].shape[0])}
 
 
+class _StoreWriter:
+    """One hook point's store while a collection runs: its manifest, the rows not yet in a shard,
+    and the commit of full shards (shard file first, then the manifest that lists it)."""
+
+    def __init__(self, store_dir: Path, identity: dict, manifest: dict | None, model_name: str, max_tokens: int,
+                 shard_tokens: int, on_shard):
+        if manifest is not None:
+            manifest = _keep_full_shards(manifest)
+        else:
+            manifest = {"format": FORMAT, "version": VERSION, "model_name": model_name, **identity, "d_in": None,
+                        "token_count": 0, "shards": [], "complete": False, "corpus_exhausted": False}
+        manifest["max_tokens"] = max_tokens
+        self.store_dir, self.manifest, self.shard_tokens, self.on_shard = store_dir, manifest, shard_tokens, on_shard
+        self.done = manifest["token_count"]  # tokens already on disk: replayed without storing them again
+        self.buffer: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.buffered = 0
+
+    def add(self, acts: torch.Tensor, meta: dict[str, torch.Tensor], seen: int, take: int) -> int:
+        """Buffer the rows of this batch that are not on disk yet (``seen``: tokens before the
+        batch; ``take``: how many of its rows count); commit each full shard. Returns the rows added."""
+        if self.manifest["d_in"] is None:
+            self.manifest["d_in"] = int(acts.shape[1])
+        elif self.manifest["d_in"] != acts.shape[1]:
+            raise StoreMismatchError(f"activation store {self.store_dir}: d_in is {self.manifest['d_in']}, "
+                                     f"the model gives {acts.shape[1]}")
+        skip = min(take, max(0, self.done - seen))  # part of this batch that is already stored
+        for k, v in {"activations": acts, **meta}.items():
+            self.buffer[k].append(v[skip:take])
+        self.buffered += take - skip
+        while self.buffered >= self.shard_tokens:
+            self.commit(self.shard_tokens)
+        return take - skip
+
+    def commit(self, count: int) -> None:
+        data = {k: torch.cat(v) for k, v in self.buffer.items()}
+        index = len(self.manifest["shards"])
+        shard = _write_shard(self.store_dir, index, {k: v[:count].cpu() for k, v in data.items()})
+        self.manifest["shards"].append(shard)
+        self.manifest["token_count"] += shard["num_tokens"]
+        atomic_write_json(self.store_dir / MANIFEST, self.manifest)
+        self.buffer.clear()
+        rest = {k: v[count:] for k, v in data.items()}
+        for k, v in rest.items():
+            self.buffer[k].append(v)
+        self.buffered = len(rest["activations"])
+        if self.on_shard is not None:
+            self.on_shard(index, self.manifest)
+
+    def finish(self, exhausted: bool) -> ActivationStore:
+        if self.buffered:
+            self.commit(self.buffered)
+        self.manifest["complete"] = True
+        self.manifest["corpus_exhausted"] = exhausted
+        atomic_write_json(self.store_dir / MANIFEST, self.manifest)
+        return ActivationStore(self.store_dir)
+
+
 def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_point: str,
                      store_dir: str | os.PathLike, max_tokens: int, batch_size: int = 32, context_length: int = 128,
-                     *, shard_tokens: int = 1 << 16, dtype: torch.dtype | None = None, drop_bos: bool = False,
-                     model_name: str | None = None, overwrite: bool = False,
-                     on_shard: Callable[[int, dict], None] | None = None, progress: bool = True) -> ActivationStore:
+                     **kwargs) -> ActivationStore:
     """Tokenize `corpus`, run the model, and stream activations at `hook_point` into `store_dir`.
 
     Stops after max_tokens tokens (padding, and BOS with drop_bos, are not counted) or when the
     corpus ends. If `store_dir` already holds part of this same collection, it resumes; a store
     from another model, hook point or setting raises StoreMismatchError (overwrite=True replaces it).
     `on_shard(index, manifest)` is called after each shard is committed. Returns the ActivationStore.
+    Keyword arguments are those of ``collect_to_stores``.
     """
+    return collect_to_stores(model, tokenizer, corpus, {hook_point: store_dir}, max_tokens, batch_size,
+                             context_length, **kwargs)[hook_point]
+
+
+def collect_to_stores(model: nn.Module, tokenizer, corpus: Iterable[str], store_dirs: dict[str, str | os.PathLike],
+                      max_tokens: int, batch_size: int = 32, context_length: int = 128,
+                      *, shard_tokens: int = 1 << 16, dtype: torch.dtype | None = None, drop_bos: bool = False,
+                      model_name: str | None = None, overwrite: bool = False,
+                      on_shard: Callable[[int, dict], None] | None = None,
+                      progress: bool = True) -> dict[str, ActivationStore]:
+    """``collect_to_store`` for several hook points from one forward pass per batch:
+    ``store_dirs`` maps each hook point to its own store directory (each one is a complete
+    store, the same as collecting that hook point alone). The forward stops after the last
+    hooked module. Each store resumes on its own: the model runs from the first token any of
+    them is missing."""
     from fastsae.corpus import iter_token_batches
 
-    resolve_hook_point(model, hook_point)  # a bad name fails before anything touches the disk
+    if not store_dirs:
+        raise ValueError("store_dirs is empty: give at least one {hook_point: directory}")
+    for hook_point in store_dirs:
+        resolve_hook_point(model, hook_point)  # a bad name fails before anything touches the disk
     if max_tokens <= 0 or shard_tokens <= 0:
         raise ValueError(f"max_tokens and shard_tokens must be positive, got {max_tokens}, {shard_tokens}")
-    store_dir = Path(store_dir)
-    store_dir.mkdir(parents=True, exist_ok=True)
+    dirs = {hp: Path(d) for hp, d in store_dirs.items()}
+    if len(set(dirs.values())) != len(dirs):
+        raise ValueError("store_dirs: every hook point needs a directory of its own")
     dtype = dtype or next(model.parameters()).dtype
-    identity = {
-        "model_fingerprint": model_fingerprint(model), "hook_point": hook_point,
-        "dtype": str(dtype).removeprefix("torch."),
-        "corpus": {"name": getattr(corpus, "name", type(corpus).__name__),
-                   "fingerprint": getattr(corpus, "fingerprint", None)},
-        "context_length": context_length, "batch_size": batch_size, "shard_tokens": shard_tokens, "drop_bos": drop_bos,
-    }
-    manifest = _existing_manifest(store_dir, identity, overwrite)
-    if manifest is not None and (manifest["token_count"] >= max_tokens or manifest["corpus_exhausted"]):
-        # Holds at least what was asked (or all the corpus has): a store is never trimmed in place.
-        if not manifest["complete"]:
-            manifest["complete"] = True
-            atomic_write_json(store_dir / MANIFEST, manifest)
-        return ActivationStore(store_dir)
-    if manifest is not None:
-        manifest = _keep_full_shards(manifest)
-    else:
-        manifest = {"format": FORMAT, "version": VERSION,
-                    "model_name": model_name or getattr(getattr(model, "config", None), "_name_or_path", None)
-                    or type(model).__name__, **identity, "d_in": None,
-                    "token_count": 0, "shards": [], "complete": False, "corpus_exhausted": False}
-    manifest["max_tokens"] = max_tokens
+    fingerprint = model_fingerprint(model)
+    model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    writers, stores = {}, {}
+    for hook_point, store_dir in dirs.items():
+        store_dir.mkdir(parents=True, exist_ok=True)
+        identity = {
+            "model_fingerprint": fingerprint, "hook_point": hook_point, "dtype": str(dtype).removeprefix("torch."),
+            "corpus": {"name": getattr(corpus, "name", type(corpus).__name__),
+                       "fingerprint": getattr(corpus, "fingerprint", None)},
+            "context_length": context_length, "batch_size": batch_size, "shard_tokens": shard_tokens,
+            "drop_bos": drop_bos,
+        }
+        manifest = _existing_manifest(store_dir, identity, overwrite)
+        if manifest is not None and (manifest["token_count"] >= max_tokens or manifest["corpus_exhausted"]):
+            # Holds at least what was asked (or all the corpus has): a store is never trimmed in place.
+            if not manifest["complete"]:
+                manifest["complete"] = True
+                atomic_write_json(store_dir / MANIFEST, manifest)
+            stores[hook_point] = ActivationStore(store_dir)
+        else:
+            writers[hook_point] = _StoreWriter(store_dir, identity, manifest, model_name, max_tokens, shard_tokens,
+                                               on_shard)
+    if not writers:
+        return stores
 
-    done = manifest["token_count"]  # tokens already on disk: replayed without running the model
+    done = min(w.done for w in writers.values())  # the model runs from here
     seen = 0  # tokens of the token stream passed so far
-    buffer: dict[str, list[torch.Tensor]] = defaultdict(list)
-    buffered = 0
-
-    def commit(count: int) -> None:
-        nonlocal buffered
-        data = {k: torch.cat(v) for k, v in buffer.items()}
-        shard = _write_shard(store_dir, len(manifest["shards"]), {k: v[:count].cpu() for k, v in data.items()})
-        manifest["shards"].append(shard)
-        manifest["token_count"] += shard["num_tokens"]
-        atomic_write_json(store_dir / MANIFEST, manifest)
-        buffer.clear()
-        rest = {k: v[count:] for k, v in data.items()}
-        for k, v in rest.items():
-            buffer[k].append(v)
-        buffered = len(rest["activations"])
-        if on_shard is not None:
-            on_shard(len(manifest["shards"]) - 1, manifest)
-
     # Activations stay on the model's device until a shard is full: one device-to-host copy (and
     # one synchronisation) per shard, not per batch.
-    collector = ActivationCollector(model, [hook_point], max_activations=2**62, device=model_device(model),
+    collector = ActivationCollector(model, list(writers), max_activations=2**62, device=model_device(model),
                                     dtype=dtype, drop_bos=drop_bos)
-    bar = progress_bar(total=max_tokens, initial=done, unit="tok", desc=f"collect {hook_point}", disable=not progress)
+    what = next(iter(writers)) if len(writers) == 1 else f"{len(writers)} hook points"
+    bar = progress_bar(total=max_tokens, initial=done, unit="tok", desc=f"collect {what}", disable=not progress)
     exhausted = True
     with collector, bar:
         for batch in iter_token_batches(tokenizer, corpus, context_length, batch_size):
             keep = kept_tokens(batch.attention_mask, batch.positions, drop_bos)
             n = int(keep.sum())
-            if seen + n <= done:  # entirely on disk already
+            if seen + n <= done:  # entirely on disk already, in every store
                 seen += n
                 continue
             run_collector_batch(collector, model, batch)
-            acts, meta = collector.pop(hook_point)
-            if acts is None:
-                raise RuntimeError(f"hook point {hook_point!r} did not run during the forward pass: "
-                                   "the model never calls that module")
-            if manifest["d_in"] is None:
-                manifest["d_in"] = int(acts.shape[1])
-            elif manifest["d_in"] != acts.shape[1]:
-                raise StoreMismatchError(f"activation store {store_dir}: d_in is {manifest['d_in']}, "
-                                         f"the model gives {acts.shape[1]}")
-            meta["token_index"] = torch.arange(seen, seen + n)
-            skip = max(0, done - seen)  # part of this batch that is already stored
             take = min(n, max_tokens - seen)
-            for k, v in {"activations": acts, **meta}.items():
-                buffer[k].append(v[skip:take])
-            buffered += take - skip
-            bar.update(take - skip)
+            for hook_point, writer in writers.items():
+                acts, meta = collector.pop(hook_point)
+                if acts is None:
+                    raise RuntimeError(f"hook point {hook_point!r} did not run during the forward pass: "
+                                       "the model never calls that module")
+                meta["token_index"] = torch.arange(seen, seen + n)
+                writer.add(acts, meta, seen, take)
+            bar.update(take - max(0, min(take, done - seen)))
             seen += n
-            while buffered >= shard_tokens:
-                commit(shard_tokens)
             if seen >= max_tokens:
                 exhausted = False
                 break
-        if buffered:
-            commit(buffered)
-    manifest["complete"] = True
-    manifest["corpus_exhausted"] = exhausted
-    atomic_write_json(store_dir / MANIFEST, manifest)
-    return ActivationStore(store_dir)
+    return {**stores, **{hp: w.finish(exhausted) for hp, w in writers.items()}}

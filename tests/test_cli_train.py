@@ -83,10 +83,49 @@ def test_layer_out_of_range(tmp_path, capsys):
     assert "--layer 9 is out of range" in capsys.readouterr().err
 
 
+def test_several_layers_and_hook_point_globs_train_one_sae_each(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--layers", "0-1", "--output_dir", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    for layer in (0, 1):
+        folder = out / f"layer_{layer}"
+        hook_point = f"blocks.{layer}.hook_resid_post"
+        assert json.loads((folder / "activations" / "manifest.json").read_text())["hook_point"] == hook_point
+        assert load_sae(folder / "best_model").config.hook_point == hook_point
+        assert f"on {hook_point} (best val FVU" in printed
+    assert main(["train", "--hook_points", "blocks.[12].hook_mlp_out", "blocks.0.hook_attn_out", "--output_dir",
+                 str(out), *SMALL]) == 0
+    for hook_point in ("blocks.1.hook_mlp_out", "blocks.2.hook_mlp_out", "blocks.0.hook_attn_out"):
+        assert load_sae(out / hook_point / "best_model").config.hook_point == hook_point
+    assert sorted(p.name for p in out.iterdir()) == ["blocks.0.hook_attn_out", "blocks.1.hook_mlp_out",
+                                                      "blocks.2.hook_mlp_out", "layer_0", "layer_1"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layers", "0,9"], "--layers 9 is out of range: the model has 6 layers (0 to 5)"),
+    (["--layer", "1", "--layers", "0"], "give one of --layer, --layers or --hook_points"),
+    (["--hook_points", "blocks.*.hook_nothing"], "--hook_points 'blocks.*.hook_nothing' matches no hook point"),
+    (["--hook_points", "blocks.1.hook_nothing"], "unknown hook point 'blocks.1.hook_nothing'"),
+    (["--layers", "0,1", "--activations", "somewhere"], "--activations holds one hook point"),
+])
+def test_bad_hook_point_choices_are_one_line_errors(tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["train", *args, "--output_dir", str(out), *SMALL]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()  # nothing left behind
+
+
+@pytest.mark.parametrize("value", ["x", "0,0", "-1", "3-1", ""])
+def test_layers_value_is_checked_by_the_parser(tmp_path, capsys, value):
+    with pytest.raises(SystemExit):
+        main(["train", "--layers", value, "--output_dir", str(tmp_path), *SMALL])
+    assert "expected block indices (0,2,4), ranges (0-3) or 'all'" in capsys.readouterr().err
+
+
 def test_split_store_holds_out_the_last_whole_shards(tmp_path):
-    from fastsae.cli_train import split_store
     from fastsae.corpus import Corpus
-    from fastsae.store import collect_to_store
+    from fastsae.store import collect_to_store, split_store
 
     gpt = nanochat("gpt")
     torch.manual_seed(0)

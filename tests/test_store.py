@@ -18,7 +18,13 @@ from nanochat.tokenizer import ByteTokenizer  # noqa: E402
 from fastsae.corpus import Corpus, default_corpus, iter_token_batches  # noqa: E402
 from fastsae.hooks import collect_activations_from_dataloader  # noqa: E402
 from fastsae.sources import load_default_model  # noqa: E402
-from fastsae.store import ActivationStore, StoreMismatchError, collect_to_store, model_fingerprint  # noqa: E402
+from fastsae.store import (  # noqa: E402
+    ActivationStore,
+    StoreMismatchError,
+    collect_to_store,
+    collect_to_stores,
+    model_fingerprint,
+)
 
 HOOK = "blocks.1.hook_resid_post"  # an early layer: the forward stops after block 1
 TOKENS, SHARD, CONTEXT, BATCH = 20_480, 4096, 64, 128
@@ -233,6 +239,62 @@ def test_extending_a_store_equals_collecting_more_at_once(tiny, tmp_path):
     assert torch.equal(grown.load_all(), once.load_all())
     again = collect_to_store(model, tok, docs(), "blocks.1.hook_mlp_hidden", tmp_path / "grown", 1000, **kw)
     assert again.manifest == grown.manifest
+
+
+def _counting_forwards(model):
+    calls = []
+    handle = model.transformer.wte.register_forward_pre_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+def test_several_hook_points_from_one_forward_equal_one_collection_each(tiny, tmp_path):
+    model, tok = tiny
+    kw = dict(batch_size=4, context_length=24, shard_tokens=300, progress=False)
+    hooks = ["blocks.0.hook_attn_out", "blocks.1.hook_mlp_hidden", "blocks.1.hook_resid_post"]
+    calls, handle = _counting_forwards(model)
+    try:
+        alone = {hp: collect_to_store(model, tok, docs(), hp, tmp_path / "alone" / hp, 1000, **kw) for hp in hooks}
+        one_pass = len(calls) // len(hooks)
+        calls.clear()
+        together = collect_to_stores(model, tok, docs(), {hp: tmp_path / "together" / hp for hp in hooks}, 1000, **kw)
+    finally:
+        handle.remove()
+    assert len(calls) == one_pass  # one forward per batch for all three
+    for hp in hooks:
+        assert together[hp].hook_point == hp and together[hp].manifest["complete"]
+        assert [s["num_tokens"] for s in together[hp].shards] == [300, 300, 300, 100]
+        for a, b in zip(_shard_tensors(alone[hp]), _shard_tensors(together[hp])):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert together["blocks.1.hook_mlp_hidden"].d_in == 64 and together["blocks.0.hook_attn_out"].d_in == 16
+
+
+def test_several_stores_resume_each_from_where_it_stopped(tiny, tmp_path):
+    # One store holds 600 tokens already (an earlier run), the other none: the model runs from
+    # token 0 for the new one, the old one only appends what it lacks.
+    model, tok = tiny
+    kw = dict(batch_size=4, context_length=24, shard_tokens=300, progress=False)
+    a, b = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
+    collect_to_store(model, tok, docs(), a, tmp_path / "a", 600, **kw)
+    written = []
+    stores = collect_to_stores(model, tok, docs(), {a: tmp_path / "a", b: tmp_path / "b"}, 1000,
+                               on_shard=lambda i, m: written.append((m["hook_point"], i)), **kw)
+    assert sorted(written) == [(a, 2), (a, 3), (b, 0), (b, 1), (b, 2), (b, 3)]
+    once = collect_to_store(model, tok, docs(), a, tmp_path / "once", 1000, **kw)
+    assert torch.equal(stores[a].load_all(), once.load_all())
+    assert stores[b].num_tokens == 1000
+
+
+def test_several_stores_need_distinct_folders_and_known_hooks(tiny, tmp_path):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="every hook point needs a directory of its own"):
+        collect_to_stores(model, tok, docs(), {"blocks.0.hook_resid_post": tmp_path / "s",
+                                               "blocks.1.hook_resid_post": tmp_path / "s"}, 100, progress=False)
+    with pytest.raises(ValueError, match="unknown hook point 'blocks.1.hook_nope'"):
+        collect_to_stores(model, tok, docs(), {"blocks.0.hook_resid_post": tmp_path / "a",
+                                               "blocks.1.hook_nope": tmp_path / "b"}, 100, progress=False)
+    assert not (tmp_path / "a").exists()
+    with pytest.raises(ValueError, match="store_dirs is empty"):
+        collect_to_stores(model, tok, docs(), {}, 100, progress=False)
 
 
 def test_corpus_shorter_than_max_tokens(tiny, tmp_path):
