@@ -53,6 +53,19 @@ def layer_list(text: str):
     return sorted(layers)
 
 
+def size_list(text: str) -> list[int]:
+    """argparse type of --matryoshka_sizes: positive widths, "256,1024,4096"."""
+    import argparse
+
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive widths (256,1024,4096), got {text!r}")
+    return sizes
+
+
 def register(sub):
     p = sub.add_parser("train", help="collect activations from a model and train an SAE on them",
                        formatter_class=HelpFormatter, description=__doc__.split("\n\n")[0])
@@ -87,7 +100,11 @@ def add_train_arguments(p) -> None:
     add_option(src, "activations", default=None, help="train on this existing activation store directory")
     sae = p.add_argument_group("SAE and training")
     add_option(sae, "activation", choices=ACTIVATIONS, default="topk")
-    add_option(sae, "k", type=positive_int, default=64, help="active latents per token (topk, batchtopk)")
+    add_option(sae, "k", type=positive_int, default=64,
+               help="active latents per token (topk; on average for batchtopk, matryoshka_batchtopk)")
+    add_option(sae, "matryoshka_sizes", type=size_list, default=None,
+               help="matryoshka_batchtopk: the nested prefixes' widths, e.g. 256,1024,4096 (d_sae is added "
+                    "last; default 1/16, 1/8, 1/4, 1/2 and all of d_sae)")
     add_option(sae, "expansion_factor", "width", type=positive_int, default=8, help="d_sae = expansion_factor * d_in")
     add_option(sae, "batch_size", type=positive_int, default=4096, help="rows per optimisation step")
     add_option(sae, "num_epochs", type=positive_int, default=10)
@@ -144,6 +161,8 @@ def _check_arguments(args) -> None:
     if args.activations and (args.checkpoint or args.model or args.corpus):
         raise ValueError("--activations trains on a store already collected: it takes no --checkpoint, --model "
                          "or --corpus")
+    if args.matryoshka_sizes is not None and args.activation != "matryoshka_batchtopk":
+        raise ValueError(f"--matryoshka_sizes is for --activation matryoshka_batchtopk, not {args.activation}")
     if args.activations and args.layer is None:
         raise ValueError("--activations holds one hook point: give it with --layer (and --hook_type)")
 
@@ -300,6 +319,8 @@ def sae_config(args, d_in: int, hook_point: str):
     from fastsae.config import SAEConfig
 
     extra = {"l1_coefficient": args.l1_coefficient} if args.l1_coefficient is not None else {}
+    if args.matryoshka_sizes is not None:
+        extra["matryoshka_sizes"] = args.matryoshka_sizes
     return SAEConfig(d_in=d_in, activation=args.activation, k=args.k, expansion_factor=args.expansion_factor,
                      num_activations=args.num_activations, batch_size=args.batch_size, num_epochs=args.num_epochs,
                      learning_rate=args.learning_rate, optimizer=args.optimizer, hook_point=hook_point, seed=args.seed,

@@ -6,7 +6,11 @@ import math
 import re
 from dataclasses import dataclass, field
 
-ACTIVATIONS = ("topk", "batchtopk", "relu", "jumprelu", "gated")
+ACTIVATIONS = ("topk", "batchtopk", "matryoshka_batchtopk", "relu", "jumprelu", "gated")
+# Activations that keep k latents per token (exactly, or on average over a batch).
+K_ACTIVATIONS = ("topk", "batchtopk", "matryoshka_batchtopk")
+# Default Matryoshka prefixes, as fractions of d_sae.
+MATRYOSHKA_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("schedule_free_adam", "adam")
 
@@ -45,6 +49,20 @@ def _check_float(name: str, value, minimum: float, inclusive: bool) -> None:
         raise ValueError(f"{name} must be a finite number {relation} {minimum}, got {value!r}")
     if value < minimum or (value == minimum and not inclusive):
         raise ValueError(f"{name} must be a finite number {relation} {minimum}, got {value}")
+
+
+def _matryoshka_sizes(sizes, d_sae: int) -> tuple[int, ...]:
+    """The checked prefix widths (see SAEConfig.matryoshka_sizes)."""
+    if sizes is None:
+        sizes = sorted({max(1, round(f * d_sae)) for f in MATRYOSHKA_FRACTIONS})
+    if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (list, tuple)) or not sizes:
+        raise ValueError(f"matryoshka_sizes must be a non-empty list of prefix widths, got {sizes!r}")
+    for size in sizes:
+        _check_int("matryoshka_sizes entries", size, 1)
+    sizes = list(sizes) if sizes[-1] == d_sae else [*sizes, d_sae]
+    if any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[-1] != d_sae:
+        raise ValueError(f"matryoshka_sizes must increase strictly up to d_sae={d_sae}, got {sizes}")
+    return tuple(sizes)
 
 
 @dataclass
@@ -86,6 +104,10 @@ class SAEConfig:
     grad_clip: float = 1.0
     normalize_activations: bool = True  # scale inputs to E||x||^2 = d_in during training
     seed: int = 0
+    # matryoshka_batchtopk: the nested dictionary prefixes' widths, strictly increasing, the last
+    # d_sae (appended when missing); None: MATRYOSHKA_FRACTIONS of d_sae. Each prefix's
+    # reconstruction adds its MSE to the loss, so early latents learn to stand alone.
+    matryoshka_sizes: tuple[int, ...] | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -110,8 +132,12 @@ class SAEConfig:
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.activation in ("topk", "batchtopk") and not 1 <= self.k <= self.d_sae:
+        if self.activation in K_ACTIVATIONS and not 1 <= self.k <= self.d_sae:
             raise ValueError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
+        if self.activation == "matryoshka_batchtopk":
+            self.matryoshka_sizes = _matryoshka_sizes(self.matryoshka_sizes, self.d_sae)
+        elif self.matryoshka_sizes is not None:
+            raise ValueError(f"matryoshka_sizes is for activation 'matryoshka_batchtopk', not {self.activation!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.aux_k is None:

@@ -37,9 +37,12 @@ SPARSITY_FILE = "sparsity.safetensors"
 SAVE_ID_KEY = "fastsae_save_id"
 READ_ATTEMPTS, READ_RETRY_S = 100, 0.02  # a reader waits up to 2 s for a concurrent save to finish
 
-# fastsae activation -> SAELens architecture
-_ARCHITECTURES = {"topk": "topk", "batchtopk": "topk", "relu": "standard", "jumprelu": "jumprelu",
-                  "gated": "gated"}
+# fastsae activation -> SAELens architecture. BatchTopK SAEs infer with one threshold for every
+# latent, so they are written as JumpReLU SAEs with that threshold per latent, as SAELens does:
+# SAELens then encodes them exactly as fastsae does.
+_ARCHITECTURES = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu", "relu": "standard",
+                  "jumprelu": "jumprelu", "gated": "gated"}
+_BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
 
 
 # ----------------------------------------------------------------------------- fastsae / SAELens layout
@@ -52,8 +55,8 @@ def sae_state(sae: BaseSAE) -> dict[str, torch.Tensor]:
     if sae.config.activation == "gated":
         state.update(b_gate=sae.b_enc, r_mag=sae.r_mag, b_mag=sae.b_mag)
         del state["b_enc"]
-    if sae.config.activation == "batchtopk":
-        state["threshold"] = sae.threshold.reshape(1)
+    if sae.config.activation in _BATCH_TOPK:
+        state["threshold"] = sae.threshold.expand(sae.d_sae)
     return state
 
 
@@ -66,7 +69,7 @@ def saelens_config(config: SAEConfig, metadata: dict | None = None) -> dict:
     cfg = {"architecture": _ARCHITECTURES[config.activation], "d_in": config.d_in, "d_sae": config.d_sae,
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
            "reshape_activations": "none", "metadata": meta, **meta}
-    if config.activation in ("topk", "batchtopk"):
+    if config.activation == "topk":
         cfg.update(k=config.k, activation_fn_str="topk", activation_fn_kwargs={"k": config.k})
     else:
         cfg.update(activation_fn_str="relu", activation_fn_kwargs={})
@@ -123,6 +126,15 @@ def _config_from_plain_saelens(cfg: dict) -> SAEConfig:
                      hook_point=check_hook_point(hook, "hook_name"), dtype="float32")
 
 
+def _as_current(tensors: dict, config: SAEConfig) -> dict[str, tuple]:
+    """The shapes of ``tensors`` (tensors, or header entries with a "shape"), with a BatchTopK
+    threshold written as one number (by earlier fastsae versions) read as one per latent."""
+    shapes = {k: tuple(v["shape"] if isinstance(v, dict) else v.shape) for k, v in tensors.items()}
+    if config.activation in _BATCH_TOPK and shapes.get("threshold") == (1,):
+        shapes["threshold"] = (config.d_sae,)
+    return shapes
+
+
 def _check_shapes(shapes: dict[str, tuple], expected: dict[str, tuple], source: str) -> None:
     missing = sorted(set(expected) - set(shapes))
     if missing:
@@ -141,13 +153,13 @@ def _expected_shapes(config: SAEConfig) -> dict[str, tuple]:
     if config.activation == "gated":
         shapes.update(b_gate=(d_sae,), r_mag=(d_sae,), b_mag=(d_sae,))
         del shapes["b_enc"]
-    if config.activation == "batchtopk":
-        shapes["threshold"] = (1,)
+    if config.activation in _BATCH_TOPK:
+        shapes["threshold"] = (d_sae,)
     return shapes
 
 
 def _load_state_into(sae: BaseSAE, state: dict[str, torch.Tensor], source: str) -> None:
-    _check_shapes({k: v.shape for k, v in state.items()}, _expected_shapes(sae.config), source)
+    _check_shapes(_as_current(state, sae.config), _expected_shapes(sae.config), source)
     with torch.no_grad():
         sae.enc_weight.copy_(state["W_enc"].t())
         sae.W_dec.copy_(state["W_dec"])
@@ -158,8 +170,12 @@ def _load_state_into(sae: BaseSAE, state: dict[str, torch.Tensor], source: str) 
         if sae.config.activation == "gated":
             sae.r_mag.copy_(state["r_mag"])
             sae.b_mag.copy_(state["b_mag"])
-        if sae.config.activation == "batchtopk":
-            sae.threshold.copy_(state["threshold"].reshape(()))
+        if sae.config.activation in _BATCH_TOPK:
+            threshold = state["threshold"].reshape(-1)
+            if not bool((threshold == threshold[0]).all()):
+                raise ValueError(f"{source}: a BatchTopK SAE has one threshold for every latent; these differ "
+                                 "(load it as a JumpReLU SAE)")
+            sae.threshold.copy_(threshold[0])
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu") -> BaseSAE:
@@ -203,8 +219,8 @@ def _read_one_save(path: Path):
         header = _safetensors_header(f, weights_path)
         if expected_id is not None and (header.get("__metadata__") or {}).get(SAVE_ID_KEY) != expected_id:
             return None
-        shapes = {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
-        _check_shapes(shapes, _expected_shapes(config), str(weights_path))
+        shapes = {k: {"shape": v["shape"]} for k, v in header.items() if k != "__metadata__"}
+        _check_shapes(_as_current(shapes, config), _expected_shapes(config), str(weights_path))
         f.seek(0)
         try:
             return cfg, config, safetensors_load(f.read())

@@ -237,6 +237,33 @@ class BatchTopKSAE(TopKSAE):
         return self._metrics(x, recon, code, extra)
 
 
+class MatryoshkaBatchTopKSAE(BatchTopKSAE):
+    """Matryoshka BatchTopK (Bussmann et al. 2025): BatchTopK whose dictionary prefixes
+    (``config.matryoshka_sizes``) must each reconstruct the input on their own; the loss adds
+    every inner prefix's MSE to the full one. Encoding and inference are BatchTopK's."""
+
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None):
+        x, _ = self._prepare_input(x)
+        k_aux = self._aux_k(dead_mask, max_aux_k)
+        code, aux_values, aux_indices = self._encode(x, dead_mask if k_aux else None, k_aux)
+        prefixes = self.prefix_reconstructions(code)
+        recon = prefixes[:, -1]
+        extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask) if k_aux else {}
+        for size, inner in zip(self.config.matryoshka_sizes[:-1], prefixes.unbind(1)):
+            extra[f"prefix_{size}_term"] = reference.mse(inner, x)
+            extra[f"prefix_{size}_fvu"] = reference.fvu(inner.detach(), x)
+        return self._metrics(x, recon, code, extra)
+
+    def prefix_reconstructions(self, code: SparseCode) -> torch.Tensor:
+        """[N, len(matryoshka_sizes), d_in]: the reconstruction by each prefix of the dictionary."""
+        if code.row_offsets is None:  # fixed-k pairs as CSR
+            n, k = code.values.shape
+            code = SparseCode(code.values.reshape(-1), code.indices.reshape(-1), code.d_sae,
+                              torch.arange(n + 1, device=code.values.device) * k)
+        return ops.matryoshka_decode(code.values, code.indices, code.row_offsets, self.W_dec, self.b_dec,
+                                     self.config.matryoshka_sizes)
+
+
 class ReLUSAE(BaseSAE):
     """ReLU SAE with an L1 penalty weighted by decoder row norms."""
 
@@ -319,8 +346,8 @@ class GatedSAE(BaseSAE):
                                               "aux_loss": aux.detach(), "aux_term": aux})
 
 
-SAE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "relu": ReLUSAE, "jumprelu": JumpReLUSAE,
-               "gated": GatedSAE}
+SAE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
+               "relu": ReLUSAE, "jumprelu": JumpReLUSAE, "gated": GatedSAE}
 
 
 def create_sae(config: SAEConfig) -> BaseSAE:

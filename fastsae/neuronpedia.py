@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from fastsae.config import SAEConfig
+from fastsae.config import K_ACTIVATIONS, SAEConfig
 from fastsae.feature_viz import TokenText, feature_data, logit_effects
 from fastsae.files import atomic_save_tensors, atomic_write_json, atomic_write_text
 from fastsae.io import save_sae
@@ -39,7 +39,7 @@ def create_neuronpedia_metadata(sae: BaseSAE, config: SAEConfig | None = None, t
     metadata = {
         "architecture": {"type": config.activation, "d_in": config.d_in, "d_sae": config.d_sae,
                          "expansion_factor": config.d_sae / config.d_in, "normalize_decoder": config.normalize_decoder},
-        "sparsity_config": {"k": config.k if config.activation in ("topk", "batchtopk") else None,
+        "sparsity_config": {"k": config.k if config.activation in K_ACTIVATIONS else None,
                             "l1_coefficient": config.l1_coefficient if config.activation in ("relu", "gated") else None,
                             "l0_coefficient": config.l0_coefficient if config.activation == "jumprelu" else None},
         "hook_point": config.hook_point,

@@ -523,3 +523,28 @@ def csr_decode(values, indices, row_offsets, W_dec, b_dec=None, backend=None):
         return reference.csr_decode(values, indices, row_offsets, W_dec, b_dec)
     return _SparseDecode.apply(values.contiguous(), indices.contiguous(), row_offsets.contiguous(),
                                W_dec.contiguous(), b_dec, primitives(name))
+
+
+def matryoshka_decode(values, indices, row_offsets, W_dec, b_dec, sizes, backend=None):
+    """Each prefix's reconstruction of a CSR code, [N, len(sizes), d_in]: prefix p decodes the
+    entries with index < sizes[p]. One sparse decode does every prefix: each entry goes to the
+    row (n, level), level = how many sizes its index reaches, and the levels' partial decodes
+    are summed cumulatively (prefix p = levels 0..p), plus b_dec."""
+    _check_code(values, indices, W_dec, "W_dec", row_offsets)
+    _check_vector("b_dec", b_dec, W_dec.shape[1], "d_in")
+    sizes = list(sizes)
+    if not sizes or sizes[-1] != W_dec.shape[0] or any(b <= a for a, b in zip(sizes, sizes[1:])) or sizes[0] < 1:
+        raise ValueError(f"sizes must increase strictly from >= 1 to d_sae={W_dec.shape[0]}, got {sizes}")
+    sizes = torch.tensor(sizes, dtype=torch.long, device=values.device)
+    levels, n = sizes.numel(), row_offsets.numel() - 1
+    if resolve_backend(backend, values.device) == "reference":
+        dense = reference.csr_to_dense(values, indices, row_offsets, W_dec.shape[0])
+        return reference.matryoshka_decode(dense, W_dec, b_dec, sizes.tolist())
+    level = torch.bucketize(indices, sizes, right=True)  # 0 .. levels - 1: every index is < d_sae
+    rows = torch_backend.csr_row_ids(row_offsets, values.numel()) * levels + level
+    order = torch.argsort(rows, stable=True)
+    counts = torch.bincount(rows, minlength=n * levels)
+    offsets = torch_backend.row_offsets_from_counts(counts)
+    parts = csr_decode(values[order], indices[order], offsets, W_dec, None, backend)
+    out = parts.reshape(n, levels, -1).cumsum(1)
+    return out if b_dec is None else out + b_dec

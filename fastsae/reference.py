@@ -109,6 +109,11 @@ def csr_decode(values, indices, row_offsets, W_dec, b_dec=None):
     return decode(csr_to_dense(values, indices, row_offsets, W_dec.shape[0]), W_dec, b_dec)
 
 
+def matryoshka_decode(codes, W_dec, b_dec, sizes):
+    """[N, len(sizes), d_in]: each prefix's reconstruction, codes[:, :s] @ W_dec[:s] + b_dec."""
+    return torch.stack([decode(codes[:, :s], W_dec[:s], b_dec) for s in sizes], 1)
+
+
 def mse(x_hat, x):
     """Mean squared error over every element (the scale used everywhere in fastsae)."""
     return (x_hat - x).pow(2).mean()

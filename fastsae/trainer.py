@@ -54,7 +54,7 @@ DECAY_FRACTION = 0.2  # linear LR decay to 0 over the last 20% of steps (config.
 RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: 0.2 x mean alive encoder norm
 AUX_CHECK_EVERY = 10  # steps between host reads of the dead-latent count (AuxK runs only while it is > 0)
 _NEVER = 2**62  # "no bad step yet"
-_AUXK = ("topk", "batchtopk")
+_AUXK = ("topk", "batchtopk", "matryoshka_batchtopk")
 _RESAMPLED = ("relu", "gated", "jumprelu")
 _PER_LATENT = ("enc_weight", "W_dec", "b_enc", "r_mag", "b_mag", "log_threshold")
 # The learning rate when config.learning_rate is None (auto_learning_rate): its value at 2^14
@@ -506,6 +506,9 @@ class SAETrainer:
                   "tokens_per_s": tokens_per_s, "dead_fraction": self.dead_mask().float().mean().item()}
         for key in ("total_loss", "mse_loss", "fvu", "l0", "aux_loss", "l1_loss", "l0_loss"):
             if key in out:
+                record[key] = float(out[key].detach().float())
+        for key in out:  # a Matryoshka SAE's FVU of each inner prefix
+            if key.startswith("prefix_") and key.endswith("_fvu"):
                 record[key] = float(out[key].detach().float())
         self._record(record)
         bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}",

@@ -116,6 +116,23 @@ def test_bad_hook_point_choices_are_one_line_errors(tmp_path, capsys, args, mess
     assert not out.exists()  # nothing left behind
 
 
+def test_matryoshka_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--layer", "1", "--activation", "matryoshka_batchtopk", "--matryoshka_sizes", "24,96",
+                 "--output_dir", str(out), *SMALL]) == 0
+    sae = load_sae(out / "layer_1" / "best_model")
+    assert sae.config.activation == "matryoshka_batchtopk" and sae.config.matryoshka_sizes == (24, 96, 384)
+    logged = [json.loads(line) for line in (out / "layer_1" / "metrics.jsonl").read_text().splitlines()]
+    assert any("prefix_24_fvu" in r and "prefix_96_fvu" in r for r in logged)
+    with pytest.raises(SystemExit):
+        main(["train", "--layer", "1", "--matryoshka_sizes", "24,x", "--output_dir", str(out), *SMALL])
+    assert "expected comma-separated positive widths (256,1024,4096), got '24,x'" in capsys.readouterr().err
+    assert main(["train", "--layer", "1", "--matryoshka_sizes", "24", "--output_dir", str(tmp_path / "o2"),
+                 *SMALL]) == 1
+    assert "--matryoshka_sizes is for --activation matryoshka_batchtopk, not topk" in capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # refused before the model loads
+
+
 @pytest.mark.parametrize("value", ["x", "0,0", "-1", "3-1", ""])
 def test_layers_value_is_checked_by_the_parser(tmp_path, capsys, value):
     with pytest.raises(SystemExit):

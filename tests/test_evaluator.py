@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from fastsae import reference
-from fastsae.config import SAEConfig
+from fastsae.config import ACTIVATIONS, SAEConfig
 from fastsae.evaluator import SAEEvaluator, loss_recovered
 from fastsae.models import create_sae
 
@@ -76,7 +76,7 @@ def test_metrics_match_hand_computation():
     assert "density" not in d and d["mse_loss"] == pytest.approx(m.mse_loss)
 
 
-@pytest.mark.parametrize("activation", ["topk", "relu", "batchtopk", "jumprelu", "gated"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_metrics_exact_over_batches_and_on_training_scale(activation):
     torch.manual_seed(0)
     cfg = SAEConfig(d_in=16, d_sae=64, activation=activation, k=4, dtype="float32",

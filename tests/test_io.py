@@ -6,11 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastsae.config import SAEConfig
+from fastsae.config import ACTIVATIONS, SAEConfig  # every kind the library has
 from fastsae.io import load_sae, load_saes, sae_state, save_sae
 from fastsae.models import create_sae
-
-ACTIVATIONS = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
 
 
 def random_sae(activation, d_in=12, d_sae=48, seed=0, hook="blocks.3.hook_resid_post"):
@@ -21,7 +19,7 @@ def random_sae(activation, d_in=12, d_sae=48, seed=0, hook="blocks.3.hook_resid_
     with torch.no_grad():  # every parameter away from its init, so a swapped tensor would show
         for p in sae.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-        if activation == "batchtopk":
+        if activation in ("batchtopk", "matryoshka_batchtopk"):
             sae.threshold.fill_(0.2)
     return sae.eval()
 
@@ -34,8 +32,8 @@ def test_saelens_layout_round_trip(tmp_path, activation):
     cfg = json.loads((path / "cfg.json").read_text())
     assert cfg["d_in"] == 12 and cfg["d_sae"] == 48 and cfg["hook_name"] == "blocks.3.hook_resid_post"
     assert cfg["hook_layer"] == 3 and cfg["model_name"] == "tiny" and cfg["context_size"] == 64
-    assert cfg["architecture"] == {"topk": "topk", "batchtopk": "topk", "relu": "standard",
-                                   "jumprelu": "jumprelu", "gated": "gated"}[activation]
+    assert cfg["architecture"] == {"topk": "topk", "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu",
+                                   "relu": "standard", "jumprelu": "jumprelu", "gated": "gated"}[activation]
     weights = load_file(str(path / "sae_weights.safetensors"))
     assert weights["W_enc"].shape == (12, 48) and weights["W_dec"].shape == (48, 12)
 
@@ -161,9 +159,10 @@ def test_corrupt_files_give_clear_errors(tmp_path):
         load_sae(tmp_path / "missing")
 
 
-def test_sae_lens_loads_our_export_and_encodes_identically(tmp_path):
+@pytest.mark.parametrize("activation", ["topk", "batchtopk"])
+def test_sae_lens_loads_our_export_and_encodes_identically(tmp_path, activation):
     sae_lens = pytest.importorskip("sae_lens")
-    sae = random_sae("topk")
+    sae = random_sae(activation)
     path = save_sae(sae, sae.config, tmp_path / "sae")
     theirs = sae_lens.SAE.load_from_disk(str(path), device="cpu")
     x = torch.randn(32, 12)
@@ -172,7 +171,23 @@ def test_sae_lens_loads_our_export_and_encodes_identically(tmp_path):
         torch.testing.assert_close(theirs.decode(sae.encode(x)), sae.decode(sae.encode(x)))
 
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu", "gated"])
+def test_a_batchtopk_file_with_one_threshold_number_still_loads(tmp_path):
+    """Earlier versions wrote a BatchTopK threshold as one number; such folders still load."""
+    sae = random_sae("batchtopk")
+    path = save_sae(sae, sae.config, tmp_path / "old")
+    weights = load_file(str(path / "sae_weights.safetensors"))
+    weights["threshold"] = weights["threshold"][:1].clone()
+    cfg = json.loads((path / "cfg.json").read_text())
+    save_file(weights, str(path / "sae_weights.safetensors"), metadata={"fastsae_save_id": cfg["fastsae"]["save_id"]})
+    loaded = load_sae(path)
+    assert float(loaded.threshold) == float(sae.threshold) == pytest.approx(0.2)
+    weights["threshold"] = torch.tensor([0.2, 0.3] * 24)
+    save_file(weights, str(path / "sae_weights.safetensors"), metadata={"fastsae_save_id": cfg["fastsae"]["save_id"]})
+    with pytest.raises(ValueError, match="a BatchTopK SAE has one threshold for every latent; these differ"):
+        load_sae(path)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_expected_shapes_match_what_save_writes(activation):
     """The loader checks files against _expected_shapes (no SAE allocated); it must name and
     shape exactly what sae_state writes."""

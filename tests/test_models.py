@@ -6,10 +6,16 @@ import torch
 
 import fastsae
 from fastsae import reference as R
-from fastsae.config import SAEConfig
-from fastsae.models import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, TopKSAE, create_sae
-
-ACTIVATIONS = ["topk", "batchtopk", "relu", "jumprelu", "gated"]
+from fastsae.config import ACTIVATIONS, SAEConfig  # every kind the library has
+from fastsae.models import (
+    BatchTopKSAE,
+    GatedSAE,
+    JumpReLUSAE,
+    MatryoshkaBatchTopKSAE,
+    ReLUSAE,
+    TopKSAE,
+    create_sae,
+)
 
 
 def make(activation, d_in=10, d_sae=37, **kw):
@@ -22,7 +28,7 @@ def make(activation, d_in=10, d_sae=37, **kw):
 
 
 def test_create_sae_picks_the_class():
-    classes = [TopKSAE, BatchTopKSAE, ReLUSAE, JumpReLUSAE, GatedSAE]
+    classes = [TopKSAE, BatchTopKSAE, MatryoshkaBatchTopKSAE, ReLUSAE, JumpReLUSAE, GatedSAE]
     for activation, cls in zip(ACTIVATIONS, classes):
         assert type(make(activation)) is cls
 

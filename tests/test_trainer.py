@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fastsae import SAEConfig, create_sae, ops
+from fastsae.config import ACTIVATIONS
 from fastsae.io import load_sae
 from fastsae.normalize import fold_normalization, geometric_median
 from fastsae.trainer import SAETrainer, train_sae_from_activations
@@ -250,7 +251,7 @@ def test_decoder_gradient_projection_keeps_unit_rows():
 
 # ----------------------------------------------------------------------------- normalisation
 
-@pytest.mark.parametrize("activation", ["topk", "batchtopk", "relu", "jumprelu", "gated"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_folded_sae_on_raw_input_equals_scaled_reconstruction(activation):
     x, _ = sparse_dictionary_data(n=1024)
     trainer = make_trainer(x, small_config(activation=activation))
