@@ -41,18 +41,24 @@ class SAELensRun:
 
     def __init__(self, d_in, d_sae, k, device, batch_size, total_steps=10**6, seed=0, lr=None):
         """``lr`` None: SAETrainerConfig's default (3e-4); ``total_steps`` sizes its LR schedule."""
-        from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
         from sae_lens.config import SAETrainerConfig
 
         torch.manual_seed(seed)
         device = str(torch.device(device))
         self.k, self.device, self.inference_sae = k, device, None
-        self.sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=device))
+        self.sae = self.make_sae(d_in, d_sae, k, device)
         self.lr = SAETrainerConfig.lr if lr is None else lr
         cfg = SAETrainerConfig(total_training_samples=total_steps * batch_size, train_batch_size_samples=batch_size,
                                lr=self.lr, lr_end=self.lr / 10, device=device)  # lr_end as the runner config sets it
         # The data provider is only read by fit() and evals; the benches hand each batch to step().
+        from sae_lens import SAETrainer
+
         self.trainer = SAETrainer(cfg=cfg, sae=self.sae, data_provider=iter(()))
+
+    def make_sae(self, d_in, d_sae, k, device):
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+
+        return TopKTrainingSAE(TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=k, device=device))
 
     def mark_dead(self, index) -> None:
         """Count these latents as not fired for longer than the dead window, so AuxK runs on them."""
@@ -81,3 +87,23 @@ class SAELensRun:
         acts = sae.encode(x.to(self.device))  # dense, at most k nonzero per row
         values, indices = acts.topk(self.k, dim=-1)
         return sae.decode(acts), indices, values
+
+
+class SAELensMatryoshkaRun(SAELensRun):
+    """SAELens's ``MatryoshkaBatchTopKTrainingSAE`` (its defaults: BatchTopK threshold learning rate
+    0.01, the plain TopK AuxK) through the same trainer; SAELens saves it as a JumpReLU SAE."""
+
+    def __init__(self, *args, widths, **kwargs):
+        self.widths = list(widths)
+        super().__init__(*args, **kwargs)
+
+    def make_sae(self, d_in, d_sae, k, device):
+        from sae_lens import MatryoshkaBatchTopKTrainingSAE, MatryoshkaBatchTopKTrainingSAEConfig
+
+        return MatryoshkaBatchTopKTrainingSAE(MatryoshkaBatchTopKTrainingSAEConfig(
+            d_in=d_in, d_sae=d_sae, k=k, matryoshka_widths=self.widths, device=device))
+
+    @torch.no_grad()
+    def dense_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The inference (JumpReLU) SAE's dense code of x (call ``finish`` first)."""
+        return self.inference_sae.encode(x.to(self.device))
