@@ -223,9 +223,13 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold(self, values):
+        """EMA (0.99) of the batch's smallest selected activation. The first batch sets it
+        outright (a threshold <= 0 means none yet): an EMA started at 0 would reach only 63% of
+        its value in 100 steps, and a short run's SAE would then keep too many latents."""
         positive = values[values > 0]
         if positive.numel():
-            self.threshold.mul_(0.99).add_(0.01 * positive.min().to(self.threshold.dtype))
+            smallest = positive.min().to(self.threshold.dtype)
+            self.threshold.copy_(torch.where(self.threshold > 0, 0.99 * self.threshold + 0.01 * smallest, smallest))
 
     def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None):
         x, _ = self._prepare_input(x)

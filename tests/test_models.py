@@ -119,6 +119,16 @@ def test_batchtopk_eval_uses_learned_threshold():
     assert (code.values > float(sae.threshold)).all()
 
 
+def test_batchtopk_threshold_starts_at_the_first_batch_then_follows_an_ema():
+    sae = make("batchtopk").train()
+    x1, x2 = torch.randn(16, 10, generator=torch.Generator().manual_seed(1)), torch.randn(16, 10)
+    first = sae.loss(x1)["code"].values.detach()
+    smallest = float(first[first > 0].min())
+    assert float(sae.threshold) == pytest.approx(smallest)  # not 1% of it, as an EMA from 0 would give
+    second = sae.loss(x2)["code"].values.detach()
+    assert float(sae.threshold) == pytest.approx(0.99 * smallest + 0.01 * float(second[second > 0].min()))
+
+
 def test_wrong_width_is_a_clear_error():
     with pytest.raises(ValueError, match=r"x must have last dimension d_in=10, got shape \(3, 9\)"):
         make("topk")(torch.randn(3, 9))
