@@ -5,7 +5,8 @@ per --hook_points match): ``activations/`` (the activation store; a rerun reuses
 ``best_model/``, ``final_model/``, ``checkpoints/``, ``config.json``, ``metrics.jsonl`` and
 ``loss_curves.png``. Every hook point is collected from the same forward passes, then the SAEs
 are trained one after another. With no --checkpoint / --model, the embedded all-MiniLM-L6-v2 is
-used. Under torchrun, rank 0 collects and every rank trains on its slice.
+used. Under torchrun every rank runs the model for its share of the store's shards, then
+trains on its slice of every batch.
 
 Every setting is checked (and the SAE's config built) before collection starts; the layer
 folder is locked for the run; a checkpoint is written every --save_every steps and every
@@ -223,24 +224,9 @@ def _train(args, created: list[Path]) -> int:
         print(f"fastsae train: note: {w.message}", file=sys.stderr)
     if args.activations:
         return _train_on_stores(args, hook_point_folders(args), None, device, rank, created)
-    model = tokenizer = info = None
-    folders = None
-    if rank == 0:
-        model, tokenizer, info = load_model(args, device)
-        folders = hook_point_folders(args, model, info.n_layers)
-    folders = _broadcast(folders)
+    model, tokenizer, info = load_model(args, device)  # on every rank: each collects its share
+    folders = hook_point_folders(args, model, info.n_layers)
     return _train_on_stores(args, folders, (model, tokenizer, info), device, rank, created)
-
-
-def _broadcast(value):
-    """Rank 0's value on every rank (as is, without torch.distributed)."""
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, created: list[Path]) -> int:
@@ -328,10 +314,11 @@ def sae_config(args, d_in: int, hook_point: str):
 
 
 def collect_activations(args, folders: dict[str, Path], loaded, device, rank: int = 0) -> dict:
-    """{hook point: (store, config, model metadata)}: --activations as given, else collected on
-    rank 0 into each folder's activations/, every hook point from the same forward passes (a
-    rerun with the same settings reuses or extends what is on disk). Every config is built, and
-    so every setting checked, before the collection starts."""
+    """{hook point: (store, config, model metadata)}: --activations as given, else collected into
+    each folder's activations/, every hook point from the same forward passes, under torchrun
+    by every rank for its share of the shards (a rerun with the same settings reuses or extends
+    what is on disk). Every config is built, and so every setting checked, before the
+    collection starts."""
     import torch.distributed as dist
 
     from fastsae.pipeline import shard_tokens
@@ -344,30 +331,27 @@ def collect_activations(args, folders: dict[str, Path], loaded, device, rank: in
         say(args, f"activations: {store.store_dir} ({store.num_tokens} tokens of {store.manifest['model_name']} "
                    f"at {store.hook_point})")
         return {hook_point: (store, config, _model_metadata(store))}
-    store_dirs = {hp: folder / "activations" for hp, folder in folders.items()}
-    configs = {}
-    if rank == 0:
-        from fastsae.corpus import default_corpus, load_text_corpus
-        from fastsae.hooks import hook_width
+    from fastsae.corpus import default_corpus, load_text_corpus
+    from fastsae.hooks import hook_width
 
-        corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
-        model, tokenizer, info = loaded
-        configs = {hp: sae_config(args, hook_width(model, hp), hp) for hp in folders}
-        widths = sorted({(c.d_in, c.d_sae) for c in configs.values()})
+    store_dirs = {hp: folder / "activations" for hp, folder in folders.items()}
+    corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
+    model, tokenizer, info = loaded
+    configs = {hp: sae_config(args, hook_width(model, hp), hp) for hp in folders}
+    widths = sorted({(c.d_in, c.d_sae) for c in configs.values()})
+    if rank == 0:
         say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; "
                    f"{len(configs)} SAE{'s' if len(configs) > 1 else ''}: {args.activation} "
                    + ", ".join(f"d_in {d} d_sae {m}" for d, m in widths))
-        collect_to_stores(model, tokenizer, corpus, store_dirs, args.num_activations,
-                          batch_size=args.collect_batch_size, context_length=args.context_length,
-                          shard_tokens=shard_tokens(args.num_activations), model_name=info.name,
-                          progress=not args.quiet)
-        del model
-    if dist.is_initialized():
-        dist.barrier()
+    collect_to_stores(model, tokenizer, corpus, store_dirs, args.num_activations,
+                      batch_size=args.collect_batch_size, context_length=args.context_length,
+                      shard_tokens=shard_tokens(args.num_activations), model_name=info.name,
+                      progress=not args.quiet, distributed=dist.is_initialized())
+    del model
     runs = {}
     for hp, store_dir in store_dirs.items():
         store = ActivationStore(store_dir, hook_point=hp)
-        runs[hp] = (store, configs.get(hp) or sae_config(args, store.d_in, hp), _model_metadata(store))
+        runs[hp] = (store, configs[hp], _model_metadata(store))
     return runs
 
 

@@ -276,16 +276,20 @@ def _windows(blocks: list[tuple[int, int, int]], buffer_tokens: int) -> Iterator
         yield window
 
 
-def _existing_manifest(store_dir: Path, identity: dict, overwrite: bool) -> dict | None:
-    """The manifest of this same collection already in store_dir, or None to start afresh."""
+def _existing_manifest(store_dir: Path, identity: dict, overwrite: bool, clean: bool = True) -> dict | None:
+    """The manifest of this same collection already in store_dir, or None to start afresh.
+    With ``clean`` (one process, or rank 0), leftovers of a killed write are removed, and with
+    ``overwrite`` everything the store held."""
     manifest = _read_manifest(store_dir)
-    for tmp in store_dir.glob(".*.tmp"):  # leftovers of a write that was killed
-        tmp.unlink()
     if manifest is not None and overwrite:
-        for shard in store_dir.glob("shard_*.safetensors"):
-            shard.unlink()
-        (store_dir / MANIFEST).unlink()
+        if clean:
+            for old in [*store_dir.glob("shard_*.safetensors"), *store_dir.glob("progress_rank*_of_*.json")]:
+                old.unlink()
+            (store_dir / MANIFEST).unlink()
         return None
+    if clean:
+        for tmp in store_dir.glob(".*.tmp"):  # leftovers of a write that was killed
+            tmp.unlink()
     if manifest is not None:
         diffs = _differences(manifest, identity)
         if diffs:
@@ -310,11 +314,17 @@ def _write_shard(store_dir: Path, index: int, data: dict[str, torch.Tensor]) -> 
 
 
 class _StoreWriter:
-    """One hook point's store while a collection runs: its manifest, the rows not yet in a shard,
-    and the commit of full shards (shard file first, then the manifest that lists it)."""
+    """One hook point's store while a collection runs: the rows of the shard being filled and
+    the commit of each full shard (shard file first, then the list that names it).
+
+    Shard s holds tokens [s * shard_tokens, (s + 1) * shard_tokens) of the token stream. Under
+    torch.distributed, rank r of W writes the shards with s % W == r, the same files one
+    process writes; each rank records its shards in its own progress file, and ``finish``
+    merges them into the manifest on rank 0. One process writes the manifest after each shard.
+    """
 
     def __init__(self, store_dir: Path, identity: dict, manifest: dict | None, model_name: str, max_tokens: int,
-                 shard_tokens: int, on_shard):
+                 shard_tokens: int, on_shard, rank: int = 0, world_size: int = 1):
         if manifest is not None:
             manifest = _keep_full_shards(manifest)
         else:
@@ -322,48 +332,114 @@ class _StoreWriter:
                         "token_count": 0, "shards": [], "complete": False, "corpus_exhausted": False}
         manifest["max_tokens"] = max_tokens
         self.store_dir, self.manifest, self.shard_tokens, self.on_shard = store_dir, manifest, shard_tokens, on_shard
-        self.done = manifest["token_count"]  # tokens already on disk: replayed without storing them again
+        self.rank, self.world_size, self.max_tokens = rank, world_size, max_tokens
+        # index -> shard entry of every full shard this rank owns that is on disk already
+        self.written = {i: shard for i, shard in enumerate(manifest["shards"]) if i % world_size == rank}
+        if world_size > 1:
+            progress = _read_json_or_none(self.progress_path)
+            if progress is not None and progress.get("identity") == identity:
+                self.written.update({int(i): shard for i, shard in progress["shards"].items()})
+                manifest["d_in"] = manifest["d_in"] or progress.get("d_in")
+        self.next_shard = rank
+        while self.next_shard in self.written:
+            self.next_shard += world_size
+        self.identity = identity
         self.buffer: dict[str, list[torch.Tensor]] = defaultdict(list)
         self.buffered = 0
 
+    @property
+    def progress_path(self) -> Path:
+        return self.store_dir / f"progress_rank{self.rank}_of_{self.world_size}.json"
+
+    @property
+    def needed_from(self) -> int:
+        """The first token of the stream this rank still has to store (max_tokens: none)."""
+        return min(self.max_tokens, self.next_shard * self.shard_tokens + self.buffered)
+
+    def wants(self, seen: int, n: int) -> bool:
+        """Whether the batch of stream tokens [seen, seen + n) holds rows this rank stores."""
+        return seen + n > self.needed_from and self.needed_from < self.max_tokens
+
     def add(self, acts: torch.Tensor, meta: dict[str, torch.Tensor], seen: int, take: int) -> int:
-        """Buffer the rows of this batch that are not on disk yet (``seen``: tokens before the
-        batch; ``take``: how many of its rows count); commit each full shard. Returns the rows added."""
+        """Store the rows of this batch (``seen``: tokens before it; its first ``take`` rows
+        count) that fall in this rank's shards and are not on disk yet; commit each full shard.
+        Returns the rows added."""
         if self.manifest["d_in"] is None:
             self.manifest["d_in"] = int(acts.shape[1])
         elif self.manifest["d_in"] != acts.shape[1]:
             raise StoreMismatchError(f"activation store {self.store_dir}: d_in is {self.manifest['d_in']}, "
                                      f"the model gives {acts.shape[1]}")
-        skip = min(take, max(0, self.done - seen))  # part of this batch that is already stored
-        for k, v in {"activations": acts, **meta}.items():
-            self.buffer[k].append(v[skip:take])
-        self.buffered += take - skip
-        while self.buffered >= self.shard_tokens:
-            self.commit(self.shard_tokens)
-        return take - skip
+        added = 0
+        while True:
+            shard_end = (self.next_shard + 1) * self.shard_tokens
+            lo, hi = max(seen, self.needed_from), min(seen + take, shard_end)
+            if lo >= hi:
+                return added
+            for k, v in {"activations": acts, **meta}.items():
+                self.buffer[k].append(v[lo - seen:hi - seen])
+            self.buffered += hi - lo
+            added += hi - lo
+            if self.buffered == self.shard_tokens:
+                self.commit()
 
-    def commit(self, count: int) -> None:
-        data = {k: torch.cat(v) for k, v in self.buffer.items()}
-        index = len(self.manifest["shards"])
-        shard = _write_shard(self.store_dir, index, {k: v[:count].cpu() for k, v in data.items()})
-        self.manifest["shards"].append(shard)
-        self.manifest["token_count"] += shard["num_tokens"]
-        atomic_write_json(self.store_dir / MANIFEST, self.manifest)
+    def commit(self) -> None:
+        index = self.next_shard
+        data = {k: torch.cat(v).cpu() for k, v in self.buffer.items()}
+        shard = _write_shard(self.store_dir, index, data)
+        self.written[index] = shard
         self.buffer.clear()
-        rest = {k: v[count:] for k, v in data.items()}
-        for k, v in rest.items():
-            self.buffer[k].append(v)
-        self.buffered = len(rest["activations"])
+        self.buffered = 0
+        self.next_shard += self.world_size
+        if self.world_size == 1:
+            self.manifest["shards"] = [self.written[i] for i in sorted(self.written)]
+            self.manifest["token_count"] = sum(s["num_tokens"] for s in self.manifest["shards"])
+            atomic_write_json(self.store_dir / MANIFEST, self.manifest)
+        else:
+            atomic_write_json(self.progress_path, {"identity": self.identity, "d_in": self.manifest["d_in"],
+                                                   "shards": {str(i): s for i, s in self.written.items()}})
         if self.on_shard is not None:
             self.on_shard(index, self.manifest)
 
-    def finish(self, exhausted: bool) -> ActivationStore:
+    def finish(self) -> ActivationStore:
+        """Commit the last, partial shard and write the complete manifest (every rank's shards)."""
         if self.buffered:
-            self.commit(self.buffered)
-        self.manifest["complete"] = True
-        self.manifest["corpus_exhausted"] = exhausted
-        atomic_write_json(self.store_dir / MANIFEST, self.manifest)
+            self.commit()
+        written, d_in = self.written, self.manifest["d_in"]
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            parts = [None] * self.world_size
+            dist.all_gather_object(parts, (written, d_in))
+            written = {i: shard for part, _ in parts for i, shard in part.items()}
+            d_in = next((d for _, d in parts if d is not None), None)
+        if self.rank == 0:
+            shards = [written[i] for i in sorted(written)]
+            if sorted(written) != list(range(len(shards))):
+                raise RuntimeError(f"activation store {self.store_dir}: shards {sorted(written)} are not 0..n-1")
+            token_count = sum(s["num_tokens"] for s in shards)
+            self.manifest.update(shards=shards, token_count=token_count, d_in=d_in, complete=True,
+                                 corpus_exhausted=token_count < self.max_tokens)
+            atomic_write_json(self.store_dir / MANIFEST, self.manifest)
+            for progress in self.store_dir.glob("progress_rank*_of_*.json"):
+                progress.unlink()
+        if self.world_size > 1:
+            dist.barrier()
         return ActivationStore(self.store_dir)
+
+
+def _process_group() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group (torchrun)")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _read_json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def collect_to_store(model: nn.Module, tokenizer, corpus: Iterable[str], hook_point: str,
@@ -386,12 +462,17 @@ def collect_to_stores(model: nn.Module, tokenizer, corpus: Iterable[str], store_
                       *, shard_tokens: int = 1 << 16, dtype: torch.dtype | None = None, drop_bos: bool = False,
                       model_name: str | None = None, overwrite: bool = False,
                       on_shard: Callable[[int, dict], None] | None = None,
-                      progress: bool = True) -> dict[str, ActivationStore]:
+                      progress: bool = True, distributed: bool = False) -> dict[str, ActivationStore]:
     """``collect_to_store`` for several hook points from one forward pass per batch:
     ``store_dirs`` maps each hook point to its own store directory (each one is a complete
     store, the same as collecting that hook point alone). The forward stops after the last
     hooked module. Each store resumes on its own: the model runs from the first token any of
-    them is missing."""
+    them is missing.
+
+    ``distributed=True``: every rank of the torch.distributed process group calls this with the
+    same arguments (the directories on a file system they share); rank r runs the model only
+    for the shards s with s % world_size == r, so the ranks split the work and the stores equal
+    a one-process collection. A run stopped under W ranks resumes under W ranks."""
     from fastsae.corpus import iter_token_batches
 
     if not store_dirs:
@@ -406,57 +487,67 @@ def collect_to_stores(model: nn.Module, tokenizer, corpus: Iterable[str], store_
     dtype = dtype or next(model.parameters()).dtype
     fingerprint = model_fingerprint(model)
     model_name = model_name or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+    rank, world_size = _process_group() if distributed else (0, 1)
+    identities = {hp: {
+        "model_fingerprint": fingerprint, "hook_point": hp, "dtype": str(dtype).removeprefix("torch."),
+        "corpus": {"name": getattr(corpus, "name", type(corpus).__name__),
+                   "fingerprint": getattr(corpus, "fingerprint", None)},
+        "context_length": context_length, "batch_size": batch_size, "shard_tokens": shard_tokens, "drop_bos": drop_bos,
+    } for hp in dirs}
+    for hook_point, store_dir in dirs.items():  # every rank checks (and fails) alike; rank 0 alone cleans
+        if rank == 0:
+            store_dir.mkdir(parents=True, exist_ok=True)
+        _existing_manifest(store_dir, identities[hook_point], overwrite, clean=rank == 0)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank writes before rank 0 has cleaned up
     writers, stores = {}, {}
     for hook_point, store_dir in dirs.items():
-        store_dir.mkdir(parents=True, exist_ok=True)
-        identity = {
-            "model_fingerprint": fingerprint, "hook_point": hook_point, "dtype": str(dtype).removeprefix("torch."),
-            "corpus": {"name": getattr(corpus, "name", type(corpus).__name__),
-                       "fingerprint": getattr(corpus, "fingerprint", None)},
-            "context_length": context_length, "batch_size": batch_size, "shard_tokens": shard_tokens,
-            "drop_bos": drop_bos,
-        }
-        manifest = _existing_manifest(store_dir, identity, overwrite)
+        manifest = _read_manifest(store_dir)
         if manifest is not None and (manifest["token_count"] >= max_tokens or manifest["corpus_exhausted"]):
             # Holds at least what was asked (or all the corpus has): a store is never trimmed in place.
-            if not manifest["complete"]:
+            if not manifest["complete"] and rank == 0:
                 manifest["complete"] = True
                 atomic_write_json(store_dir / MANIFEST, manifest)
-            stores[hook_point] = ActivationStore(store_dir)
+            stores[hook_point] = store_dir
         else:
-            writers[hook_point] = _StoreWriter(store_dir, identity, manifest, model_name, max_tokens, shard_tokens,
-                                               on_shard)
+            writers[hook_point] = _StoreWriter(store_dir, identities[hook_point], manifest, model_name, max_tokens,
+                                               shard_tokens, on_shard, rank, world_size)
+    if world_size > 1:
+        dist.barrier()
+    stores = {hp: ActivationStore(d) for hp, d in stores.items()}
     if not writers:
         return stores
 
-    done = min(w.done for w in writers.values())  # the model runs from here
+    done = min(w.needed_from for w in writers.values())  # the model runs from here
     seen = 0  # tokens of the token stream passed so far
     # Activations stay on the model's device until a shard is full: one device-to-host copy (and
     # one synchronisation) per shard, not per batch.
     collector = ActivationCollector(model, list(writers), max_activations=2**62, device=model_device(model),
                                     dtype=dtype, drop_bos=drop_bos)
     what = next(iter(writers)) if len(writers) == 1 else f"{len(writers)} hook points"
-    bar = progress_bar(total=max_tokens, initial=done, unit="tok", desc=f"collect {what}", disable=not progress)
-    exhausted = True
+    bar = progress_bar(total=max_tokens, initial=done, unit="tok", desc=f"collect {what}",
+                       disable=not progress or rank != 0)
     with collector, bar:
         for batch in iter_token_batches(tokenizer, corpus, context_length, batch_size):
+            if all(w.needed_from >= max_tokens for w in writers.values()):
+                break  # everything this rank stores is on disk
             keep = kept_tokens(batch.attention_mask, batch.positions, drop_bos)
             n = int(keep.sum())
-            if seen + n <= done:  # entirely on disk already, in every store
+            if not any(w.wants(seen, n) for w in writers.values()):  # on disk already, or another rank's
                 seen += n
                 continue
             run_collector_batch(collector, model, batch)
             take = min(n, max_tokens - seen)
+            added = 0
             for hook_point, writer in writers.items():
                 acts, meta = collector.pop(hook_point)
                 if acts is None:
                     raise RuntimeError(f"hook point {hook_point!r} did not run during the forward pass: "
                                        "the model never calls that module")
                 meta["token_index"] = torch.arange(seen, seen + n)
-                writer.add(acts, meta, seen, take)
-            bar.update(take - max(0, min(take, done - seen)))
+                added = max(added, writer.add(acts, meta, seen, take))
+            bar.update(added * world_size)
             seen += n
-            if seen >= max_tokens:
-                exhausted = False
-                break
-    return {**stores, **{hp: w.finish(exhausted) for hp, w in writers.items()}}
+    return {**stores, **{hp: w.finish() for hp, w in writers.items()}}

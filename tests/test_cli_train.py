@@ -101,6 +101,34 @@ def test_several_layers_and_hook_point_globs_train_one_sae_each(tmp_path, capsys
                                                       "blocks.2.hook_mlp_out", "layer_0", "layer_1"]
 
 
+def test_torchrun_ranks_collect_their_shares_and_train(tmp_path):
+    # Shards of 3072 tokens (3 of the store's read blocks): data-parallel reading needs at least
+    # 3 blocks per shard to give every rank whole blocks.
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "base_checkpoints" / "d2"
+    _nanochat_checkpoint(ckpt)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STUBS), str(REPO)]), OMP_NUM_THREADS="1")
+    flags = ["train", "--checkpoint", str(ckpt), "--layers", "0,1", *SMALL, "--num_activations", "65536"]
+    one = subprocess.run([sys.executable, "-m", "fastsae.cli", *flags, "--output_dir", str(tmp_path / "one")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29517", "-m", "fastsae.cli", *flags, "--output_dir", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    for layer in (0, 1):
+        stores = [tmp_path / run / f"layer_{layer}" / "activations" for run in ("one", "two")]
+        a, b = (json.loads((d / "manifest.json").read_text()) for d in stores)
+        assert a["shards"] == b["shards"] and len(a["shards"]) == 22
+        for shard in a["shards"]:  # the ranks' shards are the one process's, byte for byte
+            x, y = (load_file(d / shard["file"]) for d in stores)
+            assert all(torch.equal(x[k], y[k]) for k in x)
+        sae = load_sae(tmp_path / "two" / f"layer_{layer}" / "best_model")
+        assert sae.config.hook_point == f"blocks.{layer}.hook_resid_post"
+    assert two.stdout.count("trained topk SAE") == 2  # printed by rank 0 only
+
+
 @pytest.mark.parametrize("args, message", [
     (["--layers", "0,9"], "--layers 9 is out of range: the model has 6 layers (0 to 5)"),
     (["--layer", "1", "--layers", "0"], "give one of --layer, --layers or --hook_points"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent / "stubs"))
@@ -295,6 +296,78 @@ def test_several_stores_need_distinct_folders_and_known_hooks(tiny, tmp_path):
     assert not (tmp_path / "a").exists()
     with pytest.raises(ValueError, match="store_dirs is empty"):
         collect_to_stores(model, tok, docs(), {}, 100, progress=False)
+
+
+def _rank_worker(rank, world_size, init_file, root, max_tokens, stop_after_shards):
+    """One rank of a gloo group collecting two hook points; with ``stop_after_shards`` it dies
+    (as a killed process) after writing that many shards."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.manual_seed(0)
+    model, tok = GPT(GPTConfig(n_layer=2, n_embd=16)).eval(), ByteTokenizer()
+    calls, handle = _counting_forwards(model)
+    written = []
+
+    def on_shard(index, manifest):
+        written.append(index)
+        if stop_after_shards is not None and len(written) >= stop_after_shards:
+            raise SystemExit(3)  # no finish, no manifest: as if killed
+
+    try:
+        collect_to_stores(model, tok, docs(), {hp: Path(root) / hp for hp in ("blocks.0.hook_resid_post",
+                                                                              "blocks.1.hook_mlp_hidden")},
+                          max_tokens, batch_size=4, context_length=24, shard_tokens=200, progress=False,
+                          on_shard=on_shard, distributed=True)
+        (Path(root) / f"forwards_{rank}.json").write_text(json.dumps({"forwards": len(calls), "shards": written}))
+    finally:
+        handle.remove()
+        if stop_after_shards is None:
+            dist.destroy_process_group()
+
+
+def test_ranks_split_the_collection_and_equal_one_process(tiny, tmp_path):
+    model, tok = tiny
+    hooks = ("blocks.0.hook_resid_post", "blocks.1.hook_mlp_hidden")
+    kw = dict(batch_size=4, context_length=24, shard_tokens=200, progress=False)
+    calls, handle = _counting_forwards(model)
+    try:
+        alone = collect_to_stores(model, tok, docs(), {hp: tmp_path / "alone" / hp for hp in hooks}, 1100, **kw)
+    finally:
+        handle.remove()
+    root = tmp_path / "ranks"
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init"), str(root), 1100, None), nprocs=2, join=True)
+    for hp in hooks:
+        ranked = ActivationStore(root / hp)
+        assert ranked.manifest["shards"] == alone[hp].manifest["shards"]  # 6 shards: 5 of 200 and one of 100
+        assert ranked.manifest["token_count"] == 1100 and not ranked.manifest["corpus_exhausted"]
+        for a, b in zip(_shard_tensors(alone[hp]), _shard_tensors(ranked)):
+            assert all(torch.equal(a[k], b[k]) for k in a)
+        assert not list((root / hp).glob("progress_*"))
+    reports = [json.loads((root / f"forwards_{r}.json").read_text()) for r in (0, 1)]
+    assert sorted(reports[0]["shards"]) == [0, 0, 2, 2, 4, 4] and sorted(reports[1]["shards"]) == [1, 1, 3, 3, 5, 5]
+    # Each rank ran the model for its own shards only: batches that straddle two ranks' shards run
+    # on both (here batches of ~80 tokens against shards of 200), so the split is 10 / 14 each.
+    assert all(r["forwards"] < 0.75 * len(calls) for r in reports)
+    assert sum(r["forwards"] for r in reports) < 1.5 * len(calls)
+
+
+def test_a_killed_rank_split_collection_resumes_to_the_same_store(tiny, tmp_path):
+    model, tok = tiny
+    hp = "blocks.0.hook_resid_post"
+    alone = collect_to_store(model, tok, docs(), hp, tmp_path / "alone", 1100, batch_size=4, context_length=24,
+                             shard_tokens=200, progress=False)
+    root = tmp_path / "ranks"
+    with pytest.raises(mp.ProcessExitedException):  # each rank dies after 2 of its 6 shards (two stores)
+        mp.spawn(_rank_worker, args=(2, str(tmp_path / "init1"), str(root), 1100, 2), nprocs=2, join=True)
+    assert not (root / hp / "manifest.json").exists() and list((root / hp).glob("progress_rank*_of_2.json"))
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / "init2"), str(root), 1100, None), nprocs=2, join=True)
+    resumed = ActivationStore(root / hp)
+    assert resumed.manifest["shards"] == alone.manifest["shards"]
+    assert torch.equal(resumed.load_all(), alone.load_all())
+    reports = [json.loads((root / f"forwards_{r}.json").read_text()) for r in (0, 1)]
+    assert all(0 not in r["shards"] and 1 not in r["shards"] for r in reports)  # not written twice
 
 
 def test_corpus_shorter_than_max_tokens(tiny, tmp_path):
