@@ -49,6 +49,7 @@ __all__ = ["SAETrainer", "train_sae_from_activations", "resolve_device", "split_
 
 INIT_SAMPLE_ROWS = 8192  # rows for the input scale and the b_dec geometric median
 RESAMPLE_SAMPLE_ROWS = 16384  # rows scored when resampling dead latents
+CALIBRATION_ROWS = 8192  # rows that set a BatchTopK SAE's inference threshold before it is evaluated or saved
 RUN_FRACTION_CAP = 0.1  # dead-token threshold and warmup are capped at this fraction of the run
 DECAY_FRACTION = 0.2  # linear LR decay to 0 over the last 20% of steps (config.lr_decay)
 RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: 0.2 x mean alive encoder norm
@@ -453,6 +454,8 @@ class SAETrainer:
             self._iterate = [p.detach().clone() for p in self.sae.parameters()]
             self._load_average_into(self.sae)
         fold_normalization(self.sae, self.scale)
+        if hasattr(self.sae, "calibrate_threshold"):
+            self.sae.calibrate_threshold(self._calibration_rows())  # raw rows: the scale is folded in
         self._folded = True
         return self.history
 
@@ -580,13 +583,21 @@ class SAETrainer:
                 averaged.copy_(torch.lerp(live, z, 1 - 1 / beta1))
 
     def _model_for_eval(self) -> BaseSAE:
-        """The SAE as it would be saved now, in the training space (a copy under schedule-free
-        Adam: the iterate being trained stays as it is)."""
-        if self._folded or not self.schedule_free:
-            return self.sae
+        """The SAE as it would be saved now, in the training space once training is over (a
+        copy under schedule-free Adam: the iterate being trained stays as it is). A BatchTopK
+        SAE's copy gets its inference threshold calibrated on a sample of the data."""
+        calibrate = hasattr(self.sae, "calibrate_threshold")
+        if self._folded or not (self.schedule_free or calibrate):
+            return self.sae  # (train() calibrated it when it finished)
         sae = copy.deepcopy(self.sae)
-        self._load_average_into(sae)
+        if self.schedule_free:
+            self._load_average_into(sae)
+        if calibrate:
+            sae.calibrate_threshold(self._calibration_rows() * self.scale)
         return sae
+
+    def _calibration_rows(self) -> torch.Tensor:
+        return self._sample_rows(CALIBRATION_ROWS, seed_offset=1).to(self.device)
 
     def raw_sae(self) -> BaseSAE:
         """A copy of the SAE that takes raw (unnormalised) activations."""

@@ -435,3 +435,17 @@ def test_schedule_free_saves_the_libraries_average():
     trainer.optimizer.eval()  # the library swaps its average into the parameters
     for mine, library in zip(averaged, trainer.sae.parameters()):
         torch.testing.assert_close(mine, library.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "matryoshka_batchtopk"])
+def test_batchtopk_saves_a_threshold_calibrated_to_k_latents_per_token(tmp_path, activation):
+    # A short run: the EMA of batch minima alone would leave the inference L0 far from k.
+    data, _ = sparse_dictionary_data(n=6144)
+    x, held_out = data[:4096], data[4096:]
+    trainer = make_trainer(x, small_config(activation=activation, k=8, num_epochs=2), save_dir=tmp_path)
+    trainer.train(verbose=False)
+    sample = trainer._sample_rows(8192, seed_offset=1)  # the calibration rows
+    for sae in (trainer.sae.eval(), load_sae(tmp_path / "final_model")):
+        l0 = sae.encode_sparse(sample).l0().mean()
+        assert 7.9 <= float(l0) <= 8.1, float(l0)  # k on average (ties aside), over the rows it was set on
+    assert 6 <= float(trainer.sae.encode_sparse(held_out).l0().mean()) <= 10  # and close on new rows
