@@ -47,6 +47,8 @@ class SAEMetrics:
     num_tokens: int = 0
     density_histogram: dict = field(default_factory=dict)
     loss_recovered: dict | None = None
+    # Matryoshka SAEs: {prefix width: FVU of that prefix's reconstruction}
+    prefix_fvu: dict | None = None
     density: torch.Tensor | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
@@ -64,6 +66,8 @@ class SAEMetrics:
                  f"dead latents         {100 * self.dead_latent_fraction:.2f}%",
                  f"dense latents        {100 * self.dense_fraction:.2f}% (> {DENSE_THRESHOLD:.0%} of tokens)",
                  f"max / mean activation {self.max_activation:.4g} / {self.mean_activation:.4g}"]
+        if self.prefix_fvu:
+            lines.append("prefix fvu           " + ", ".join(f"{w}: {f:.4f}" for w, f in self.prefix_fvu.items()))
         if self.loss_recovered:
             lr = self.loss_recovered
             lines.append(f"loss recovered       {lr['fraction_recovered']:.4f} ({lr['kind']}: clean "
@@ -98,6 +102,12 @@ class _Sums:
         # sse, cos, l0, l0^2, l1, sum of active values
         self.scalars = zeros(6)
         self.max_act = zeros(())
+        self.prefix_sse: torch.Tensor | None = None  # per Matryoshka prefix
+
+    def add_prefixes(self, x: torch.Tensor, prefixes: torch.Tensor) -> None:
+        """Squared errors of each prefix's reconstruction ([N, prefixes, d_in])."""
+        sse = (prefixes.double() - x.double()[:, None]).pow(2).sum((0, 2))
+        self.prefix_sse = sse if self.prefix_sse is None else self.prefix_sse + sse
 
     def add(self, x: torch.Tensor, recon: torch.Tensor, code: SparseCode) -> None:
         x64, r64 = x.double(), recon.double()
@@ -113,9 +123,12 @@ class _Sums:
         self.max_act = torch.maximum(self.max_act, values.max() if values.numel() else self.max_act)
         self.counts += torch.bincount(indices[active].long(), minlength=self.counts.numel()).double()
 
-    def metrics(self, d_in: int, compute_dead_latents: bool) -> SAEMetrics:
+    def metrics(self, d_in: int, compute_dead_latents: bool, prefix_sizes=None) -> SAEMetrics:
         n = max(self.n, 1)
         total_var = (self.sum_x2 - self.sum_x.pow(2) / n).sum().item()
+        prefix_fvu = None
+        if self.prefix_sse is not None and total_var > 0:
+            prefix_fvu = {int(w): e / total_var for w, e in zip(prefix_sizes, self.prefix_sse.tolist())}
         sse, cos, l0, l0_sq, l1, active_sum = self.scalars.tolist()
         fvu = sse / total_var if total_var > 0 else float("nan")
         l0_mean = l0 / n
@@ -129,7 +142,7 @@ class _Sums:
             max_activation=self.max_act.item(), mean_activation=active_sum / num_active if num_active else 0.0,
             fvu=fvu, cosine_similarity=cos / n,
             dense_fraction=(density > DENSE_THRESHOLD).double().mean().item(), num_tokens=self.n,
-            density_histogram=density_histogram(density, self.n), density=density)
+            density_histogram=density_histogram(density, self.n), prefix_fvu=prefix_fvu, density=density)
 
 
 def reconstruct(sae: BaseSAE, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
@@ -173,7 +186,9 @@ class SAEEvaluator:
                 x = activations[start:start + batch_size].to(device=self.sae.device, dtype=self.sae.dtype)
                 recon, code = reconstruct(self.sae, x)
                 sums.add(x, recon, code)
-        return sums.metrics(self.sae.d_in, compute_dead_latents)
+                if hasattr(self.sae, "prefix_reconstructions"):
+                    sums.add_prefixes(x, self.sae.prefix_reconstructions(code))
+        return sums.metrics(self.sae.d_in, compute_dead_latents, getattr(self.sae.config, "matryoshka_sizes", None))
 
     @torch.no_grad()
     def feature_activations(self, feature_idx: int, activations: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:

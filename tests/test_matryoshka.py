@@ -140,3 +140,21 @@ def test_files_round_trip_and_sae_lens_encodes_identically(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode(x), sae.encode(x))
         torch.testing.assert_close(theirs.decode(sae.encode(x)), sae.decode(sae.encode(x)))
+
+
+def test_evaluator_reports_each_prefix_fvu():
+    from fastsae.evaluator import SAEEvaluator
+
+    sae = _sae().eval()
+    with torch.no_grad():
+        sae.threshold.fill_(0.05)
+    x = torch.randn(300, 12, generator=torch.Generator().manual_seed(2))
+    metrics = SAEEvaluator(sae).evaluate(x, batch_size=128)  # three batches, sums exact over them
+    with torch.no_grad():
+        expected = R.matryoshka_decode(sae.encode(x), sae.W_dec, sae.b_dec, (3, 12, 24, 48))
+    assert list(metrics.prefix_fvu) == [3, 12, 24, 48]
+    for i, width in enumerate((3, 12, 24, 48)):
+        assert metrics.prefix_fvu[width] == pytest.approx(float(R.fvu(expected[:, i], x)), rel=1e-5)
+    assert metrics.prefix_fvu[48] == pytest.approx(metrics.fvu, rel=1e-6)
+    assert "prefix fvu           3: " in str(metrics)
+    assert metrics.to_dict()["prefix_fvu"] == metrics.prefix_fvu  # into eval_metrics.json
