@@ -344,13 +344,18 @@ def test_auto_learning_rate_follows_width_batch_and_length():
     assert auto_learning_rate("schedule_free_adam", 2**18, 4096, 100) == pytest.approx(base / 2)  # (1/16)^(1/4)
     assert auto_learning_rate("schedule_free_adam", 2**14, 1024, 50) == pytest.approx(base / 2)
     assert auto_learning_rate("schedule_free_adam", 2**14, 4096, 400) == pytest.approx(base / 2)  # sqrt(100/400)
+    # The run's length counts rows: 1600 steps of 1024 rows are 400 steps of 4096.
+    assert auto_learning_rate("schedule_free_adam", 2**14, 1024, 1600) == pytest.approx(base / 4)
+    assert auto_learning_rate("schedule_free_adam", 2**14, 1024, 400) == pytest.approx(base / 2)
     assert auto_learning_rate("adam", 2**16, 4096, 10**5) == pytest.approx(1e-4)  # Gao et al.: 2e-4 / sqrt(4)
     config = SAEConfig(d_in=32, expansion_factor=4, k=4, batch_size=256, num_epochs=1)
     trainer = SAETrainer(create_sae(config), config, torch.randn(200, 32), device="cpu")
     assert trainer.global_batch == 200  # capped by the data: the rule sees the batch actually used
     assert trainer.learning_rate == pytest.approx(auto_learning_rate("schedule_free_adam", 128, 200, 1))
-    trainer.train(num_epochs=400, verbose=False, max_steps=1)  # a longer run: a smaller rate
-    assert trainer.learning_rate == pytest.approx(auto_learning_rate("schedule_free_adam", 128, 200, 400))
+    short = trainer.learning_rate
+    trainer.train(num_epochs=4000, verbose=False, max_steps=1)  # a longer run (195 x 4096 rows): a smaller rate
+    assert trainer.learning_rate == pytest.approx(auto_learning_rate("schedule_free_adam", 128, 200, 4000))
+    assert trainer.learning_rate == pytest.approx(short * (100 / (4000 * 200 / 4096)) ** 0.5)
     explicit = SAEConfig(d_in=32, expansion_factor=4, k=4, learning_rate=3e-4)
     assert SAETrainer(create_sae(explicit), explicit, torch.randn(200, 32), device="cpu").learning_rate == 3e-4
 
