@@ -117,9 +117,12 @@ def load_selected_saes(args) -> dict:
     return saes
 
 
-def out_dir(args, hook_point: str) -> Path:
+def out_dir(args, hook_point: str, together=()) -> Path:
+    """{output_dir}/layer_{L}, or the hook point's own name where another hook point evaluated
+    ``together`` with it is at the same block (as ``fastsae train --hook_points`` names them)."""
     layer = re.match(r"blocks\.(\d+)\.", hook_point)
-    name = f"layer_{layer.group(1)}" if layer else re.sub(r"[^\w.-]", "_", hook_point)
+    shared = layer is not None and any(h != hook_point and h.startswith(layer.group(0)) for h in together)
+    name = f"layer_{layer.group(1)}" if layer and not shared else re.sub(r"[^\w.-]", "_", hook_point)
     return Path(args.output_dir) / name
 
 
@@ -194,7 +197,7 @@ def add_showcase_option(p) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
-def evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store=None) -> dict:
+def evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store=None, together=()) -> dict:
     """Metrics of one SAE on the store's activations when a store is given, else on the model's;
     the loss recovered (and readable tokens in dashboards) need the model, which --store may lack."""
     from fastsae.corpus import iter_token_batches
@@ -215,7 +218,7 @@ def evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store=None
         batches = itertools.islice(iter_token_batches(tokenizer, texts, args.context_length,
                                                       args.batch_size, skip_tokens=skip), args.loss_batches)
         metrics.loss_recovered = loss_recovered(model, sae, hook_point, batches)
-    out = out_dir(args, hook_point)
+    out = out_dir(args, hook_point, together)
     result = {"hook_point": hook_point, "model": model_name, **metrics.to_dict()}
     if store is not None:
         result["store"] = str(store.store_dir)
@@ -277,7 +280,7 @@ def run(args) -> int:
         else:  # the activations are on disk: no model to load
             model, tokenizer, model_name = None, None, store.manifest["model_name"]
         for hook_point, sae in saes.items():
-            evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store)
+            evaluate_one(args, sae, hook_point, model, tokenizer, model_name, store, together=list(saes))
     except (ValueError, OSError, ImportError, RuntimeError) as e:
         print(f"fastsae eval: error: {e}", file=sys.stderr)
         return 2

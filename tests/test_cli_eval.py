@@ -226,3 +226,21 @@ def test_fastsae_eval_store_mismatches_are_clear(nanochat, stores, tmp_path, cap
     assert "was collected from another model (GPT)" in capsys.readouterr().err
     result = json.loads((tmp_path / "layer_0" / "eval_metrics.json").read_text())
     assert result["num_tokens"] == 200 and result["loss_recovered"]["kind"] == "ce"
+
+
+def test_eval_of_two_saes_at_one_block_writes_a_folder_each(nanochat, tmp_path):
+    # As fastsae train --hook_points names them: layer_{L} would hold only the last one's results.
+    saes = tmp_path / "saes"
+    for hook_point in ("blocks.1.hook_mlp_out", "blocks.1.hook_attn_out", "blocks.0.hook_resid_post"):
+        sae = create_sae(SAEConfig(d_in=16, d_sae=32, k=4, dtype="float32", hook_point=hook_point))
+        save_sae(sae, sae.config, saes / hook_point / "best_model")
+    out = run_script("fastsae.cli", "eval", "--sae_dir", str(saes), "--checkpoint", str(nanochat / "d2"),
+                     "--num_tokens", "300", "--loss_batches", "0", "--output_dir", str(tmp_path / "eval"),
+                     "--device", "cpu", "--quiet")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["blocks.1.hook_attn_out",
+                                                                     "blocks.1.hook_mlp_out", "layer_0"]
+    for folder, hook_point in [("blocks.1.hook_attn_out", "blocks.1.hook_attn_out"),
+                               ("blocks.1.hook_mlp_out", "blocks.1.hook_mlp_out"),
+                               ("layer_0", "blocks.0.hook_resid_post")]:
+        assert json.loads((tmp_path / "eval" / folder / "eval_metrics.json").read_text())["hook_point"] == hook_point
