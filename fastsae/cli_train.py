@@ -35,6 +35,10 @@ HOOK_TYPES = {"resid_pre": "resid_pre", "resid_post": "resid_post", "attn_out": 
               "mlp_hidden": "mlp_hidden", "attn": "attn_out", "mlp": "mlp_out"}
 
 
+# --stream keeps its validation rows in memory: at most this many.
+STREAM_VAL_ROWS = 1 << 16
+
+
 def layer_list(text: str):
     """argparse type of --layers: "all", or block indices and ranges ("0,2,4", "0-3,8")."""
     import argparse
@@ -99,6 +103,11 @@ def add_train_arguments(p) -> None:
     add_option(src, "context_length", type=positive_int, default=128)
     add_option(src, "collect_batch_size", type=positive_int, default=32, help="sequences per model forward")
     add_option(src, "activations", default=None, help="train on this existing activation store directory")
+    add_option(src, "stream", action="store_true",
+               help="train straight from the model's forward, no activation store on disk (one hook point; "
+                    "every epoch and a resume re-run the model)")
+    add_option(src, "stream_window", type=positive_int, default=1 << 18,
+               help="--stream: rows shuffled together (its memory: this many rows of d_in floats)")
     sae = p.add_argument_group("SAE and training")
     add_option(sae, "activation", choices=ACTIVATIONS, default="topk")
     add_option(sae, "k", type=positive_int, default=64,
@@ -164,6 +173,9 @@ def _check_arguments(args) -> None:
                          "or --corpus")
     if args.matryoshka_sizes is not None and args.activation != "matryoshka_batchtopk":
         raise ValueError(f"--matryoshka_sizes is for --activation matryoshka_batchtopk, not {args.activation}")
+    if args.stream and (args.activations or args.layer is None):
+        raise ValueError("--stream trains one hook point from the model: give --layer (not --layers, --hook_points "
+                         "or --activations)")
     if args.activations and args.layer is None:
         raise ValueError("--activations holds one hook point: give it with --layer (and --hook_type)")
 
@@ -230,10 +242,11 @@ def _train(args, created: list[Path]) -> int:
 
 
 def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, created: list[Path]) -> int:
-    """Lock the folders, collect every hook point in one pass (rank 0), train each SAE."""
+    """Lock the folders, collect every hook point in one pass (or stream one), train each SAE."""
     from contextlib import ExitStack
 
     from fastsae.files import DirectoryLock
+    from fastsae.store import split_store
     from fastsae.trainer import _writable_dir
 
     for d in (Path(args.output_dir), *folders.values()):
@@ -244,25 +257,51 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
             _writable_dir(folder)
             if rank == 0:  # one lock per run: rank 0 holds it for every rank
                 locks.enter_context(DirectoryLock(folder, "fastsae train"))
-        runs = collect_activations(args, folders, loaded, device, rank)
-        for hook_point, (store, config, model_meta) in runs.items():
-            _train_one(args, folders[hook_point], store, config, model_meta, device, rank)
+        if args.stream:
+            runs = {hp: stream_activations(args, hp, loaded, device) for hp in folders}
+        else:
+            runs = {hp: (*split_store(store, args.val_split), config, meta)
+                    for hp, (store, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
+        for hook_point, (train, val, config, model_meta) in runs.items():
+            _train_one(args, folders[hook_point], hook_point, train, val, config, model_meta, device, rank)
     return 0
 
 
-def _train_one(args, folder: Path, store, config, model_meta: dict, device, rank: int) -> None:
+def stream_activations(args, hook_point: str, loaded, device):
+    """(training stream, validation rows, config, model metadata) for --stream: the first
+    --val_split of the tokens (at most STREAM_VAL_ROWS) are held out in memory, the rest
+    stream from the model."""
+    from fastsae.corpus import default_corpus, load_text_corpus
+    from fastsae.data import StreamSource
+
+    model, tokenizer, info = loaded
+    corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
+    settings = dict(window_rows=args.stream_window, batch_size=args.collect_batch_size,
+                    context_length=args.context_length)
+    held = min(int(args.num_activations * args.val_split), STREAM_VAL_ROWS)
+    val = StreamSource(model, tokenizer, corpus, hook_point, held, **settings).sample(held, 0) if held else None
+    train = StreamSource(model, tokenizer, corpus, hook_point, args.num_activations - held, skip_tokens=held,
+                         **settings)
+    config = sae_config(args, train.width, hook_point)
+    say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; streaming "
+               f"{train.num_rows} tokens at {hook_point} through windows of {args.stream_window} rows, "
+               f"{held} held out; SAE: {config.activation} d_in {config.d_in} d_sae {config.d_sae}")
+    meta = {"model_name": info.name, "context_size": args.context_length, "num_tokens_collected": args.num_activations,
+            "corpus": {"name": getattr(corpus, "name", None), "fingerprint": getattr(corpus, "fingerprint", None)}}
+    return train, val, config, meta
+
+
+def _train_one(args, folder: Path, hook_point: str, train, val, config, model_meta: dict, device, rank: int) -> None:
     from fastsae.models import create_sae
-    from fastsae.store import split_store
     from fastsae.trainer import SAETrainer
 
-    train, val = split_store(store, args.val_split)
     trainer = SAETrainer(create_sae(config), config, train, val, device=device, save_dir=folder,
                          checkpoint_minutes=args.checkpoint_minutes, metadata=model_meta)
     trainer.train(verbose=not args.quiet, resume=args.resume, max_steps=args.max_steps)
     if rank != 0:
         return
     if trainer.resumed_step is not None and trainer.resumed_step >= trainer.total_steps:
-        print(f"{store.hook_point}: this run was already complete (step {trainer.total_steps} of "
+        print(f"{hook_point}: this run was already complete (step {trainer.total_steps} of "
               f"{trainer.total_steps}); nothing was trained")
     best = folder / ("best_model" if (folder / "best_model").exists() else "final_model")
     fvu = f"best val FVU {trainer.best_val_fvu:.4f}" if val is not None else "no validation split"
@@ -271,7 +310,7 @@ def _train_one(args, folder: Path, store, config, model_meta: dict, device, rank
               f"{trainer.last_checkpoint}; rerun with --resume to continue")
     else:
         print(f"trained {config.activation} SAE d_in={config.d_in} d_sae={config.d_sae} on "
-              f"{store.hook_point} ({fvu}); saved to {best}")
+              f"{hook_point} ({fvu}); saved to {best}")
         if args.prepare_neuronpedia:
             _prepare_neuronpedia(trainer, config, folder)
 

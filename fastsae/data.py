@@ -11,7 +11,8 @@ import math
 
 import torch
 
-__all__ = ["StoreSource", "TensorSource", "data_source", "split_activations"]
+__all__ = ["StoreSource", "StreamSource", "TensorSource", "data_source", "split_activations",
+           "window_shuffled_batches"]
 
 
 class TensorSource:
@@ -81,13 +82,16 @@ class StoreSource:
 
 
 def data_source(data, name: str, d_in: int):
-    """The source for a Tensor [N, d_in] or an ActivationStore, checked against d_in."""
+    """The source for a Tensor [N, d_in], an ActivationStore or a StreamSource, checked against d_in."""
     if isinstance(data, torch.Tensor):
         source = TensorSource(data, name)
     elif hasattr(data, "iter_batches") and hasattr(data, "d_in"):
         source = StoreSource(data, name)
+    elif isinstance(data, StreamSource):
+        source = data
     else:
-        raise TypeError(f"{name} must be a torch.Tensor [N, d_in] or an ActivationStore, got {type(data).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor [N, d_in], an ActivationStore or a StreamSource, "
+                        f"got {type(data).__name__}")
     if source.width != d_in:
         raise ValueError(f"{name} have width {source.width} but config.d_in is {d_in}; "
                          "they must come from the hook point the SAE is configured for")
@@ -105,3 +109,101 @@ def split_activations(activations: torch.Tensor, val_split: float, seed: int = 0
         return activations, None
     perm = torch.randperm(len(activations), generator=torch.Generator().manual_seed(seed))
     return activations[perm[n_val:].to(activations.device)], activations[perm[:n_val].to(activations.device)]
+
+
+def window_shuffled_batches(chunks, window_rows: int, batch_rows: int, seed: int, epoch: int):
+    """Batches of ``batch_rows`` rows from a stream of row chunks, shuffled within windows of
+    ``window_rows`` rows (window w by a permutation seeded by (seed, epoch, w)); the rows left
+    over at the end of a window lead the next one; a last partial batch is dropped. At most
+    one window plus one chunk is held at a time."""
+    held, count, window = [], 0, 0
+    rest = None
+
+    def emit(rows):
+        nonlocal window, rest
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 1_000_003 + window)
+        window += 1
+        rows = rows[torch.randperm(rows.shape[0], generator=gen)]
+        if rest is not None:
+            rows = torch.cat([rest, rows])
+        whole = rows.shape[0] // batch_rows * batch_rows
+        rest = rows[whole:]
+        return rows[:whole].split(batch_rows)
+
+    for chunk in chunks:
+        held.append(chunk)
+        count += chunk.shape[0]
+        while count >= window_rows:
+            rows = torch.cat(held)
+            held, count = [rows[window_rows:]], rows.shape[0] - window_rows
+            yield from emit(rows[:window_rows])
+    if count:
+        yield from emit(torch.cat(held))
+
+
+class StreamSource:
+    """Activations straight from the model's forward, nothing written to disk: ``num_rows``
+    tokens of the corpus after its first ``skip_tokens``, at one hook point, shuffled within
+    windows of ``window_rows`` rows (``window_shuffled_batches``); memory is one window, whatever
+    the number of tokens. Every epoch, and a resumed run, replays the corpus through the model
+    (a resume re-runs it up to the step it continues from)."""
+
+    def __init__(self, model, tokenizer, corpus, hook_point: str, num_rows: int, *, skip_tokens: int = 0,
+                 window_rows: int = 1 << 18, batch_size: int = 32, context_length: int = 128,
+                 drop_bos: bool = False):
+        from fastsae.hooks import hook_width
+
+        if num_rows < 1 or window_rows < 1:
+            raise ValueError(f"num_rows and window_rows must be >= 1, got {num_rows} and {window_rows}")
+        self.model, self.tokenizer, self.corpus, self.hook_point = model, tokenizer, corpus, hook_point
+        self.num_rows, self.skip_tokens, self.window_rows = int(num_rows), int(skip_tokens), int(window_rows)
+        self.batch_size, self.context_length, self.drop_bos = batch_size, context_length, drop_bos
+        self.width = hook_width(model, hook_point)
+
+    def chunks(self):
+        """The activations in corpus order, one [n, d_in] chunk per model batch; fails if the
+        corpus ends before num_rows tokens."""
+        from fastsae.corpus import iter_token_batches
+        from fastsae.hooks import ActivationCollector, model_device, run_collector_batch
+
+        collector = ActivationCollector(self.model, [self.hook_point], max_activations=2**62,
+                                        device=model_device(self.model), drop_bos=self.drop_bos)
+        left = self.num_rows
+        with collector:
+            for batch in iter_token_batches(self.tokenizer, self.corpus, self.context_length, self.batch_size,
+                                            skip_tokens=self.skip_tokens):
+                run_collector_batch(collector, self.model, batch)
+                acts, _ = collector.pop(self.hook_point)
+                acts = acts[:left].float()  # a normal tensor: collected in inference mode, trained on here
+                left -= acts.shape[0]
+                yield acts
+                if left == 0:
+                    return
+        raise ValueError(f"the corpus ended {left} tokens short of the {self.num_rows} asked for streaming "
+                         f"(after skipping {self.skip_tokens}): ask for fewer tokens")
+
+    def epoch_batches(self, epoch, start, steps, seed, global_batch, rank, world_size):
+        local = global_batch // world_size
+        batches = window_shuffled_batches(self.chunks(), self.window_rows, global_batch, seed, epoch)
+        for t, x in enumerate(batches):
+            if t >= steps:
+                return
+            if t >= start:
+                yield x[rank * local:(rank + 1) * local]
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        """The first n rows of the stream (the model runs over the first n tokens only)."""
+        rows, got = [], 0
+        for chunk in self.chunks():
+            rows.append(chunk[:n - got])
+            got += rows[-1].shape[0]
+            if got >= n:
+                break
+        return torch.cat(rows)
+
+    def sequential(self, batch_size: int):
+        for chunk in self.chunks():
+            yield from chunk.split(batch_size)
+
+    def min_rank_rows(self, world_size: int, global_batch: int) -> int:
+        return self.num_rows

@@ -129,12 +129,29 @@ def test_torchrun_ranks_collect_their_shares_and_train(tmp_path):
     assert two.stdout.count("trained topk SAE") == 2  # printed by rank 0 only
 
 
+def test_stream_trains_without_an_activation_store(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--layer", "1", "--stream", "--stream_window", "2048", "--output_dir", str(out),
+                 *SMALL]) == 0
+    folder = out / "layer_1"
+    assert not (folder / "activations").exists()  # nothing collected to disk
+    sae = load_sae(folder / "best_model")
+    assert sae.config.hook_point == "blocks.1.hook_resid_post"
+    assert sae.metadata["num_tokens_collected"] == 4096 and sae.metadata["model_name"].endswith("all-MiniLM-L6-v2")
+    printed = capsys.readouterr().out
+    assert "on blocks.1.hook_resid_post (best val FVU" in printed
+    val_fvus = [json.loads(line)["val_fvu"] for line in (folder / "metrics.jsonl").read_text().splitlines()
+                if "val_fvu" in line]
+    assert val_fvus and val_fvus[-1] < 1.0  # it learned from the stream (4096 tokens, 409 held out)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--layers", "0,9"], "--layers 9 is out of range: the model has 6 layers (0 to 5)"),
     (["--layer", "1", "--layers", "0"], "give one of --layer, --layers or --hook_points"),
     (["--hook_points", "blocks.*.hook_nothing"], "--hook_points 'blocks.*.hook_nothing' matches no hook point"),
     (["--hook_points", "blocks.1.hook_nothing"], "unknown hook point 'blocks.1.hook_nothing'"),
     (["--layers", "0,1", "--activations", "somewhere"], "--activations holds one hook point"),
+    (["--layers", "0,1", "--stream"], "--stream trains one hook point from the model: give --layer"),
 ])
 def test_bad_hook_point_choices_are_one_line_errors(tmp_path, capsys, args, message):
     out = tmp_path / "out"

@@ -1,0 +1,97 @@
+"""StreamSource: training straight from the model's forward, nothing on disk, on the nanochat stand-in."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "stubs"))
+
+from nanochat.gpt import GPT, GPTConfig  # noqa: E402
+from nanochat.tokenizer import ByteTokenizer  # noqa: E402
+
+from fastsae.config import SAEConfig  # noqa: E402
+from fastsae.corpus import Corpus  # noqa: E402
+from fastsae.data import StreamSource, TensorSource, window_shuffled_batches  # noqa: E402
+from fastsae.models import create_sae  # noqa: E402
+from fastsae.store import collect_to_store  # noqa: E402
+from fastsae.trainer import SAETrainer  # noqa: E402
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_embd=16)).eval(), ByteTokenizer()
+
+
+def docs(n=200):
+    return Corpus("numbers", lambda: [f"document number {i} " * (1 + i % 5) for i in range(n)], f"numbers-{n}")
+
+
+def test_window_shuffle_keeps_every_row_once_and_bounds_what_it_holds():
+    rows = torch.arange(1000.0).unsqueeze(1)
+    batches = list(window_shuffled_batches(rows.split(37), window_rows=128, batch_rows=50, seed=3, epoch=1))
+    seen = torch.cat(batches).squeeze(1)
+    assert len(batches) == 20 and seen.numel() == 1000  # 1000 rows, batches of 50: none left over
+    assert sorted(seen.tolist()) == list(range(1000))
+    assert not torch.equal(seen, torch.arange(1000.0))  # shuffled ...
+    assert (seen[:128] < 128 + 37).all()  # ... within a window (plus the chunk that completed it)
+    again = torch.cat(list(window_shuffled_batches(rows.split(37), 128, 50, seed=3, epoch=1)))
+    other = torch.cat(list(window_shuffled_batches(rows.split(37), 128, 50, seed=3, epoch=2)))
+    assert torch.equal(again.squeeze(1), seen) and not torch.equal(other.squeeze(1), seen)
+
+
+def test_stream_rows_equal_a_collected_store_and_training_on_them_matches(tiny, tmp_path):
+    model, tok = tiny
+    store = collect_to_store(model, tok, docs(), HOOK, tmp_path / "store", 3000, batch_size=32,
+                             context_length=128, shard_tokens=1024, progress=False)
+    stream = StreamSource(model, tok, docs(), HOOK, 3000, window_rows=700)
+    assert torch.equal(torch.cat(list(stream.chunks())), store.load_all())  # the same rows, in order
+    assert torch.equal(stream.sample(100, seed=0), store.load_all()[:100])
+    stored = store.load_all()
+    batches = list(stream.epoch_batches(1, 0, 10**9, 5, 256, 0, 1))
+    expected = list(window_shuffled_batches(stored.split(777), 700, 256, 5, 1))  # chunking does not matter
+    assert len(batches) == len(expected) == 11 and all(torch.equal(a, b) for a, b in zip(batches, expected))
+
+    config = SAEConfig(d_in=16, d_sae=64, k=4, batch_size=256, num_epochs=2, dtype="float32", warmup_steps=5)
+    streamed = SAETrainer(create_sae(config), config, stream, device="cpu")
+    streamed.train(verbose=False)
+
+    class Replay(TensorSource):  # the stored rows in the stream's order: what the stream must equal
+        def epoch_batches(self, epoch, start, steps, seed, global_batch, rank, world_size):
+            batches = window_shuffled_batches(self.x.split(1024), 700, global_batch, seed, epoch)
+            for t, x in enumerate(batches):
+                if start <= t < steps:
+                    yield x
+
+        def sample(self, n, seed):
+            return self.x[:n]
+
+    replay = SAETrainer(create_sae(config), config, stored, device="cpu")
+    replay.data = Replay(stored, "activations")
+    replay.train(verbose=False)
+    assert streamed.step == replay.step == 22
+    for name, value in replay.sae.state_dict().items():
+        torch.testing.assert_close(streamed.sae.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_stream_memory_does_not_grow_with_the_tokens(tiny):
+    # What the batches are made from is one window (plus a chunk) whatever num_rows is.
+    model, tok = tiny
+    held = []
+    for num_rows in (1000, 10_000):
+        stream = StreamSource(model, tok, docs(2000), HOOK, num_rows, window_rows=512)
+        biggest = 0
+        for x in stream.epoch_batches(0, 0, 10**9, 0, 64, 0, 1):
+            biggest = max(biggest, x.untyped_storage().nbytes())  # the window tensor a batch is a view of
+        held.append(biggest)
+    assert held[0] == held[1] and held[0] <= (512 + 64 + 128) * 16 * 4
+
+
+def test_a_short_corpus_is_a_clear_error(tiny):
+    model, tok = tiny
+    stream = StreamSource(model, tok, docs(3), HOOK, 10_000)
+    with pytest.raises(ValueError, match="the corpus ended .* tokens short of the 10000 asked for streaming"):
+        list(stream.chunks())
