@@ -125,6 +125,9 @@ def add_train_arguments(p) -> None:
                help=f"ReLU/Gated sparsity (default: {defaults.l1_coefficient})")
     add_option(sae, "val_split", type=fraction, default=0.1, help="fraction of shards held out for validation")
     add_option(sae, "seed", type=int, default=0)
+    add_option(sae, "distribute_modules", action="store_true",
+               help="under torchrun: each rank trains its own SAEs (hook point i on rank i mod world size) "
+                    "instead of every rank training each SAE on its slice of the batch")
     add_option(sae, "device", default=None, help="default: cuda if available, else cpu")
     out = p.add_argument_group("output")
     add_option(out, "output_dir", default="sae_outputs")
@@ -262,8 +265,16 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
         else:
             runs = {hp: (*split_store(store, args.val_split), config, meta)
                     for hp, (store, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
-        for hook_point, (train, val, config, model_meta) in runs.items():
-            _train_one(args, folders[hook_point], hook_point, train, val, config, model_meta, device, rank)
+        world_size = _init_distributed()[1]
+        for i, (hook_point, (train, val, config, model_meta)) in enumerate(runs.items()):
+            if args.distribute_modules and i % world_size != rank:
+                continue  # another rank's SAE
+            _train_one(args, folders[hook_point], hook_point, train, val, config, model_meta, device,
+                       0 if args.distribute_modules else rank, data_parallel=not args.distribute_modules)
+        if args.distribute_modules and world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # the folder locks (rank 0's) stay until every rank has finished
     return 0
 
 
@@ -291,12 +302,13 @@ def stream_activations(args, hook_point: str, loaded, device):
     return train, val, config, meta
 
 
-def _train_one(args, folder: Path, hook_point: str, train, val, config, model_meta: dict, device, rank: int) -> None:
+def _train_one(args, folder: Path, hook_point: str, train, val, config, model_meta: dict, device, rank: int,
+               data_parallel: bool = True) -> None:
     from fastsae.models import create_sae
     from fastsae.trainer import SAETrainer
 
     trainer = SAETrainer(create_sae(config), config, train, val, device=device, save_dir=folder,
-                         checkpoint_minutes=args.checkpoint_minutes, metadata=model_meta)
+                         checkpoint_minutes=args.checkpoint_minutes, metadata=model_meta, data_parallel=data_parallel)
     trainer.train(verbose=not args.quiet, resume=args.resume, max_steps=args.max_steps)
     if rank != 0:
         return

@@ -144,7 +144,7 @@ class SAETrainer:
 
     def __init__(self, sae: BaseSAE, config: SAEConfig, activations, val_activations=None, device="cuda",
                  save_dir=None, log_every: int = 50, keep_checkpoints: int = 3,
-                 checkpoint_minutes: float | None = 5.0, metadata: dict | None = None):
+                 checkpoint_minutes: float | None = 5.0, metadata: dict | None = None, data_parallel: bool = True):
         if config.dtype == "float16":
             raise ValueError("config.dtype='float16' cannot train: float16 needs loss scaling, which the trainer "
                              "does not do; use 'bfloat16' (autocast on CUDA) or 'float32'")
@@ -170,7 +170,9 @@ class SAETrainer:
         self.resumed_step: int | None = None  # the step a resume=True run found in its checkpoint
         self._last_save_time = time.monotonic()
         self._stop_signal: int | None = None
-        self.rank, self.world_size = _dist_info()
+        # data_parallel=False: this process trains alone even under torch.distributed (each rank
+        # its own SAEs, as fastsae train --distribute-modules runs them).
+        self.rank, self.world_size = _dist_info() if data_parallel else (0, 1)
         self.global_batch = min(int(config.batch_size), self.data.num_rows)
         if self.global_batch % self.world_size:
             raise ValueError(f"batch_size {self.global_batch} must be divisible by the world size {self.world_size}")

@@ -128,6 +128,20 @@ def test_torchrun_ranks_collect_their_shares_and_train(tmp_path):
         assert sae.config.hook_point == f"blocks.{layer}.hook_resid_post"
     assert two.stdout.count("trained topk SAE") == 2  # printed by rank 0 only
 
+    # --distribute-modules: rank 0 trains layer 0's SAE and rank 1 layer 1's, each alone on the
+    # whole store: the same SAEs as the one-process run, bit for bit.
+    split = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            "29519", "-m", "fastsae.cli", *flags, "--distribute_modules", "--output_dir",
+                            str(tmp_path / "split")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert split.stdout.count("trained topk SAE") == 2  # one line from each rank
+    for layer in (0, 1):
+        weights = [load_file(tmp_path / run / f"layer_{layer}" / "best_model" / "sae_weights.safetensors")
+                   for run in ("one", "split")]
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0]), layer
+        config = json.loads((tmp_path / "split" / f"layer_{layer}" / "config.json").read_text())
+        assert config["run"]["world_size"] == 1  # trained by one rank alone
+
 
 def test_stream_trains_without_an_activation_store(tmp_path, capsys):
     out = tmp_path / "out"
