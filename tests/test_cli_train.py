@@ -159,6 +159,32 @@ def test_stream_trains_without_an_activation_store(tmp_path, capsys):
     assert val_fvus and val_fvus[-1] < 1.0  # it learned from the stream (4096 tokens, 409 held out)
 
 
+@pytest.mark.parametrize("mode", [[], ["--distribute_modules"]], ids=["data-parallel", "distribute-modules"])
+def test_torchrun_training_stopped_and_resumed_equals_one_uninterrupted_run(tmp_path, mode):
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "base_checkpoints" / "d2"
+    _nanochat_checkpoint(ckpt)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STUBS), str(REPO)]), OMP_NUM_THREADS="1")
+    flags = ["train", "--checkpoint", str(ckpt), "--layers", "0,1", *SMALL, "--num_activations", "65536", *mode]
+
+    def torchrun(out, *extra, port):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                               str(port), "-m", "fastsae.cli", *flags, "--output_dir", str(out), *extra],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    port = 29521 if not mode else 29524
+    torchrun(tmp_path / "whole", port=port)
+    assert "stopped at step 40" in torchrun(tmp_path / "parts", "--max_steps", "40", port=port + 1)
+    torchrun(tmp_path / "parts", "--resume", port=port + 2)
+    for layer in (0, 1):
+        a, b = (load_file(tmp_path / run / f"layer_{layer}" / "final_model" / "sae_weights.safetensors")
+                for run in ("whole", "parts"))
+        assert all(torch.equal(a[k], b[k]) for k in a), (mode, layer)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--layers", "0,9"], "--layers 9 is out of range: the model has 6 layers (0 to 5)"),
     (["--layer", "1", "--layers", "0"], "give one of --layer, --layers or --hook_points"),
