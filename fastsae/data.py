@@ -1,13 +1,11 @@
-"""Where the trainer's rows come from: a Tensor [N, d_in] or an ActivationStore.
+"""Where the trainer's rows come from: a Tensor [N, d_in], an ActivationStore or a stream.
 
 A source serves one epoch's batches for one rank (``epoch_batches``: epoch e is a fixed,
 seeded order, so a resumed run reads what an uninterrupted one would), a seeded sample for
-initialisation, the rows in order for evaluation, and how many rows the unluckiest rank gets
-per epoch (``min_rank_rows``), from which the trainer sizes its steps.
+initialisation, the rows in order for evaluation, and its number of rows, from which the
+trainer sizes its steps (every rank takes its slice of every global batch).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -45,40 +43,32 @@ class TensorSource:
     def sequential(self, batch_size: int):
         yield from self.x.split(batch_size)
 
-    def min_rank_rows(self, world_size: int, global_batch: int) -> int:
-        return self.num_rows
-
 
 class StoreSource:
-    """An ActivationStore, read through its own shuffled, rank-sliced ``iter_batches`` (block
-    order seeded by (seed, epoch)); resuming mid-epoch replays the epoch's reads up to the step."""
+    """An ActivationStore, read through its shuffled ``iter_batches`` (block order seeded by
+    (seed, epoch)). Under torch.distributed every rank reads every global batch and keeps its
+    slice, as TensorSource does, so N ranks see the batches one process sees (reading N times
+    the rows from the page cache, which costs little next to a training step). Resuming
+    mid-epoch replays the epoch's reads up to the step."""
 
     def __init__(self, store, name: str):
         self.store = store
         self.num_rows, self.width = len(store), int(store.d_in)
 
     def epoch_batches(self, epoch, start, steps, seed, global_batch, rank, world_size):
-        it = self.store.iter_batches(global_batch // world_size, shuffle=True, seed=seed, epoch=epoch, rank=rank,
-                                     world_size=world_size, drop_last=True)
+        local = global_batch // world_size
+        it = self.store.iter_batches(global_batch, shuffle=True, seed=seed, epoch=epoch, drop_last=True)
         for t, x in enumerate(it):
             if t >= steps:
                 return
             if t >= start:
-                yield x
+                yield x[rank * local:(rank + 1) * local]
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
         return next(iter(self.store.iter_batches(n, shuffle=True, seed=seed, buffer_tokens=n)))
 
     def sequential(self, batch_size: int):
         yield from self.store.iter_batches(batch_size, shuffle=False)
-
-    def min_rank_rows(self, world_size: int, global_batch: int) -> int:
-        """Rows the unluckiest rank gets per epoch: ranks read whole blocks (1024 rows; one short
-        block per shard), so every rank can take the same number of steps."""
-        if world_size == 1:
-            return self.num_rows
-        blocks = sum(math.ceil(s["num_tokens"] / 1024) for s in self.store.shards)
-        return max(0, (blocks // world_size - len(self.store.shards)) * 1024) * world_size
 
 
 def data_source(data, name: str, d_in: int):
@@ -204,6 +194,3 @@ class StreamSource:
     def sequential(self, batch_size: int):
         for chunk in self.chunks():
             yield from chunk.split(batch_size)
-
-    def min_rank_rows(self, world_size: int, global_batch: int) -> int:
-        return self.num_rows

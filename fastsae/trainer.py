@@ -177,7 +177,7 @@ class SAETrainer:
         if self.global_batch % self.world_size:
             raise ValueError(f"batch_size {self.global_batch} must be divisible by the world size {self.world_size}")
         self.local_batch = self.global_batch // self.world_size
-        self.steps_per_epoch = self.data.min_rank_rows(self.world_size, self.global_batch) // self.global_batch
+        self.steps_per_epoch = self.data.num_rows // self.global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"too few activations ({self.data.num_rows}) for one step of {self.global_batch} rows "
                              f"on {self.world_size} rank(s)")

@@ -102,8 +102,6 @@ def test_several_layers_and_hook_point_globs_train_one_sae_each(tmp_path, capsys
 
 
 def test_torchrun_ranks_collect_their_shares_and_train(tmp_path):
-    # Shards of 3072 tokens (3 of the store's read blocks): data-parallel reading needs at least
-    # 3 blocks per shard to give every rank whole blocks.
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "base_checkpoints" / "d2"
@@ -126,6 +124,12 @@ def test_torchrun_ranks_collect_their_shares_and_train(tmp_path):
             assert all(torch.equal(x[k], y[k]) for k in x)
         sae = load_sae(tmp_path / "two" / f"layer_{layer}" / "best_model")
         assert sae.config.hook_point == f"blocks.{layer}.hook_resid_post"
+        # Data parallel: each rank took its half of every batch the one process trained on, and
+        # the gradients were averaged: the same SAE up to the rounding of the sums.
+        alone = load_sae(tmp_path / "one" / f"layer_{layer}" / "final_model")
+        together = load_sae(tmp_path / "two" / f"layer_{layer}" / "final_model")
+        for (name, a), b in zip(alone.state_dict().items(), together.state_dict().values()):
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4, msg=name)
     assert two.stdout.count("trained topk SAE") == 2  # printed by rank 0 only
 
     # --distribute-modules: rank 0 trains layer 0's SAE and rank 1 layer 1's, each alone on the
