@@ -490,9 +490,17 @@ def _row_norm_max(W):
 
 
 def _dense_topk(x, W, bias, k):
-    """relu(x W^T + bias) and its exact top-k, for a few rows (or a small dictionary)."""
-    pre = torch.relu(torch.addmm(bias, x.float(), W.float().t())).add_(0.0)
-    return stable_topk(pre, k)
+    """relu(x W^T + bias) and its exact top-k, for a few rows (or a small dictionary). A bf16 W
+    is upcast a few thousand latents at a time, so no fp32 copy of the whole encoder exists."""
+    xf = x.float()
+    if W.dtype == torch.float32:
+        pre = torch.addmm(bias.float(), xf, W.t())
+    else:
+        step = max(1, (1 << 24) // W.shape[1])
+        pre = torch.empty(x.shape[0], W.shape[0], device=x.device)
+        for i in range(0, W.shape[0], step):
+            torch.addmm(bias[i:i + step].float(), xf, W[i:i + step].float().t(), out=pre[:, i:i + step])
+    return stable_topk(torch.relu_(pre).add_(0.0), k)
 
 
 def _topk_by_cutoff(x, W, bias, k):

@@ -270,3 +270,17 @@ def test_half_random_data(dtype):
     # fp32 accumulation order may swap near-equal neighbours: compare the selected sets.
     agree = (torch.sort(i, 1).values == torch.sort(ri, 1).values).float().mean()
     assert agree > 0.99
+
+
+@pytest.mark.parametrize("m, d", [(70, 13), (40_000, 600)])  # one chunk; two chunks of the bf16 upcast
+def test_dense_fallback_takes_bf16_encoders_in_chunks(m, d):
+    # The rows the cut cannot decide (and small dictionaries) go through _dense_topk: with a bf16
+    # encoder it upcasts W a chunk at a time (it used to crash on the bf16 bias).
+    from fastsae import reference as R
+
+    g = torch.Generator().manual_seed(m)
+    x, W, b = (torch.randn(*shape, generator=g).bfloat16() for shape in ((3, d), (m, d), (m,)))
+    values, indices = kmod._dense_topk(x, W, b, 8)
+    want_v, want_i = R.stable_topk(torch.relu(x.float() @ W.float().t() + b.float()), 8)
+    torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices, want_i)
