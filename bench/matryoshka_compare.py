@@ -18,7 +18,7 @@ import time
 import torch
 
 from bench import saelens_recipe
-from bench.quality_compare import batch_order, budget_split, load_activations
+from bench.quality_compare import add_activation_arguments, batch_order, budget_split, load_activations
 from fastsae import SAEConfig, create_sae, reference
 from fastsae.trainer import SAETrainer, split_activations
 
@@ -62,10 +62,7 @@ def train_saelens(rows, val, cfg):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tokens", type=int, default=450_000)
-    p.add_argument("--layer", type=int, default=3)
-    p.add_argument("--synthetic", action="store_true")
-    p.add_argument("--activations", help="safetensors file to cache the activations in (reused if present)")
+    add_activation_arguments(p)
     p.add_argument("--width", type=int, default=8, help="expansion factor (d_sae = width * d_in)")
     p.add_argument("--steps", type=int, default=178)
     p.add_argument("--k", type=int, default=32)

@@ -166,12 +166,17 @@ def run_library(library: str, train, val, cfg, args) -> tuple[str, float, float,
     return ("saelens" if args.saelens_lr is None else f"saelens (tuned lr {lr:g})"), fvu, dead, steps
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_activation_arguments(p) -> None:
+    """The flags ``load_activations`` reads: which activations, and where they are cached."""
     p.add_argument("--tokens", type=int, default=450_000)
     p.add_argument("--layer", type=int, default=3)
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--activations", help="safetensors file to cache the activations in (reused if present)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_activation_arguments(p)
     p.add_argument("--widths", type=int, nargs="+", default=[8], help="expansion factors (d_sae = width * d_in)")
     p.add_argument("--budgets", type=int, nargs="+", default=[100], help="training steps of each run")
     p.add_argument("--k", type=int, default=32)

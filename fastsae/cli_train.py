@@ -238,13 +238,14 @@ def _train(args, created: list[Path]) -> int:
     for w in caught:
         print(f"fastsae train: note: {w.message}", file=sys.stderr)
     if args.activations:
-        return _train_on_stores(args, hook_point_folders(args), None, device, rank, created)
+        return _train_on_stores(args, hook_point_folders(args), None, device, rank, world_size, created)
     model, tokenizer, info = load_model(args, device)  # on every rank: each collects its share
     folders = hook_point_folders(args, model, info.n_layers)
-    return _train_on_stores(args, folders, (model, tokenizer, info), device, rank, created)
+    return _train_on_stores(args, folders, (model, tokenizer, info), device, rank, world_size, created)
 
 
-def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, created: list[Path]) -> int:
+def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, world_size: int,
+                     created: list[Path]) -> int:
     """Lock the folders, collect every hook point in one pass (or stream one), train each SAE."""
     from contextlib import ExitStack
 
@@ -265,7 +266,6 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
         else:
             runs = {hp: (*split_store(store, args.val_split), config, meta)
                     for hp, (store, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
-        world_size = _init_distributed()[1]
         for i, (hook_point, (train, val, config, model_meta)) in enumerate(runs.items()):
             if args.distribute_modules and i % world_size != rank:
                 continue  # another rank's SAE

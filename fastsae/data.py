@@ -44,6 +44,17 @@ class TensorSource:
         yield from self.x.split(batch_size)
 
 
+def _rank_slices(global_batches, start, steps, rank, world_size):
+    """This rank's slice of global batches start .. steps - 1 of an epoch's batch sequence (the
+    ones before ``start`` are read and dropped: a resumed epoch replays its reads)."""
+    for t, x in enumerate(global_batches):
+        if t >= steps:
+            return
+        if t >= start:
+            local = x.shape[0] // world_size
+            yield x[rank * local:(rank + 1) * local]
+
+
 class StoreSource:
     """An ActivationStore, read through its shuffled ``iter_batches`` (block order seeded by
     (seed, epoch)). Under torch.distributed every rank reads every global batch and keeps its
@@ -56,13 +67,8 @@ class StoreSource:
         self.num_rows, self.width = len(store), int(store.d_in)
 
     def epoch_batches(self, epoch, start, steps, seed, global_batch, rank, world_size):
-        local = global_batch // world_size
         it = self.store.iter_batches(global_batch, shuffle=True, seed=seed, epoch=epoch, drop_last=True)
-        for t, x in enumerate(it):
-            if t >= steps:
-                return
-            if t >= start:
-                yield x[rank * local:(rank + 1) * local]
+        return _rank_slices(it, start, steps, rank, world_size)
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
         return next(iter(self.store.iter_batches(n, shuffle=True, seed=seed, buffer_tokens=n)))
@@ -173,13 +179,8 @@ class StreamSource:
                          f"(after skipping {self.skip_tokens}): ask for fewer tokens")
 
     def epoch_batches(self, epoch, start, steps, seed, global_batch, rank, world_size):
-        local = global_batch // world_size
         batches = window_shuffled_batches(self.chunks(), self.window_rows, global_batch, seed, epoch)
-        for t, x in enumerate(batches):
-            if t >= steps:
-                return
-            if t >= start:
-                yield x[rank * local:(rank + 1) * local]
+        return _rank_slices(batches, start, steps, rank, world_size)
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
         """The first n rows of the stream (the model runs over the first n tokens only)."""
