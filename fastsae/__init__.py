@@ -12,7 +12,7 @@ _EXPORTS = {
     "SparseCode": "models", "BaseSAE": "models", "TopKSAE": "models", "BatchTopKSAE": "models",
     "ReLUSAE": "models", "JumpReLUSAE": "models", "GatedSAE": "models", "create_sae": "models",
     "ActivationCollector": "hooks", "collect_activations_from_dataloader": "hooks",
-    "ActivationStore": "store", "collect_to_stores": "store",
+    "ActivationStore": "store", "PairedStore": "store", "collect_to_stores": "store",
     "SAETrainer": "trainer", "train_sae_from_activations": "trainer", "train_saes": "pipeline",
     "InterpretableModel": "runtime",
     "load_saes": "io", "save_sae": "io", "load_sae": "io",

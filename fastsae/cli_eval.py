@@ -107,6 +107,8 @@ def load_selected_saes(args) -> dict:
         sae = load_sae(args.sae_path, device_of(args))
         hook_point = args.hook_point or with_layer(sae.config.hook_point, args.layer)
         sae.config.hook_point = check_hook_point(hook_point, "--hook_point")
+        if sae.config.is_transcoder:  # --layer moves its output with it
+            sae.config.output_hook_point = with_layer(sae.config.output_hook_point, args.layer)
         return {sae.config.hook_point: sae}
     saes = load_saes(args.sae_dir, device_of(args))
     if args.layer is not None:
@@ -134,6 +136,8 @@ def activations_for(args, model, tokenizer, hook_point: str, sae=None, texts=Non
     texts = texts if texts is not None else load_texts(args)
     skip, where = held_out_skip(args, texts, sae)
     say(args, f"text: {texts.name}, {where}")
+    if sae is not None and sae.config.is_transcoder:  # [input | target] rows, as the transcoder trained on
+        hook_point = (hook_point, sae.config.output_hook_point)
     return collect_activations(model, tokenizer, texts, hook_point, args.num_tokens, args.context_length,
                                args.batch_size, progress=True, skip_tokens=skip)
 
@@ -167,6 +171,9 @@ def open_store(args, saes: dict):
             raise ValueError(f"--store {args.store_dir} holds activations at hook point {store.hook_point!r}; "
                              f"no SAE in {args.sae_dir} is at it (found {found})")
     for hook_point, sae in saes.items():
+        if sae.config.is_transcoder:
+            raise ValueError(f"--store holds one hook point; the transcoder at {hook_point!r} also needs "
+                             f"{sae.config.output_hook_point!r}: evaluate it from the model (--checkpoint or --model)")
         if hook_point != store.hook_point:
             raise ValueError(f"--store {args.store_dir} holds activations at hook point {store.hook_point!r}, "
                              f"but the SAE is at {hook_point!r} (--hook_point or --layer re-point the SAE)")

@@ -31,8 +31,8 @@ from fastsae.cli_args import (
 )
 
 # CLI hook type -> hook point kind (blocks.{L}.hook_{kind}); "attn" and "mlp" are the seed's names.
-HOOK_TYPES = {"resid_pre": "resid_pre", "resid_post": "resid_post", "attn_out": "attn_out", "mlp_out": "mlp_out",
-              "mlp_hidden": "mlp_hidden", "attn": "attn_out", "mlp": "mlp_out"}
+HOOK_TYPES = {"resid_pre": "resid_pre", "resid_post": "resid_post", "attn_out": "attn_out", "mlp_in": "mlp_in",
+              "mlp_out": "mlp_out", "mlp_hidden": "mlp_hidden", "attn": "attn_out", "mlp": "mlp_out"}
 
 
 # --stream keeps its validation rows in memory: at most this many.
@@ -80,7 +80,7 @@ def register(sub):
 
 def add_train_arguments(p) -> None:
     """The seed's sae_train flags plus fastsae's, in both spellings."""
-    from fastsae.config import ACTIVATIONS, OPTIMIZERS, SAEConfig
+    from fastsae.config import ACTIVATIONS, ARCHITECTURES, OPTIMIZERS, SAEConfig
 
     defaults = SAEConfig(d_in=64, expansion_factor=1)
     src = p.add_argument_group("model and data")
@@ -93,9 +93,11 @@ def add_train_arguments(p) -> None:
     add_option(src, "hook_points", nargs="+", default=None,
                help="hook point names or globs (e.g. 'blocks.*.hook_mlp_out'), one SAE each, instead of "
                     "--layer / --hook_type")
-    add_option(src, "hook_type", choices=list(HOOK_TYPES), default="resid_post",
-               help="where in the block: resid_pre, resid_post, attn_out, mlp_out, mlp_hidden "
-                    "(attn and mlp are the seed's names for attn_out and mlp_out)")
+    add_option(src, "hook_type", choices=list(HOOK_TYPES), default=None,
+               help="where in the block: resid_pre, resid_post, attn_out, mlp_in, mlp_out, mlp_hidden (attn and "
+                    "mlp are the seed's names for attn_out and mlp_out); default resid_post, for a transcoder mlp_in")
+    add_option(src, "output_hook_type", choices=list(HOOK_TYPES), default="mlp_out",
+               help="a transcoder's target in the same block (with --hook_type its input)")
     add_option(src, "num_activations", "num_tokens", "tokens", type=positive_int, default=1_000_000,
                help="tokens to collect")
     add_option(src, "corpus", nargs="*", default=None,
@@ -103,12 +105,17 @@ def add_train_arguments(p) -> None:
     add_option(src, "context_length", type=positive_int, default=128)
     add_option(src, "collect_batch_size", type=positive_int, default=32, help="sequences per model forward")
     add_option(src, "activations", default=None, help="train on this existing activation store directory")
+    add_option(src, "target_activations", default=None,
+               help="with --activations, for a transcoder: the store of its target, collected with the input")
     add_option(src, "stream", action="store_true",
                help="train straight from the model's forward, no activation store on disk (one hook point; "
                     "every epoch and a resume re-run the model)")
     add_option(src, "stream_window", type=positive_int, default=1 << 18,
                help="--stream: rows shuffled together (its memory: this many rows of d_in floats)")
     sae = p.add_argument_group("SAE and training")
+    add_option(sae, "architecture", choices=ARCHITECTURES, default="sae",
+               help="sae reconstructs its hook point; transcoder predicts --output_hook_type from --hook_type; "
+                    "skip_transcoder adds a learned linear skip")
     add_option(sae, "activation", choices=ACTIVATIONS, default="topk")
     add_option(sae, "k", type=positive_int, default=64,
                help="active latents per token (topk; on average for batchtopk, matryoshka_batchtopk)")
@@ -181,10 +188,36 @@ def _check_arguments(args) -> None:
                          "or --activations)")
     if args.activations and args.layer is None:
         raise ValueError("--activations holds one hook point: give it with --layer (and --hook_type)")
+    transcoder = args.architecture != "sae"
+    if transcoder and args.activations and not args.target_activations:
+        raise ValueError("a transcoder trains on two stores: give --target_activations (its target's store) "
+                         "with --activations")
+    if args.target_activations and not (transcoder and args.activations):
+        raise ValueError("--target_activations is for a transcoder (--architecture transcoder) with --activations")
+    if transcoder and HOOK_TYPES[_hook_type(args)] == HOOK_TYPES[args.output_hook_type]:
+        raise ValueError(f"--output_hook_type must differ from --hook_type ({_hook_type(args)}): a transcoder "
+                         "predicts another activation")
+
+
+def _hook_type(args) -> str:
+    return args.hook_type or ("mlp_in" if args.architecture != "sae" else "resid_post")
 
 
 def _block_hook_point(args, layer: int) -> str:
-    return f"blocks.{layer}.hook_{HOOK_TYPES[args.hook_type]}"
+    return f"blocks.{layer}.hook_{HOOK_TYPES[_hook_type(args)]}"
+
+
+def output_hook_point(args, hook_point: str) -> str | None:
+    """A transcoder's target: --output_hook_type in the block of its input; None for an SAE."""
+    import re
+
+    if args.architecture == "sae":
+        return None
+    match = re.match(r"blocks\.(\d+)\.hook_\w+$", hook_point)
+    if match is None:
+        raise ValueError(f"a transcoder's input must be a block hook point (blocks.L.hook_...), got {hook_point!r}: "
+                         "its target is --output_hook_type in the same block")
+    return f"blocks.{match.group(1)}.hook_{HOOK_TYPES[args.output_hook_type]}"
 
 
 def hook_point_folders(args, model=None, n_layers: int | None = None) -> dict[str, Path]:
@@ -250,7 +283,7 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
     from contextlib import ExitStack
 
     from fastsae.files import DirectoryLock
-    from fastsae.store import split_store
+    from fastsae.store import PairedStore, split_store
     from fastsae.trainer import _writable_dir
 
     for d in (Path(args.output_dir), *folders.values()):
@@ -263,6 +296,9 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
                 locks.enter_context(DirectoryLock(folder, "fastsae train"))
         if args.stream:
             runs = {hp: stream_activations(args, hp, loaded, device) for hp in folders}
+        elif args.architecture != "sae":
+            runs = {hp: (*split_store(PairedStore(*stores), args.val_split), config, meta)
+                    for hp, (stores, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
         else:
             runs = {hp: (*split_store(store, args.val_split), config, meta)
                     for hp, (store, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
@@ -284,16 +320,19 @@ def stream_activations(args, hook_point: str, loaded, device):
     stream from the model."""
     from fastsae.corpus import default_corpus, load_text_corpus
     from fastsae.data import StreamSource
+    from fastsae.hooks import hook_width
 
     model, tokenizer, info = loaded
     corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
     settings = dict(window_rows=args.stream_window, batch_size=args.collect_batch_size,
                     context_length=args.context_length)
     held = min(int(args.num_activations * args.val_split), STREAM_VAL_ROWS)
-    val = StreamSource(model, tokenizer, corpus, hook_point, held, **settings).sample(held, 0) if held else None
-    train = StreamSource(model, tokenizer, corpus, hook_point, args.num_activations - held, skip_tokens=held,
-                         **settings)
-    config = sae_config(args, train.width, hook_point)
+    target = output_hook_point(args, hook_point)
+    points = hook_point if target is None else (hook_point, target)
+    val = StreamSource(model, tokenizer, corpus, points, held, **settings).sample(held, 0) if held else None
+    train = StreamSource(model, tokenizer, corpus, points, args.num_activations - held, skip_tokens=held, **settings)
+    config = sae_config(args, hook_width(model, hook_point), hook_point, target,
+                        None if target is None else hook_width(model, target))
     say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; streaming "
                f"{train.num_rows} tokens at {hook_point} through windows of {args.stream_window} rows, "
                f"{held} held out; SAE: {config.activation} d_in {config.d_in} d_sae {config.d_sae}")
@@ -321,8 +360,10 @@ def _train_one(args, folder: Path, hook_point: str, train, val, config, model_me
         print(f"stopped at step {trainer.step} of {trainer.total_steps} (--max_steps); checkpoint "
               f"{trainer.last_checkpoint}; rerun with --resume to continue")
     else:
-        print(f"trained {config.activation} SAE d_in={config.d_in} d_sae={config.d_sae} on "
-              f"{hook_point} ({fvu}); saved to {best}")
+        what = "SAE" if not config.is_transcoder else config.architecture.replace("_", " ")
+        where = hook_point if not config.is_transcoder else f"{hook_point} -> {config.output_hook_point}"
+        print(f"trained {config.activation} {what} d_in={config.d_in} d_sae={config.d_sae} on "
+              f"{where} ({fvu}); saved to {best}")
         if args.prepare_neuronpedia:
             _prepare_neuronpedia(trainer, config, folder)
 
@@ -351,13 +392,15 @@ def load_model(args, device):
     return sources.load_default_model(device=device)
 
 
-def sae_config(args, d_in: int, hook_point: str):
+def sae_config(args, d_in: int, hook_point: str, output_hook_point: str | None = None, d_out: int | None = None):
     """The SAEConfig the flags describe (a bad combination, e.g. k > d_sae, fails here)."""
     from fastsae.config import SAEConfig
 
     extra = {"l1_coefficient": args.l1_coefficient} if args.l1_coefficient is not None else {}
     if args.matryoshka_sizes is not None:
         extra["matryoshka_sizes"] = args.matryoshka_sizes
+    if args.architecture != "sae":
+        extra.update(architecture=args.architecture, output_hook_point=output_hook_point, d_out=d_out)
     return SAEConfig(d_in=d_in, activation=args.activation, k=args.k, expansion_factor=args.expansion_factor,
                      num_activations=args.num_activations, batch_size=args.batch_size, num_epochs=args.num_epochs,
                      learning_rate=args.learning_rate, optimizer=args.optimizer, hook_point=hook_point, seed=args.seed,
@@ -378,17 +421,24 @@ def collect_activations(args, folders: dict[str, Path], loaded, device, rank: in
     if args.activations:
         (hook_point,) = folders
         store = ActivationStore(args.activations, hook_point=hook_point)
-        config = sae_config(args, store.d_in, store.hook_point)
         say(args, f"activations: {store.store_dir} ({store.num_tokens} tokens of {store.manifest['model_name']} "
                    f"at {store.hook_point})")
-        return {hook_point: (store, config, _model_metadata(store))}
+        if args.architecture == "sae":
+            return {hook_point: (store, sae_config(args, store.d_in, store.hook_point), _model_metadata(store))}
+        target = ActivationStore(args.target_activations, hook_point=output_hook_point(args, hook_point))
+        config = sae_config(args, store.d_in, hook_point, target.hook_point, target.d_in)
+        return {hook_point: ((store, target), config, _model_metadata(store))}
     from fastsae.corpus import default_corpus, load_text_corpus
     from fastsae.hooks import hook_width
 
+    targets = {hp: output_hook_point(args, hp) for hp in folders}  # None for SAEs
     store_dirs = {hp: folder / "activations" for hp, folder in folders.items()}
+    # A transcoder's target is collected beside its input, in the same forward passes.
+    store_dirs.update({targets[hp]: folder / "target_activations" for hp, folder in folders.items() if targets[hp]})
     corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
     model, tokenizer, info = loaded
-    configs = {hp: sae_config(args, hook_width(model, hp), hp) for hp in folders}
+    configs = {hp: sae_config(args, hook_width(model, hp), hp, targets[hp],
+                              targets[hp] and hook_width(model, targets[hp])) for hp in folders}
     widths = sorted({(c.d_in, c.d_sae) for c in configs.values()})
     if rank == 0:
         say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; "
@@ -400,9 +450,10 @@ def collect_activations(args, folders: dict[str, Path], loaded, device, rank: in
                       progress=not args.quiet, distributed=dist.is_initialized())
     del model
     runs = {}
-    for hp, store_dir in store_dirs.items():
-        store = ActivationStore(store_dir, hook_point=hp)
-        runs[hp] = (store, configs[hp], _model_metadata(store))
+    for hp in folders:
+        store = ActivationStore(store_dirs[hp], hook_point=hp)
+        data = store if targets[hp] is None else (store, ActivationStore(store_dirs[targets[hp]]))
+        runs[hp] = (data, configs[hp], _model_metadata(store))
     return runs
 
 

@@ -12,6 +12,10 @@ K_ACTIVATIONS = ("topk", "batchtopk", "matryoshka_batchtopk")
 # Default Matryoshka prefixes, as fractions of d_sae.
 MATRYOSHKA_FRACTIONS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1)
 DTYPES = ("float32", "bfloat16", "float16")
+# "sae" reconstructs its input; a "transcoder" reads hook_point and predicts output_hook_point
+# (e.g. a block's MLP input -> its MLP output); a "skip_transcoder" adds a learned linear map
+# x W_skip^T (zero at the start) to that prediction.
+ARCHITECTURES = ("sae", "transcoder", "skip_transcoder")
 OPTIMIZERS = ("schedule_free_adam", "adam")
 
 # Dotted module names ("blocks.3.hook_resid_post", "model.layers.3.mlp"): the name also names
@@ -108,6 +112,11 @@ class SAEConfig:
     # d_sae (appended when missing); None: MATRYOSHKA_FRACTIONS of d_sae. Each prefix's
     # reconstruction adds its MSE to the loss, so early latents learn to stand alone.
     matryoshka_sizes: tuple[int, ...] | None = None
+    # See ARCHITECTURES. A transcoder's output_hook_point names its target, d_out its width
+    # (None: d_in); an SAE has neither.
+    architecture: str = "sae"
+    output_hook_point: str | None = None
+    d_out: int | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -142,6 +151,33 @@ class SAEConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.aux_k is None:
             self.aux_k = min(max(self.d_in // 2, 1), self.d_sae)
+        self._check_architecture()
+
+    def _check_architecture(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if not self.is_transcoder:
+            if self.output_hook_point is not None:
+                raise ValueError(f"output_hook_point is for transcoders; architecture {self.architecture!r} "
+                                 "reconstructs its own hook point (set architecture='transcoder')")
+            if self.d_out not in (None, self.d_in):
+                raise ValueError(f"d_out must equal d_in={self.d_in} for architecture 'sae', got {self.d_out}")
+            self.d_out = self.d_in
+            return
+        if self.output_hook_point is None:
+            raise ValueError(f"architecture {self.architecture!r} needs output_hook_point, the hook point it "
+                             "predicts (e.g. 'blocks.3.hook_mlp_out')")
+        check_hook_point(self.output_hook_point, "output_hook_point")
+        if self.output_hook_point == self.hook_point:
+            raise ValueError(f"output_hook_point must differ from hook_point ({self.hook_point!r}); "
+                             "an SAE (architecture='sae') reconstructs its own hook point")
+        if self.d_out is None:
+            self.d_out = self.d_in
+        _check_int("d_out", self.d_out, 1)
+
+    @property
+    def is_transcoder(self) -> bool:
+        return self.architecture != "sae"
 
     @classmethod
     def from_model(cls, model, layer_idx: int, hook_type: str = "resid_post", **kwargs) -> "SAEConfig":

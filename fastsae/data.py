@@ -77,8 +77,9 @@ class StoreSource:
         yield from self.store.iter_batches(batch_size, shuffle=False)
 
 
-def data_source(data, name: str, d_in: int):
-    """The source for a Tensor [N, d_in], an ActivationStore or a StreamSource, checked against d_in."""
+def data_source(data, name: str, config):
+    """The source for a Tensor, an ActivationStore (or PairedStore) or a StreamSource, checked
+    against the config: rows of d_in (an SAE) or d_in + d_out (a transcoder's [input | target])."""
     if isinstance(data, torch.Tensor):
         source = TensorSource(data, name)
     elif hasattr(data, "iter_batches") and hasattr(data, "d_in"):
@@ -88,8 +89,12 @@ def data_source(data, name: str, d_in: int):
     else:
         raise TypeError(f"{name} must be a torch.Tensor [N, d_in], an ActivationStore or a StreamSource, "
                         f"got {type(data).__name__}")
-    if source.width != d_in:
-        raise ValueError(f"{name} have width {source.width} but config.d_in is {d_in}; "
+    if config.is_transcoder and source.width != config.d_in + config.d_out:
+        raise ValueError(f"{name} have width {source.width} but a transcoder trains on [input | target] rows "
+                         f"of d_in + d_out = {config.d_in} + {config.d_out}: pair its two hook points "
+                         "(fastsae.store.PairedStore, or a StreamSource of both)")
+    if not config.is_transcoder and source.width != config.d_in:
+        raise ValueError(f"{name} have width {source.width} but config.d_in is {config.d_in}; "
                          "they must come from the hook point the SAE is configured for")
     if source.num_rows == 0:
         raise ValueError(f"{name} is empty")
@@ -139,22 +144,25 @@ def window_shuffled_batches(chunks, window_rows: int, batch_rows: int, seed: int
 
 class StreamSource:
     """Activations straight from the model's forward, nothing written to disk: ``num_rows``
-    tokens of the corpus after its first ``skip_tokens``, at one hook point, shuffled within
+    tokens of the corpus after its first ``skip_tokens``, at one hook point (or, for a
+    transcoder, a pair of them: rows are [input | output], as a PairedStore serves), shuffled within
     windows of ``window_rows`` rows (``window_shuffled_batches``); memory is one window, whatever
     the number of tokens. Every epoch, and a resumed run, replays the corpus through the model
     (a resume re-runs it up to the step it continues from)."""
 
-    def __init__(self, model, tokenizer, corpus, hook_point: str, num_rows: int, *, skip_tokens: int = 0,
+    def __init__(self, model, tokenizer, corpus, hook_point: str | tuple[str, str], num_rows: int, *,
+                 skip_tokens: int = 0,
                  window_rows: int = 1 << 18, batch_size: int = 32, context_length: int = 128,
                  drop_bos: bool = False):
         from fastsae.hooks import hook_width
 
         if num_rows < 1 or window_rows < 1:
             raise ValueError(f"num_rows and window_rows must be >= 1, got {num_rows} and {window_rows}")
-        self.model, self.tokenizer, self.corpus, self.hook_point = model, tokenizer, corpus, hook_point
+        self.hook_points = (hook_point,) if isinstance(hook_point, str) else tuple(hook_point)
+        self.model, self.tokenizer, self.corpus, self.hook_point = model, tokenizer, corpus, self.hook_points[0]
         self.num_rows, self.skip_tokens, self.window_rows = int(num_rows), int(skip_tokens), int(window_rows)
         self.batch_size, self.context_length, self.drop_bos = batch_size, context_length, drop_bos
-        self.width = hook_width(model, hook_point)
+        self.width = sum(hook_width(model, hp) for hp in self.hook_points)
 
     def chunks(self):
         """The activations in corpus order, one [n, d_in] chunk per model batch; fails if the
@@ -162,14 +170,14 @@ class StreamSource:
         from fastsae.corpus import iter_token_batches
         from fastsae.hooks import ActivationCollector, model_device, run_collector_batch
 
-        collector = ActivationCollector(self.model, [self.hook_point], max_activations=2**62,
+        collector = ActivationCollector(self.model, list(self.hook_points), max_activations=2**62,
                                         device=model_device(self.model), drop_bos=self.drop_bos)
         left = self.num_rows
         with collector:
             for batch in iter_token_batches(self.tokenizer, self.corpus, self.context_length, self.batch_size,
                                             skip_tokens=self.skip_tokens):
                 run_collector_batch(collector, self.model, batch)
-                acts, _ = collector.pop(self.hook_point)
+                acts = torch.cat([collector.pop(hp)[0] for hp in self.hook_points], 1)
                 acts = acts[:left].float()  # a normal tensor: collected in inference mode, trained on here
                 left -= acts.shape[0]
                 yield acts

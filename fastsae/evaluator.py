@@ -146,10 +146,29 @@ class _Sums:
 
 
 def reconstruct(sae: BaseSAE, x: torch.Tensor) -> tuple[torch.Tensor, SparseCode]:
-    """(reconstruction, code) of rows x [N, d_in] in the SAE's dtype and device."""
+    """(reconstruction, code) of rows x [N, d_in] in the SAE's dtype and device (a
+    transcoder's prediction of its target, [N, d_out])."""
     x = x.to(device=sae.device, dtype=sae.dtype)
     code = sae.encode_sparse(x)
-    return sae.decode_sparse(code), code
+    return sae.output(x, code), code
+
+
+def _inputs_and_targets(sae: BaseSAE, activations: torch.Tensor, targets: torch.Tensor | None):
+    """(inputs [N, d_in], targets [N, d_out]) to evaluate on: an SAE's targets are its inputs; a
+    transcoder's come as ``targets`` or as the last d_out columns of paired rows."""
+    if not sae.config.is_transcoder:
+        _check_activations(activations, sae.d_in)
+        return activations, activations
+    if targets is None:
+        _check_activations(activations, sae.d_in + sae.d_out)
+        return activations[:, :sae.d_in], activations[:, sae.d_in:]
+    _check_activations(activations, sae.d_in)
+    _check_activations(targets, sae.d_out)
+    if targets.shape[0] != activations.shape[0]:
+        raise ValueError(f"targets must have one row per activation row ({activations.shape[0]}), "
+                         f"got {targets.shape[0]}")
+    return activations, targets
+
 
 
 class _EvalMode:
@@ -175,20 +194,25 @@ class SAEEvaluator:
 
     @torch.no_grad()
     def evaluate(self, activations: torch.Tensor, batch_size: int = 4096,
-                 compute_dead_latents: bool = True) -> SAEMetrics:
-        """Metrics over every row of ``activations`` [N, d_in]."""
-        _check_activations(activations, self.sae.d_in)
-        if activations.shape[0] == 0:
+                 compute_dead_latents: bool = True, targets: torch.Tensor | None = None) -> SAEMetrics:
+        """Metrics over every row of ``activations`` [N, d_in]. A transcoder is measured against
+        its target: ``targets`` [N, d_out], or paired rows [N, d_in + d_out] as activations."""
+        inputs, targets = _inputs_and_targets(self.sae, activations, targets)
+        if inputs.shape[0] == 0:
             raise ValueError("activations is empty")
-        sums = _Sums(self.sae.d_in, self.sae.d_sae, self.sae.device)
-        with _EvalMode(self.sae):
-            for start in range(0, activations.shape[0], batch_size):
-                x = activations[start:start + batch_size].to(device=self.sae.device, dtype=self.sae.dtype)
-                recon, code = reconstruct(self.sae, x)
-                sums.add(x, recon, code)
-                if hasattr(self.sae, "prefix_reconstructions"):
-                    sums.add_prefixes(x, self.sae.prefix_reconstructions(code))
-        return sums.metrics(self.sae.d_in, compute_dead_latents, getattr(self.sae.config, "matryoshka_sizes", None))
+        sae = self.sae
+        sums = _Sums(sae.d_out, sae.d_sae, sae.device)
+        with _EvalMode(sae):
+            for start in range(0, inputs.shape[0], batch_size):
+                x = inputs[start:start + batch_size].to(device=sae.device, dtype=sae.dtype)
+                y = targets[start:start + batch_size].to(device=sae.device, dtype=sae.dtype)
+                recon, code = reconstruct(sae, x)
+                sums.add(y, recon, code)
+                if hasattr(sae, "prefix_reconstructions"):
+                    prefixes = sae.prefix_reconstructions(code)
+                    skip = sae.skip(x)
+                    sums.add_prefixes(y, prefixes if skip is None else prefixes + skip[:, None])
+        return sums.metrics(sae.d_out, compute_dead_latents, getattr(sae.config, "matryoshka_sizes", None))
 
     @torch.no_grad()
     def feature_activations(self, feature_idx: int, activations: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
@@ -196,6 +220,7 @@ class SAEEvaluator:
         if not 0 <= feature_idx < self.sae.d_sae:
             raise ValueError(f"feature_idx must be in [0, {self.sae.d_sae}), got {feature_idx}")
         out = []
+        activations = self.sae.input_part(activations)
         with _EvalMode(self.sae):
             for start in range(0, activations.shape[0], batch_size):
                 _, code = reconstruct(self.sae, activations[start:start + batch_size])
@@ -249,6 +274,30 @@ def _sae_replacement(sae: BaseSAE):
     return replace
 
 
+class _TranscoderSplice:
+    """Hooks that put a transcoder's prediction in place of its output hook point's activation:
+    one reads the input hook point (earlier in the same forward), the other replaces the output."""
+
+    def __init__(self, sae: BaseSAE, read: tuple, write: tuple):
+        self.sae, self.read, self.write, self.x = sae, read, write, None
+
+    def _keep_input(self, x):
+        self.x = x.reshape(-1, x.shape[-1])
+
+    def _predict(self, y):
+        if self.x is None:
+            raise RuntimeError(f"the transcoder's output hook point {self.sae.config.output_hook_point!r} ran before "
+                               f"its input {self.sae.config.hook_point!r}: a transcoder predicts a later activation")
+        recon, _ = reconstruct(self.sae, self.x)
+        self.x = None
+        return recon.to(y.dtype).reshape(y.shape)
+
+    def add(self):
+        from fastsae.hooks import add_hook
+
+        return [add_hook(*self.read, self._keep_input), add_hook(*self.write, self._predict)]
+
+
 def _output_kind(output) -> str:
     if isinstance(output, torch.Tensor) or getattr(output, "logits", None) is not None:
         return "ce"
@@ -279,7 +328,8 @@ def loss_recovered(model: torch.nn.Module, sae: BaseSAE, hook_point: str | None,
     """Fraction of loss recovered when the SAE reconstruction replaces the activation at the hook.
 
     fraction = (L_zero - L_sae) / (L_zero - L_clean), with L_zero the loss when the hook's
-    activation is zeroed. ``kind``:
+    activation is zeroed. A transcoder's prediction (from ``hook_point``, default its own input)
+    replaces its output hook point (e.g. the MLP's output), which is what is zeroed. ``kind``:
 
     - "ce": causal LMs (output is logits): mean next-token cross-entropy over real tokens;
     - "embedding": encoders such as MiniLM (output has last_hidden_state): the loss is the mean
@@ -291,6 +341,12 @@ def loss_recovered(model: torch.nn.Module, sae: BaseSAE, hook_point: str | None,
     if kind not in ("auto", "ce", "embedding"):
         raise ValueError(f"kind must be 'auto', 'ce' or 'embedding', got {kind!r}")
     module, hook_kind = resolve_hook_point(model, hook_point or sae.config.hook_point)
+    if sae.config.is_transcoder:
+        target = resolve_hook_point(model, sae.config.output_hook_point)
+        splice = _TranscoderSplice(sae, (module, hook_kind), target).add
+        module, hook_kind = target
+    else:
+        splice = lambda: [add_hook(module, hook_kind, _sae_replacement(sae))]  # noqa: E731
     device = model_device(model)
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     count = 0
@@ -302,12 +358,13 @@ def loss_recovered(model: torch.nn.Module, sae: BaseSAE, hook_point: str | None,
             clean = forward_tokens(model, input_ids, mask)
             kind = _output_kind(clean) if kind == "auto" else kind
             outputs = {"clean": clean}
-            for name, replace in (("sae", _sae_replacement(sae)), ("zero", torch.zeros_like)):
-                handle = add_hook(module, hook_kind, replace)
+            for name, add in (("sae", splice), ("zero", lambda: [add_hook(module, hook_kind, torch.zeros_like)])):
+                handles = add()
                 try:
                     outputs[name] = forward_tokens(model, input_ids, mask)
                 finally:
-                    handle.remove()
+                    for handle in handles:
+                        handle.remove()
             if kind == "ce":
                 for name, out in outputs.items():
                     total, n = _ce_sums(out, input_ids, mask)

@@ -69,6 +69,12 @@ def unembedding(model) -> torch.Tensor | None:
     return weight.detach() if isinstance(weight, torch.Tensor) else None
 
 
+def writes_to_residual(sae: BaseSAE, W_U: torch.Tensor | None) -> bool:
+    """Whether the SAE's decoder directions live where W_U reads (width d_model): an SAE's or
+    a transcoder's at the residual stream or a sublayer output, not at an MLP's hidden layer."""
+    return W_U is not None and W_U.shape[1] == sae.d_out
+
+
 def logit_effects(sae: BaseSAE, W_U: torch.Tensor, feature: int, n: int = 10) -> tuple[list, list]:
     """(promoted, suppressed): [(token id, logit change)] of the decoder direction through W_U."""
     with torch.no_grad():
@@ -129,7 +135,7 @@ def feature_data(cache: LatentCache, feature: int, text: TokenText | None = None
         "histogram": activation_histogram(values),
         "top_logits": [], "bottom_logits": [],
     }
-    if sae is not None and W_U is not None:
+    if sae is not None and writes_to_residual(sae, W_U):
         promoted, suppressed = logit_effects(sae, W_U, feature, n_logits)
         data["top_logits"] = [{"token_id": i, "token": text(i), "value": v} for i, v in promoted]
         data["bottom_logits"] = [{"token_id": i, "token": text(i), "value": v} for i, v in suppressed]
@@ -421,6 +427,8 @@ def write_dashboard(cache: LatentCache, output_dir: str | Path, sae: BaseSAE | N
     text = TokenText(tokenizer)
     if title is None:
         where = sae.config.hook_point if sae is not None else "SAE"
+        if sae is not None and sae.config.is_transcoder:
+            where = f"{where} \u2192 {sae.config.output_hook_point}"
         title = f"{model_name} · {where}" if model_name else f"SAE features at {where}"
     linked = set(features)
     rows = []
@@ -433,6 +441,9 @@ def write_dashboard(cache: LatentCache, output_dir: str | Path, sae: BaseSAE | N
             "dead latents": int((cache.counts() == 0).sum())}
     if sae is not None:
         info.update({"hook point": sae.config.hook_point, "d_in": sae.d_in, "activation": sae.config.activation})
+        if sae.config.is_transcoder:
+            info.update({"architecture": sae.config.architecture, "output hook point": sae.config.output_hook_point,
+                         "d_out": sae.d_out})
     info.update(summary or {})
     page = render_index(rows, title, info, density_svg(cache.density(), cache.num_tokens))
     return atomic_write_text(output_dir / "index.html", page)

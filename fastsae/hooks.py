@@ -4,7 +4,8 @@ A hook point is a name for a place in a model where activations are read (or, fo
 edited). Two kinds of name resolve:
 
 - canonical block names `blocks.{i}.hook_{kind}`, with kind one of resid_pre, resid_post,
-  attn_out, mlp_out, mlp_hidden. They name nanochat modules (`model.transformer.h[i]` and its
+  attn_out, mlp_in, mlp_out, mlp_hidden (mlp_in: the MLP's input, after the block's norm; a
+  transcoder's usual input, with mlp_out its target). They name nanochat modules (`model.transformer.h[i]` and its
   `.attn`, `.mlp`, `.mlp.c_fc`) and, through a small map, the same places in Hugging Face
   GPT-2 (`transformer.h`), Llama-style (`model.layers`) and BERT (`encoder.layer`) models;
 - any module path, dotted with integer indexes (`model.layers.3`, `encoder.layer.2.output`).
@@ -41,7 +42,7 @@ __all__ = [
     "resolve_hook_point",
 ]
 
-HOOK_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_hidden")
+HOOK_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_in", "mlp_out", "mlp_hidden")
 
 # Where a family keeps its list of transformer blocks, tried in order.
 _BLOCK_LISTS = ("transformer.h", "model.layers", "encoder.layer", "bert.encoder.layer",
@@ -55,6 +56,7 @@ _BLOCK_PARTS: dict[str, tuple[tuple[str, str], ...]] = {
     "resid_pre": (("", "pre"),),
     "resid_post": (("", "output"),),
     "attn_out": (("attn", "output"), ("self_attn", "output"), ("attention.output.dense", "output")),
+    "mlp_in": (("mlp", "pre"), ("intermediate", "pre")),
     "mlp_out": (("mlp", "output"), ("output.dense", "output")),
     "mlp_hidden": (("mlp.c_fc", "output"), ("mlp.down_proj", "pre"), ("intermediate", "output")),
 }

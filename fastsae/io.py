@@ -3,8 +3,9 @@ seed's .pt checkpoints.
 
 On disk an SAE is a directory with ``cfg.json`` (SAELens fields plus fastsae's full config
 under ``"fastsae"``) and ``sae_weights.safetensors`` holding ``W_enc [d_in, d_sae]``,
-``b_enc``, ``W_dec [d_sae, d_in]``, ``b_dec`` and, by architecture, ``threshold`` (JumpReLU)
-or ``r_mag`` / ``b_mag`` (Gated). Every write is atomic; no pickle is ever loaded without
+``b_enc``, ``W_dec [d_sae, d_out]``, ``b_dec`` and, by architecture, ``threshold`` (JumpReLU,
+BatchTopK), ``r_mag`` / ``b_mag`` (Gated) or ``W_skip [d_out, d_in]`` (skip transcoders);
+d_out is d_in except for transcoders. Every write is atomic; no pickle is ever loaded without
 ``weights_only=True``.
 
 The two files of a folder are replaced one after the other, so each save writes one random
@@ -43,6 +44,20 @@ READ_ATTEMPTS, READ_RETRY_S = 100, 0.02  # a reader waits up to 2 s for a concur
 _ARCHITECTURES = {"topk": "topk", "batchtopk": "jumprelu", "matryoshka_batchtopk": "jumprelu", "relu": "standard",
                   "jumprelu": "jumprelu", "gated": "gated"}
 _BATCH_TOPK = ("batchtopk", "matryoshka_batchtopk")
+# Transcoders: SAELens 6 has ReLU and JumpReLU transcoders, with and without skip ("transcoder",
+# "jumprelu_transcoder", "skip_transcoder", "jumprelu_skip_transcoder"); BatchTopK ones are
+# written as JumpReLU as above. TopK and Gated transcoders have no SAELens class: they are
+# written in the same layout under fastsae's own names, which SAELens refuses to load.
+_TRANSCODER_FAMILIES = {"relu": "", "jumprelu": "jumprelu_", "batchtopk": "jumprelu_",
+                        "matryoshka_batchtopk": "jumprelu_", "topk": "topk_", "gated": "gated_"}
+
+
+def saelens_architecture(config: SAEConfig) -> str:
+    """The SAELens architecture name a config is written under."""
+    if not config.is_transcoder:
+        return _ARCHITECTURES[config.activation]
+    skip = "skip_" if config.architecture == "skip_transcoder" else ""
+    return f"{_TRANSCODER_FAMILIES[config.activation]}{skip}transcoder"
 
 
 # ----------------------------------------------------------------------------- fastsae / SAELens layout
@@ -57,6 +72,8 @@ def sae_state(sae: BaseSAE) -> dict[str, torch.Tensor]:
         del state["b_enc"]
     if sae.config.activation in _BATCH_TOPK:
         state["threshold"] = sae.threshold.expand(sae.d_sae)
+    if sae.config.architecture == "skip_transcoder":
+        state["W_skip"] = sae.W_skip
     return state
 
 
@@ -66,9 +83,13 @@ def saelens_config(config: SAEConfig, metadata: dict | None = None) -> dict:
     meta = {"model_name": metadata.get("model_name") or "unknown", "hook_name": config.hook_point,
             "hook_layer": int(layer.group(1)) if layer else 0, "hook_head_index": None,
             "prepend_bos": True, "context_size": metadata.get("context_size")}
-    cfg = {"architecture": _ARCHITECTURES[config.activation], "d_in": config.d_in, "d_sae": config.d_sae,
-           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": "none",
-           "reshape_activations": "none", "metadata": meta, **meta}
+    if config.is_transcoder:
+        meta["hook_name_out"] = config.output_hook_point
+    cfg = {"architecture": saelens_architecture(config), "d_in": config.d_in, "d_sae": config.d_sae,
+           "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": not config.is_transcoder,
+           "normalize_activations": "none", "reshape_activations": "none", "metadata": meta, **meta}
+    if config.is_transcoder:
+        cfg["d_out"] = config.d_out
     if config.activation == "topk":
         cfg.update(k=config.k, activation_fn_str="topk", activation_fn_kwargs={"k": config.k})
     else:
@@ -107,11 +128,29 @@ def _config_from_saelens(cfg, source: str) -> SAEConfig:
         raise ValueError(f"{source}: {e}") from None
 
 
+_PLAIN_ARCHITECTURES = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "gated": "gated",
+                        "transcoder": "relu", "skip_transcoder": "relu", "jumprelu_transcoder": "jumprelu",
+                        "jumprelu_skip_transcoder": "jumprelu"}
+
+
+def _transcoder_fields(cfg: dict, arch: str, hook: str) -> dict:
+    """architecture, output_hook_point and d_out of a SAELens transcoder's cfg.json."""
+    if "transcoder" not in arch:
+        return {}
+    out = cfg.get("hook_name_out") or (cfg.get("metadata") or {}).get("hook_name_out")
+    if out is None and "hook_mlp_in" in hook:  # the usual pairing, when the file does not say
+        out = hook.replace("hook_mlp_in", "hook_mlp_out")
+    if out is None:
+        raise ValueError(f"a {arch} file needs metadata.hook_name_out, the hook point it predicts")
+    return {"architecture": "skip_transcoder" if "skip" in arch else "transcoder",
+            "output_hook_point": check_hook_point(out, "hook_name_out"), "d_out": cfg.get("d_out", cfg.get("d_in"))}
+
+
 def _config_from_plain_saelens(cfg: dict) -> SAEConfig:
     arch = cfg.get("architecture", "standard")
-    activation = {"topk": "topk", "standard": "relu", "jumprelu": "jumprelu", "gated": "gated"}.get(arch)
+    activation = _PLAIN_ARCHITECTURES.get(arch)
     if activation is None:
-        raise ValueError(f"architecture {arch!r} is not supported; expected topk, standard, jumprelu or gated")
+        raise ValueError(f"architecture {arch!r} is not supported; expected one of {', '.join(_PLAIN_ARCHITECTURES)}")
     for name in ("d_in", "d_sae"):
         if name not in cfg:
             raise ValueError(f"the field {name!r} is missing")
@@ -123,7 +162,8 @@ def _config_from_plain_saelens(cfg: dict) -> SAEConfig:
         raise ValueError("a topk SAE needs 'k' (or activation_fn_kwargs.k)")
     hook = cfg.get("hook_name") or (cfg.get("metadata") or {}).get("hook_name") or "blocks.0.hook_resid_post"
     return SAEConfig(d_in=cfg["d_in"], d_sae=cfg["d_sae"], activation=activation, k=k,
-                     hook_point=check_hook_point(hook, "hook_name"), dtype="float32")
+                     hook_point=check_hook_point(hook, "hook_name"), dtype="float32",
+                     **_transcoder_fields(cfg, arch, hook))
 
 
 def _as_current(tensors: dict, config: SAEConfig) -> dict[str, tuple]:
@@ -146,8 +186,10 @@ def _check_shapes(shapes: dict[str, tuple], expected: dict[str, tuple], source: 
 
 def _expected_shapes(config: SAEConfig) -> dict[str, tuple]:
     """The SAELens weight shapes of an SAE of this config, without allocating it."""
-    d_in, d_sae = config.d_in, config.d_sae
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    d_in, d_sae, d_out = config.d_in, config.d_sae, config.d_out
+    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_out), "b_dec": (d_out,)}
+    if config.architecture == "skip_transcoder":
+        shapes["W_skip"] = (d_out, d_in)
     if config.activation == "jumprelu":
         shapes["threshold"] = (d_sae,)
     if config.activation == "gated":
@@ -170,6 +212,8 @@ def _load_state_into(sae: BaseSAE, state: dict[str, torch.Tensor], source: str) 
         if sae.config.activation == "gated":
             sae.r_mag.copy_(state["r_mag"])
             sae.b_mag.copy_(state["b_mag"])
+        if sae.config.architecture == "skip_transcoder":
+            sae.W_skip.copy_(state["W_skip"])
         if sae.config.activation in _BATCH_TOPK:
             threshold = state["threshold"].reshape(-1)
             if not bool((threshold == threshold[0]).all()):

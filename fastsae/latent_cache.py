@@ -67,7 +67,7 @@ class LatentCache:
     @torch.no_grad()
     def _append(parts: dict, sae: BaseSAE, x: torch.Tensor, meta: dict, rows: int) -> int:
         n = x.shape[0]
-        code = sae.encode_sparse(x.to(device=sae.device, dtype=sae.dtype))
+        code = sae.encode_sparse(sae.input_part(x).to(device=sae.device, dtype=sae.dtype))
         values, indices = (t.reshape(-1).cpu() for t in code.flat())
         row = code.row_ids().cpu()
         keep = values != 0  # TopK codes pad with zeros; the cache stores only real activations
@@ -104,7 +104,7 @@ class LatentCache:
                    max_tokens: int = 100_000, context_length: int = 128, batch_size: int = 16) -> "LatentCache":
         """Run the model over ``texts`` and encode the activations at the SAE's hook point."""
         return cls.from_chunks(iter_activations(model, tokenizer, texts, hook_point or sae.config.hook_point,
-                                                max_tokens, context_length, batch_size), sae)
+                                                max_tokens, context_length, batch_size), sae)  # (the input)
 
     # ------------------------------------------------------------------ files
 
@@ -223,20 +223,25 @@ class LatentCache:
         return torch.arange(lo, hi + 1)
 
 
-def iter_activations(model, tokenizer, texts: Iterable[str], hook_point: str, max_tokens: int,
+def iter_activations(model, tokenizer, texts: Iterable[str], hook_point: str | tuple[str, ...], max_tokens: int,
                      context_length: int = 128, batch_size: int = 16,
                      progress: bool = False, skip_tokens: int = 0) -> Iterator[tuple[torch.Tensor, dict]]:
     """(activations [n, d], {"token_ids", "doc_ids", "positions"}) per batch of tokenized text,
     until ``max_tokens`` real tokens (padding dropped), after the first ``skip_tokens`` tokens
-    (see ``iter_token_batches``), which the model does not run on."""
+    (see ``iter_token_batches``), which the model does not run on. Several hook points (a
+    transcoder's input and output) give their activations side by side, [n, d_1 + d_2 ...]."""
     from fastsae.corpus import iter_token_batches
     from fastsae.hooks import ActivationCollector, run_collector_batch
 
-    collector = ActivationCollector(model, hook_point, max_activations=max_tokens, dtype=torch.float32)
+    hook_points = [hook_point] if isinstance(hook_point, str) else list(hook_point)
+    collector = ActivationCollector(model, hook_points, max_activations=max_tokens, dtype=torch.float32)
     with collector, progress_bar(total=max_tokens, unit="tok", disable=not progress, desc="activations") as bar:
         for batch in iter_token_batches(tokenizer, texts, context_length, batch_size, skip_tokens=skip_tokens):
             run_collector_batch(collector, model, batch)
-            acts, meta = collector.pop(hook_point)
+            popped = [collector.pop(hp) for hp in hook_points]
+            acts, meta = popped[0]
+            if acts is not None and len(popped) > 1:
+                acts = torch.cat([a for a, _ in popped], 1)
             if acts is not None and acts.shape[0]:
                 bar.update(acts.shape[0])
                 yield acts, meta
@@ -244,7 +249,7 @@ def iter_activations(model, tokenizer, texts: Iterable[str], hook_point: str, ma
                 break
 
 
-def collect_activations(model, tokenizer, texts: Iterable[str], hook_point: str, max_tokens: int,
+def collect_activations(model, tokenizer, texts: Iterable[str], hook_point: str | tuple[str, ...], max_tokens: int,
                         context_length: int = 128, batch_size: int = 16,
                         progress: bool = False, skip_tokens: int = 0) -> tuple[torch.Tensor, dict]:
     """All of ``iter_activations`` concatenated: (activations [N, d], metadata {name: [N]})."""

@@ -63,15 +63,23 @@ class BaseSAE(nn.Module):
     def __init__(self, config: SAEConfig):
         super().__init__()
         self.config = config
-        self.d_in, self.d_sae = config.d_in, config.d_sae
+        self.d_in, self.d_sae, self.d_out = config.d_in, config.d_sae, config.d_out
         gen = torch.Generator().manual_seed(config.seed)
-        w_dec = torch.randn(self.d_sae, self.d_in, generator=gen)
+        w_dec = torch.randn(self.d_sae, self.d_out, generator=gen)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
-        # Encoder starts as the decoder's transpose: each latent first reads its own direction.
-        self.enc_weight = nn.Parameter(w_dec.clone())
+        if self.d_out == self.d_in:
+            # Encoder starts as the decoder's transpose: each latent first reads its own direction.
+            w_enc = w_dec.clone()
+        else:
+            w_enc = torch.randn(self.d_sae, self.d_in, generator=gen)
+            w_enc /= w_enc.norm(dim=1, keepdim=True)
+        self.enc_weight = nn.Parameter(w_enc)
         self.b_enc = nn.Parameter(torch.zeros(self.d_sae))
-        self.b_dec = nn.Parameter(torch.zeros(self.d_in))
+        self.b_dec = nn.Parameter(torch.zeros(self.d_out))
+        if config.architecture == "skip_transcoder":
+            # [d_out, d_in] as SAELens stores it; zero, so training starts from the plain transcoder.
+            self.W_skip = nn.Parameter(torch.zeros(self.d_out, self.d_in))
 
     # ---- seed-compatible names
     @property
@@ -87,11 +95,53 @@ class BaseSAE(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.W_dec.dtype
 
+    @property
+    def input_bias(self) -> torch.Tensor | None:
+        """What the encoder subtracts from its input: an SAE's b_dec (it lives in the input
+        space); None for a transcoder, whose b_dec lives in the output space (b_enc absorbs it)."""
+        return None if self.config.is_transcoder else self.b_dec
+
     def _prepare_input(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
         if x.shape[-1] != self.d_in:
             raise ValueError(f"x must have last dimension d_in={self.d_in}, got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         return x.reshape(-1, self.d_in).to(self.dtype), lead
+
+    def split_rows(self, rows: torch.Tensor, target: torch.Tensor | None = None):
+        """(input [N, d_in], target [N, d_out]) of training rows. An SAE's target is its input. A
+        transcoder's target is ``target`` or, when that is None, the rows' last d_out columns:
+        paired sources serve [input | target] rows of width d_in + d_out."""
+        if not self.config.is_transcoder:
+            x, _ = self._prepare_input(rows)
+            return x, x
+        if target is None:
+            width = self.d_in + self.d_out
+            if rows.shape[-1] != width:
+                raise ValueError(f"a transcoder's training rows are [input | target] of width d_in + d_out = {width}"
+                                 f" (or pass target=), got shape {tuple(rows.shape)}")
+            rows = rows.reshape(-1, width).to(self.dtype)
+            return rows[:, :self.d_in], rows[:, self.d_in:]
+        x, _ = self._prepare_input(rows)
+        if target.shape[-1] != self.d_out or target.numel() // self.d_out != x.shape[0]:
+            raise ValueError(f"target must have {x.shape[0]} rows of d_out={self.d_out}, got shape "
+                             f"{tuple(target.shape)}")
+        return x, target.reshape(-1, self.d_out).to(self.dtype)
+
+    def input_part(self, rows: torch.Tensor) -> torch.Tensor:
+        """The encoder's input of rows that may be a transcoder's paired [input | target] rows."""
+        if self.config.is_transcoder and rows.shape[-1] == self.d_in + self.d_out:
+            return rows[..., :self.d_in]
+        return rows
+
+    def skip(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A skip transcoder's linear term x W_skip^T; None for the other architectures."""
+        return x @ self.W_skip.t() if self.config.architecture == "skip_transcoder" else None
+
+    def output(self, x: torch.Tensor, code: "SparseCode") -> torch.Tensor:
+        """The prediction from input rows x and their code: the decode, plus the skip term."""
+        out = self.decode_sparse(code)
+        skip = self.skip(x)
+        return out if skip is None else out + skip
 
     # ---- the sparse path
     def encode_sparse(self, x: torch.Tensor) -> SparseCode:
@@ -102,16 +152,17 @@ class BaseSAE(nn.Module):
             return ops.sparse_decode(code.values, code.indices, self.W_dec, self.b_dec)
         return ops.csr_decode(code.values, code.indices, code.row_offsets, self.W_dec, self.b_dec)
 
-    def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparsity_scale: float = 1.0) -> dict:
-        """Training losses on a batch [N, d_in]; ``total_loss`` is what to minimise."""
-        x, _ = self._prepare_input(x)
+    def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None, sparsity_scale: float = 1.0,
+             target: torch.Tensor | None = None) -> dict:
+        """Training losses on a batch (rows as ``split_rows`` reads them); ``total_loss`` is what
+        to minimise, ``reconstruction`` the prediction of the target."""
+        x, target = self.split_rows(x, target)
         code = self.encode_sparse(x)
-        recon = self.decode_sparse(code)
-        return self._metrics(x, recon, code, {})
+        return self._metrics(target, self.output(x, code), code, {})
 
-    def _metrics(self, x, recon, code, extra) -> dict:
-        mse = reference.mse(recon, x)
-        out = {"mse_loss": mse, "fvu": reference.fvu(recon.detach(), x), "l0": code.l0().mean(),
+    def _metrics(self, target, recon, code, extra) -> dict:
+        mse = reference.mse(recon, target)
+        out = {"mse_loss": mse, "fvu": reference.fvu(recon.detach(), target), "l0": code.l0().mean(),
                "reconstruction": recon, "code": code}
         out.update(extra)
         out["total_loss"] = mse + sum(v for k, v in extra.items() if k.endswith("_term"))
@@ -124,16 +175,24 @@ class BaseSAE(nn.Module):
         return self.encode_sparse(x2).to_dense().reshape(*lead, self.d_sae)
 
     def decode(self, features: torch.Tensor) -> torch.Tensor:
-        """Decode dense features [..., d_sae]."""
+        """Decode dense features [..., d_sae] (a skip transcoder's skip term needs the input:
+        see ``output``)."""
         return features.to(self.dtype) @ self.W_dec + self.b_dec
 
-    def forward(self, x: torch.Tensor):
-        """(reconstruction, dense features, metrics) with mse_loss, l0, total_loss (+ l1_loss)."""
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None):
+        """(reconstruction, dense features, metrics) with mse_loss, l0, total_loss (+ l1_loss).
+        A transcoder predicts its target from x [..., d_in]; the metrics compare the prediction
+        with ``target`` when given (with itself otherwise: zero error)."""
         x2, lead = self._prepare_input(x)
-        out = self.loss(x2)
+        if self.config.is_transcoder and target is None:
+            code = self.encode_sparse(x2)
+            recon = self.output(x2, code)
+            out = self._metrics(recon.detach(), recon, code, {})
+        else:
+            out = self.loss(x2, target=None if target is None else target.reshape(-1, self.d_out))
         metrics = {k: v for k, v in out.items() if k not in ("reconstruction", "code")}
         features = out["code"].to_dense().reshape(*lead, self.d_sae)
-        return out["reconstruction"].reshape(*lead, self.d_in), features, metrics
+        return out["reconstruction"].reshape(*lead, self.d_out), features, metrics
 
     @torch.no_grad()
     def get_feature_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -162,7 +221,7 @@ class TopKSAE(BaseSAE):
     """TopK SAE: keep the k largest ReLU pre-activations per token; AuxK revives dead latents."""
 
     def encode_sparse(self, x):
-        values, indices, _, _ = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, self.config.k, self.b_dec)
+        values, indices, _, _ = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, self.config.k, self.input_bias)
         return SparseCode(values, indices, self.d_sae)
 
     def _aux_k(self, dead_mask, max_aux_k):
@@ -172,21 +231,21 @@ class TopKSAE(BaseSAE):
             return 0
         return min(self.config.aux_k, self.d_sae, self.d_sae if max_aux_k is None else max_aux_k)
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None):
-        x, _ = self._prepare_input(x)
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None, target=None):
+        x, target = self.split_rows(x, target)
         k_aux = self._aux_k(dead_mask, max_aux_k)
         use_aux = k_aux > 0
         values, indices, aux_values, aux_indices = ops.topk_encode_aux(
-            x, self.enc_weight, self.b_enc, self.config.k, self.b_dec, dead_mask if use_aux else None, k_aux)
+            x, self.enc_weight, self.b_enc, self.config.k, self.input_bias, dead_mask if use_aux else None, k_aux)
         code = SparseCode(values, indices, self.d_sae)
-        recon = self.decode_sparse(code)
+        recon = self.output(x, code)
         extra = {}
         if k_aux:
-            extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask)
-        return self._metrics(x, recon, code, extra)
+            extra = self._auxk_terms(target, recon, aux_values, aux_indices, dead_mask)
+        return self._metrics(target, recon, code, extra)
 
-    def _auxk_terms(self, x, recon, aux_values, aux_indices, dead_mask):
-        residual = (x - recon).detach()
+    def _auxk_terms(self, target, recon, aux_values, aux_indices, dead_mask):
+        residual = (target - recon).detach()
         aux_recon = ops.sparse_decode(aux_values, aux_indices, self.W_dec)
         aux = reference.auxk_loss(aux_recon, residual)
         # No dead latents means nothing to revive: the term vanishes instead of adding noise.
@@ -210,14 +269,14 @@ class BatchTopKSAE(TopKSAE):
         """The code and, while training with a dead mask, the AuxK selection from the same pass."""
         if self.training:
             values, indices, row_offsets, aux_values, aux_indices = ops.batch_topk_encode_aux(
-                x, self.enc_weight, self.b_enc, self.config.k, self.b_dec, dead_mask, k_aux)
+                x, self.enc_weight, self.b_enc, self.config.k, self.input_bias, dead_mask, k_aux)
             self._update_threshold(values)
         else:
             values, indices, row_offsets = ops.threshold_encode(x, self.enc_weight, self.b_enc,
-                                                                self.threshold.to(x.dtype), self.b_dec)
+                                                                self.threshold.to(x.dtype), self.input_bias)
             aux_values = aux_indices = None
             if k_aux:
-                _, _, aux_values, aux_indices = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, 1, self.b_dec,
+                _, _, aux_values, aux_indices = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, 1, self.input_bias,
                                                                     dead_mask, k_aux)
         return SparseCode(values, indices, self.d_sae, row_offsets), aux_values, aux_indices
 
@@ -235,21 +294,22 @@ class BatchTopKSAE(TopKSAE):
     def calibrate_threshold(self, x: torch.Tensor) -> None:
         """Set the inference threshold to the smallest activation a batch top-k over ``x``
         selects, so that inference keeps k latents per token on average over x. (The EMA of
-        the training batches' minima lags on short runs: a 178-step run kept L0 19.7 at k 32.)"""
-        x, _ = self._prepare_input(x)
-        values = ops.batch_topk_encode(x, self.enc_weight, self.b_enc, self.config.k, self.b_dec)[0]
+        the training batches' minima lags on short runs: a 178-step run kept L0 19.7 at k 32.)
+        ``x`` is input rows or training rows (``split_rows``)."""
+        x, _ = self._prepare_input(self.input_part(x))
+        values = ops.batch_topk_encode(x, self.enc_weight, self.b_enc, self.config.k, self.input_bias)[0]
         positive = values[values > 0]
         if positive.numel():
             self.threshold.copy_(positive.min().to(self.threshold.dtype))
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None):
-        x, _ = self._prepare_input(x)
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None, target=None):
+        x, target = self.split_rows(x, target)
         k_aux = self._aux_k(dead_mask, max_aux_k)
         use_aux = k_aux > 0
         code, aux_values, aux_indices = self._encode(x, dead_mask if use_aux else None, k_aux)
-        recon = self.decode_sparse(code)
-        extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask) if k_aux else {}
-        return self._metrics(x, recon, code, extra)
+        recon = self.output(x, code)
+        extra = self._auxk_terms(target, recon, aux_values, aux_indices, dead_mask) if k_aux else {}
+        return self._metrics(target, recon, code, extra)
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
@@ -257,20 +317,24 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
     (``config.matryoshka_sizes``) must each reconstruct the input on their own; the loss adds
     every inner prefix's MSE to the full one. Encoding and inference are BatchTopK's."""
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None):
-        x, _ = self._prepare_input(x)
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None, target=None):
+        x, target = self.split_rows(x, target)
         k_aux = self._aux_k(dead_mask, max_aux_k)
         code, aux_values, aux_indices = self._encode(x, dead_mask if k_aux else None, k_aux)
         prefixes = self.prefix_reconstructions(code)
+        skip = self.skip(x)
+        if skip is not None:
+            prefixes = prefixes + skip[:, None]
         recon = prefixes[:, -1]
-        extra = self._auxk_terms(x, recon, aux_values, aux_indices, dead_mask) if k_aux else {}
+        extra = self._auxk_terms(target, recon, aux_values, aux_indices, dead_mask) if k_aux else {}
         for size, inner in zip(self.config.matryoshka_sizes[:-1], prefixes.unbind(1)):
-            extra[f"prefix_{size}_term"] = reference.mse(inner, x)
-            extra[f"prefix_{size}_fvu"] = reference.fvu(inner.detach(), x)
-        return self._metrics(x, recon, code, extra)
+            extra[f"prefix_{size}_term"] = reference.mse(inner, target)
+            extra[f"prefix_{size}_fvu"] = reference.fvu(inner.detach(), target)
+        return self._metrics(target, recon, code, extra)
 
     def prefix_reconstructions(self, code: SparseCode) -> torch.Tensor:
-        """[N, len(matryoshka_sizes), d_in]: the reconstruction by each prefix of the dictionary."""
+        """[N, len(matryoshka_sizes), d_out]: the decode by each prefix of the dictionary (a skip
+        transcoder's skip term not included)."""
         if code.row_offsets is None:  # fixed-k pairs as CSR
             n, k = code.values.shape
             code = SparseCode(code.values.reshape(-1), code.indices.reshape(-1), code.d_sae,
@@ -283,16 +347,16 @@ class ReLUSAE(BaseSAE):
     """ReLU SAE with an L1 penalty weighted by decoder row norms."""
 
     def encode_sparse(self, x):
-        values, indices, row_offsets = ops.relu_encode(x, self.enc_weight, self.b_enc, self.b_dec)
+        values, indices, row_offsets = ops.relu_encode(x, self.enc_weight, self.b_enc, self.input_bias)
         return SparseCode(values, indices, self.d_sae, row_offsets)
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
-        x, _ = self._prepare_input(x)
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, target=None):
+        x, target = self.split_rows(x, target)
         code = self.encode_sparse(x)
-        recon = self.decode_sparse(code)
+        recon = self.output(x, code)
         l1 = (code.values * self.decoder_norms()[code.indices]).sum() / x.shape[0]
         coef = self.config.l1_coefficient * sparsity_scale
-        return self._metrics(x, recon, code, {"l1_loss": l1.detach(), "l1_term": coef * l1})
+        return self._metrics(target, recon, code, {"l1_loss": l1.detach(), "l1_term": coef * l1})
 
 
 class JumpReLUSAE(BaseSAE):
@@ -304,20 +368,20 @@ class JumpReLUSAE(BaseSAE):
         self.log_threshold = nn.Parameter(init.log())
 
     def _encode(self, x):
-        return ops.jumprelu_encode(x, self.enc_weight, self.b_enc, self.log_threshold.to(x.dtype), self.b_dec,
+        return ops.jumprelu_encode(x, self.enc_weight, self.b_enc, self.log_threshold.to(x.dtype), self.input_bias,
                                    bandwidth=self.config.jumprelu_bandwidth)
 
     def encode_sparse(self, x):
         values, indices, row_offsets, _ = self._encode(x)
         return SparseCode(values, indices, self.d_sae, row_offsets)
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
-        x, _ = self._prepare_input(x)
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, target=None):
+        x, target = self.split_rows(x, target)
         values, indices, row_offsets, l0 = self._encode(x)
         code = SparseCode(values, indices, self.d_sae, row_offsets)
-        recon = self.decode_sparse(code)
+        recon = self.output(x, code)
         coef = self.config.l0_coefficient * sparsity_scale
-        return self._metrics(x, recon, code, {"l0_loss": l0.mean().detach(), "l0_term": coef * l0.mean()})
+        return self._metrics(target, recon, code, {"l0_loss": l0.mean().detach(), "l0_term": coef * l0.mean()})
 
 
 class GatedSAE(BaseSAE):
@@ -342,23 +406,26 @@ class GatedSAE(BaseSAE):
         return self.b_enc
 
     def _encode(self, x):
-        return ops.gated_encode(x, self.enc_weight, self.b_enc, self.r_mag, self.b_mag, self.b_dec)
+        return ops.gated_encode(x, self.enc_weight, self.b_enc, self.r_mag, self.b_mag, self.input_bias)
 
     def encode_sparse(self, x):
         mag, _, indices, row_offsets = self._encode(x)
         return SparseCode(mag, indices, self.d_sae, row_offsets)
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0):
-        x, _ = self._prepare_input(x)
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, target=None):
+        x, target = self.split_rows(x, target)
         mag, pi, indices, row_offsets = self._encode(x)
         code = SparseCode(mag, indices, self.d_sae, row_offsets)
-        recon = self.decode_sparse(code)
+        recon = self.output(x, code)
         l1 = (pi * self.decoder_norms()[indices]).sum() / x.shape[0]
         aux_recon = ops.csr_decode(pi, indices, row_offsets, self.W_dec.detach(), self.b_dec.detach())
-        aux = reference.mse(aux_recon, x)
+        skip = self.skip(x)
+        if skip is not None:
+            aux_recon = aux_recon + skip.detach()
+        aux = reference.mse(aux_recon, target)
         coef = self.config.l1_coefficient * sparsity_scale
-        return self._metrics(x, recon, code, {"l1_loss": l1.detach(), "l1_term": coef * l1,
-                                              "aux_loss": aux.detach(), "aux_term": aux})
+        return self._metrics(target, recon, code, {"l1_loss": l1.detach(), "l1_term": coef * l1,
+                                                   "aux_loss": aux.detach(), "aux_term": aux})
 
 
 SAE_CLASSES = {"topk": TopKSAE, "batchtopk": BatchTopKSAE, "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,

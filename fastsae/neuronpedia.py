@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from fastsae.config import K_ACTIVATIONS, SAEConfig
-from fastsae.feature_viz import TokenText, feature_data, logit_effects
+from fastsae.feature_viz import TokenText, feature_data, logit_effects, writes_to_residual
 from fastsae.files import atomic_save_tensors, atomic_write_json, atomic_write_text
 from fastsae.io import save_sae
 from fastsae.latent_cache import LatentCache
@@ -44,6 +44,9 @@ def create_neuronpedia_metadata(sae: BaseSAE, config: SAEConfig | None = None, t
                             "l0_coefficient": config.l0_coefficient if config.activation == "jumprelu" else None},
         "hook_point": config.hook_point,
     }
+    if config.is_transcoder:
+        metadata["architecture"].update(transcoder=config.architecture, d_out=config.d_out)
+        metadata["hook_point_out"] = config.output_hook_point
     if training_info:
         metadata["training"] = training_info
     if eval_metrics:
@@ -83,7 +86,7 @@ def neuronpedia_feature(cache: LatentCache, feature: int, text: TokenText, sae: 
                         for e in band["examples"]]
     freq_heights, freq_values = _histogram(cache.feature(feature)[1])
     logit_heights, logit_values = [], []
-    if W_U is not None:
+    if writes_to_residual(sae, W_U):
         with torch.no_grad():
             logit_heights, logit_values = _histogram(W_U.float() @ sae.W_dec[feature].detach().float())
     return {
@@ -151,13 +154,17 @@ class NeuronpediaUploader:
             batch = {"model_id": self.model_id, "layer": int(layer.group(1)) if layer else 0,
                      "sae_set": sae_set or f"fastsae-{config.activation}-{config.d_sae}",
                      "sae_id_suffix": None, "hook_point": config.hook_point,
+                     **({"hook_point_out": config.output_hook_point} if config.is_transcoder else {}),
                      "features": [neuronpedia_feature(cache, f, text, sae, W_U)
                                   for f in features[start:start + per_batch]]}
             written.append(atomic_write_json(output_dir / f"batch-{b}.json", batch).name)
         return written
 
     def _readme(self, config: SAEConfig, batches: list[str]) -> str:
-        return (f"# SAE export for Neuronpedia\n\nModel: {self.model_id}; hook point: {config.hook_point}; "
+        where = f"hook point: {config.hook_point}"
+        if config.is_transcoder:
+            where += f" -> {config.output_hook_point} ({config.architecture.replace('_', ' ')}, d_out {config.d_out})"
+        return (f"# SAE export for Neuronpedia\n\nModel: {self.model_id}; {where}; "
                 f"architecture: {config.activation}; d_in {config.d_in}, d_sae {config.d_sae}.\n\n"
                 "- `cfg.json`, `sae_weights.safetensors`: the SAE in the SAELens layout "
                 "(host these, e.g. in a Hugging Face repository, for Neuronpedia to load).\n"

@@ -56,7 +56,7 @@ def geometric_median(points: torch.Tensor, iters: int = 50, eps: float = 1e-6) -
 
 
 @torch.no_grad()
-def fold_normalization(sae, scale: float) -> None:
+def fold_normalization(sae, scale: float, output_scale: float | None = None) -> None:
     """Make an SAE trained on ``scale * x`` work on raw ``x``, in place.
 
     Trained: f = act(W_enc (s x - b_dec) + b_enc), recon' = f W_dec + b_dec, on x' = s x.
@@ -64,13 +64,20 @@ def fold_normalization(sae, scale: float) -> None:
     W_enc (s x - b_dec) = (s W_enc)(x - b_dec / s), set W_enc <- s W_enc, b_dec <- b_dec / s,
     W_dec <- W_dec / s. Codes (and so L0, thresholds, gates) are unchanged; decoder rows get
     norm 1/s.
+
+    A transcoder trained on (s x, t y) (t = ``output_scale``) has no b_dec in its encoder and
+    predicts t y: W_enc <- s W_enc, W_dec <- W_dec / t, b_dec <- b_dec / t, and a skip
+    transcoder's W_skip <- W_skip s / t.
     """
+    output_scale = scale if output_scale is None else output_scale
     sae.enc_weight.mul_(scale)
-    sae.W_dec.div_(scale)
-    sae.b_dec.div_(scale)
+    sae.W_dec.div_(output_scale)
+    sae.b_dec.div_(output_scale)
+    if hasattr(sae, "W_skip"):
+        sae.W_skip.mul_(scale / output_scale)
 
 
 @torch.no_grad()
-def unfold_normalization(sae, scale: float) -> None:
+def unfold_normalization(sae, scale: float, output_scale: float | None = None) -> None:
     """Undo ``fold_normalization`` (back to the training parametrisation)."""
-    fold_normalization(sae, 1.0 / scale)
+    fold_normalization(sae, 1.0 / scale, None if output_scale is None else 1.0 / output_scale)

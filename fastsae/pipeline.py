@@ -2,7 +2,8 @@
 passes into its own store, then one SAE trained on each (what ``fastsae train --layers`` runs).
 
 Layout of ``output_dir``: one folder per hook point, named after it, holding ``activations/``
-(the store) and the trainer's outputs (``best_model/``, ``checkpoints/``, ``metrics.jsonl``, ...).
+(the store; a transcoder's target in ``target_activations/``, collected in the same passes) and
+the trainer's outputs (``best_model/``, ``checkpoints/``, ``metrics.jsonl``, ...).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from torch import nn
 from fastsae.config import SAEConfig
 from fastsae.hooks import hook_width
 from fastsae.models import create_sae
-from fastsae.store import collect_to_stores, split_store
+from fastsae.store import PairedStore, collect_to_stores, split_store
 from fastsae.trainer import SAETrainer
 
 __all__ = ["shard_tokens", "train_saes"]
@@ -37,6 +38,9 @@ def _checked_configs(model: nn.Module, configs: dict[str, SAEConfig]) -> dict[st
         if config.d_in != width:
             raise ValueError(f"configs[{hook_point!r}].d_in is {config.d_in}, but the model's activation there has "
                              f"width {width}")
+        if config.is_transcoder and config.d_out != hook_width(model, config.output_hook_point):
+            raise ValueError(f"configs[{hook_point!r}].d_out is {config.d_out}, but the model's activation at "
+                             f"{config.output_hook_point!r} has width {hook_width(model, config.output_hook_point)}")
         checked[hook_point] = dataclasses.replace(config, hook_point=hook_point)
     return checked
 
@@ -53,12 +57,17 @@ def train_saes(model: nn.Module, tokenizer, corpus: Iterable[str], configs: dict
     configs = _checked_configs(model, configs)
     num_tokens = num_tokens or max(c.num_activations for c in configs.values())
     root = Path(output_dir)
-    stores = collect_to_stores(model, tokenizer, corpus, {hp: root / hp / "activations" for hp in configs},
-                               num_tokens, batch_size, context_length, shard_tokens=shard_tokens(num_tokens),
-                               progress=verbose)
+    store_dirs = {hp: root / hp / "activations" for hp in configs}
+    store_dirs.update({c.output_hook_point: root / hp / "target_activations" for hp, c in configs.items()
+                       if c.is_transcoder})
+    stores = collect_to_stores(model, tokenizer, corpus, store_dirs, num_tokens, batch_size, context_length,
+                               shard_tokens=shard_tokens(num_tokens), progress=verbose)
     trained = {}
     for hook_point, config in configs.items():
-        train, val = split_store(stores[hook_point], val_split)
+        data = stores[hook_point]
+        if config.is_transcoder:
+            data = PairedStore(data, stores[config.output_hook_point])
+        train, val = split_store(data, val_split)
         trainer = SAETrainer(create_sae(config), config, train, val, device=device, save_dir=root / hook_point,
                              **trainer_kwargs)
         trainer.train(verbose=verbose, resume=resume)

@@ -109,6 +109,14 @@ def csr_decode(values, indices, row_offsets, W_dec, b_dec=None):
     return decode(csr_to_dense(values, indices, row_offsets, W_dec.shape[0]), W_dec, b_dec)
 
 
+def transcode(codes, W_dec, b_dec=None, x=None, W_skip=None):
+    """A transcoder's prediction of its target: codes @ W_dec + b_dec, plus x @ W_skip^T for a
+    skip transcoder (W_skip [d_out, d_in]). Its codes come from its input with no b_dec
+    subtracted (b_dec lives in the output space): e.g. topk_encode(x, W_enc, b_enc, k)."""
+    out = decode(codes, W_dec, b_dec)
+    return out if W_skip is None else out + x @ W_skip.t()
+
+
 def matryoshka_decode(codes, W_dec, b_dec, sizes):
     """[N, len(sizes), d_in]: each prefix's reconstruction, codes[:, :s] @ W_dec[:s] + b_dec."""
     return torch.stack([decode(codes[:, :s], W_dec[:s], b_dec) for s in sizes], 1)

@@ -6,7 +6,9 @@ first and tracking records the features of the activation the rest of the model 
 
 Steering edits features without dropping the SAE's error: the activation becomes
 ``x + decode(f') - decode(f) = x + (f' - f) @ W_dec``, computed only over the edited latents'
-decoder rows. A feature's edit is ``f' = a * f + b``: add (a=1, b=s), clamp (a=0, b=v),
+decoder rows. A transcoder (keyed by its input hook point) is tracked at its input and
+steered at its output hook point: the features come from the input as it passes, and
+``(f' - f) @ W_dec`` is added to the output activation (e.g. the MLP's). A feature's edit is ``f' = a * f + b``: add (a=1, b=s), clamp (a=0, b=v),
 scale (a=s, b=0), ablate (a=0, b=0). Edits that cannot change anything (scale 1, add 0) are
 dropped, so they leave the model's output bit-identical.
 
@@ -134,10 +136,11 @@ class _TrackingEncoder:
 
     def __call__(self, x: torch.Tensor) -> SparseCode:
         sae = self.sae
+        bias = sae.input_bias
         if x.shape[0] <= GEMV_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
-            pre = torch.addmm(sae.b_enc, x - sae.b_dec, self._encoder_transposed()).relu_()
+            pre = torch.addmm(sae.b_enc, x if bias is None else x - bias, self._encoder_transposed()).relu_()
         else:
-            pre = torch_backend.encoder_preactivations(x, sae.enc_weight, sae.b_enc, sae.b_dec, relu=True)
+            pre = torch_backend.encoder_preactivations(x, sae.enc_weight, sae.b_enc, bias, relu=True)
         values, indices = pre.topk(sae.config.k, dim=1)
         return SparseCode(values, indices, sae.d_sae)
 
@@ -162,7 +165,7 @@ class _Plan:
         self.features = torch.tensor([e.feature for e in edits], dtype=torch.long, device=device)
         coef = torch.tensor([e.coefficients() for e in edits], dtype=sae.dtype, device=device)
         self.a, self.b = coef[:, 0], coef[:, 1]
-        self.rows = sae.W_dec.detach()[self.features]  # [E, d_in]
+        self.rows = sae.W_dec.detach()[self.features]  # [E, d_out]
         # Pure additions do not depend on the activation: one constant vector, no encode.
         self.constant = self.b @ self.rows if all(e.mode == "add" for e in edits) else None
 
@@ -193,6 +196,9 @@ class InterpretableModel(nn.Module):
         # registered under escaped keys so .to() and state_dict() reach them.
         self._sae_modules = nn.ModuleDict({hp.replace(".", "__"): sae for hp, sae in self.saes.items()})
         self._targets = {hp: resolve_hook_point(model, hp) for hp in self.saes}  # unknown names fail here
+        # A transcoder (keyed by its input hook point) is steered where it writes: its output hook point.
+        self._output_targets = {hp: resolve_hook_point(model, sae.config.output_hook_point)
+                                for hp, sae in self.saes.items() if sae.config.is_transcoder}
         # Decided once: a per-step backend lookup reads the environment on every call.
         self._topk_encoders = {hp: _TrackingEncoder(sae) for hp, sae in self.saes.items()
                                if type(sae) is TopKSAE and ops.resolve_backend(None, self.device) == "torch"}
@@ -336,20 +342,41 @@ class InterpretableModel(nn.Module):
             raise ValueError(f"steering spec for {hook_point!r} edits a feature twice: {features}")
         return [e for e in edits if not e.is_noop]
 
-    def _steer_activation(self, hook_point: str, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
-        """x + (f' - f) @ W_dec[edited], cast back to x's dtype."""
+    def _steering_delta(self, hook_point: str, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+        """(f' - f) @ W_dec[edited] for the activation x at the SAE's input: [N, d_out]."""
         flat = self._sae_input(hook_point, x)
         if plan.constant is not None:
-            delta = plan.constant.expand_as(flat)
+            return plan.constant.expand(flat.shape[0], -1)
+        code = self._encode(hook_point, flat)
+        if code.row_offsets is None:  # f of each edited latent: match it among the k stored ones
+            hit = code.indices.unsqueeze(2) == plan.features
+            f = (code.values.unsqueeze(2) * hit).sum(1)
         else:
-            code = self._encode(hook_point, flat)
-            if code.row_offsets is None:  # f of each edited latent: match it among the k stored ones
-                hit = code.indices.unsqueeze(2) == plan.features
-                f = (code.values.unsqueeze(2) * hit).sum(1)
-            else:
-                f = code.to_dense()[:, plan.features]
-            delta = (f * (plan.a - 1) + plan.b) @ plan.rows  # f' - f, exactly 0 where f' == f
-        return x + delta.reshape(x.shape).to(x.dtype)
+            f = code.to_dense()[:, plan.features]
+        return (f * (plan.a - 1) + plan.b) @ plan.rows  # f' - f, exactly 0 where f' == f
+
+    def _steer_activation(self, hook_point: str, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+        """x + (f' - f) @ W_dec[edited], cast back to x's dtype."""
+        return x + self._steering_delta(hook_point, plan, x).reshape(x.shape).to(x.dtype)
+
+    def _transcoder_steering(self, hook_point: str, plan: _Plan) -> list:
+        """Hooks that steer a transcoder: its features are read from the input hook point as it
+        passes, and the edit (f' - f) @ W_dec[edited] is added at its output hook point."""
+        pending = {}
+
+        def read(x):
+            pending["delta"] = self._steering_delta(hook_point, plan, x)
+
+        def write(y):
+            if plan.constant is not None:
+                return y + plan.constant.to(y.dtype)
+            if "delta" not in pending:
+                raise RuntimeError(f"the transcoder at {hook_point!r} wrote its output hook point before reading "
+                                   "its input: a transcoder predicts a later activation")
+            return y + pending.pop("delta").reshape(y.shape).to(y.dtype)
+
+        handles = [] if plan.constant is not None else [add_hook(*self._targets[hook_point], read)]
+        return handles + [add_hook(*self._output_targets[hook_point], write, prepend=True)]
 
     @contextlib.contextmanager
     def steering_enabled(self, steering_config: dict):
@@ -367,6 +394,9 @@ class InterpretableModel(nn.Module):
         handles = []
         try:
             for hp, plan in plans.items():
+                if hp in self._output_targets:
+                    handles += self._transcoder_steering(hp, plan)
+                    continue
                 module, kind = self._targets[hp]
                 # prepend: edits run before tracking hooks, which then see the edited activation
                 handles.append(add_hook(module, kind, lambda x, hp=hp, plan=plan: self._steer_activation(hp, plan, x),

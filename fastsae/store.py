@@ -42,7 +42,7 @@ from fastsae.hooks import (
 )
 from fastsae.progress import progress_bar
 
-__all__ = ["ActivationStore", "StoreMismatchError", "collect_to_store", "collect_to_stores", "model_fingerprint",
+__all__ = ["ActivationStore", "PairedStore", "StoreMismatchError", "collect_to_store", "collect_to_stores", "model_fingerprint",
            "split_store"]
 
 MANIFEST = "manifest.json"
@@ -245,6 +245,84 @@ class ActivationStore:
         if not with_metadata:
             return acts
         return acts, {k: data[k][start:end] for k in METADATA_FIELDS}
+
+    def __iter__(self):
+        return self.iter_batches(batch_size=4096)
+
+
+class PairedStore:
+    """Two stores of one collection (the same model, corpus, settings and shards: two hook
+    points collected together, e.g. by ``collect_to_stores``) read as one: every row is
+    [input row | output row] of the same token, the rows a transcoder trains on. The shuffled
+    order is the input store's (both stores shuffle alike: same blocks, same seed)."""
+
+    _SAME = ("model_fingerprint", "corpus", "context_length", "batch_size", "shard_tokens", "drop_bos")
+
+    def __init__(self, input_store: ActivationStore, output_store: ActivationStore):
+        self.input, self.output = input_store, output_store
+        a, b = input_store.manifest, output_store.manifest
+        differ = [k for k in self._SAME if a.get(k) != b.get(k)]
+        if differ:
+            raise StoreMismatchError(f"stores {input_store.store_dir} and {output_store.store_dir} come from "
+                                     f"different collections ({', '.join(differ)} differ); collect both hook "
+                                     "points together (collect_to_stores)")
+        if [s["num_tokens"] for s in a["shards"]] != [s["num_tokens"] for s in b["shards"]]:
+            raise StoreMismatchError(f"stores {input_store.store_dir} and {output_store.store_dir} hold different "
+                                     f"tokens ({a['token_count']} and {b['token_count']} in their shards); "
+                                     "collect both hook points together to the same max_tokens")
+
+    @property
+    def manifest(self) -> dict:
+        return self.input.manifest
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.input.shards
+
+    @property
+    def d_in(self) -> int:
+        """The width of a paired row: the input's plus the output's."""
+        return self.input.d_in + self.output.d_in
+
+    @property
+    def hook_point(self) -> str:
+        return self.input.hook_point
+
+    @property
+    def output_hook_point(self) -> str:
+        return self.output.hook_point
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input.num_tokens
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def select_shards(self, indices: Iterable[int]) -> "PairedStore":
+        indices = list(indices)
+        view = copy.copy(self)
+        view.input, view.output = self.input.select_shards(indices), self.output.select_shards(indices)
+        return view
+
+    def read_shard(self, index: int) -> dict[str, torch.Tensor]:
+        data = self.input.read_shard(index)
+        data["activations"] = torch.cat([data["activations"], self.output.read_shard(index)["activations"]], 1)
+        return data
+
+    def load_all(self) -> torch.Tensor:
+        return torch.cat([self.input.load_all(), self.output.load_all()], 1)
+
+    def iter_batches(self, batch_size: int, *args, with_metadata: bool = False, **kwargs) -> Iterator:
+        """ActivationStore.iter_batches of [input | output] rows."""
+        pairs = zip(self.input.iter_batches(batch_size, *args, with_metadata=with_metadata, **kwargs),
+                    self.output.iter_batches(batch_size, *args, **kwargs))
+        for x, y in pairs:
+            if with_metadata:
+                x, meta = x
+                yield torch.cat([x, y], 1), meta
+            else:
+                yield torch.cat([x, y], 1)
 
     def __iter__(self):
         return self.iter_batches(batch_size=4096)

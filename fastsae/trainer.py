@@ -148,15 +148,14 @@ class SAETrainer:
         if config.dtype == "float16":
             raise ValueError("config.dtype='float16' cannot train: float16 needs loss scaling, which the trainer "
                              "does not do; use 'bfloat16' (autocast on CUDA) or 'float32'")
-        if sae.d_in != config.d_in or sae.d_sae != config.d_sae:
-            raise ValueError(f"sae has d_in={sae.d_in}, d_sae={sae.d_sae} but config says "
-                             f"d_in={config.d_in}, d_sae={config.d_sae}")
+        if (sae.d_in, sae.d_sae, sae.d_out) != (config.d_in, config.d_sae, config.d_out):
+            raise ValueError(f"sae has d_in={sae.d_in}, d_sae={sae.d_sae}, d_out={sae.d_out} but config says "
+                             f"d_in={config.d_in}, d_sae={config.d_sae}, d_out={config.d_out}")
         self.config = config
         self.device = resolve_device(device)
         self.sae = sae.to(self.device).train()
-        self.data = data_source(activations, "activations", config.d_in)
-        self.val_data = None if val_activations is None else data_source(val_activations, "val_activations",
-                                                                         config.d_in)
+        self.data = data_source(activations, "activations", config)
+        self.val_data = None if val_activations is None else data_source(val_activations, "val_activations", config)
         self.save_dir = None if save_dir is None else _writable_dir(save_dir)
         self.log_every, self.keep_checkpoints = int(log_every), int(keep_checkpoints)
         if self.log_every < 1 or self.keep_checkpoints < 1:
@@ -187,6 +186,7 @@ class SAETrainer:
         self.optimizer = _make_optimizer(config.optimizer, self.sae.parameters(), self.learning_rate, self.device)
         self.step = 0
         self.scale: float | None = None  # input normalisation, set on the first train()
+        self.output_scale: float | None = None  # a transcoder target's (an SAE's: self.scale)
         self.best_val_fvu = math.inf
         self.history: list[dict] = []
         self.last_checkpoint: Path | None = None
@@ -231,7 +231,12 @@ class SAETrainer:
 
     # ---- data
     def _normalized(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, torch.float32, non_blocking=True) * self.scale
+        """Training rows as the SAE trains on them: the input (and a transcoder's target) scaled."""
+        x = x.to(self.device, torch.float32, non_blocking=True)
+        if not self.config.is_transcoder:
+            return x * self.scale
+        d_in = self.config.d_in
+        return torch.cat([x[:, :d_in] * self.scale, x[:, d_in:] * self.output_scale], 1)
 
     def _batches(self, step: int):
         """This rank's raw batches from ``step`` to the end of that step's epoch."""
@@ -249,10 +254,13 @@ class SAETrainer:
 
     @torch.no_grad()
     def _initialise(self) -> None:
-        """Input scale and b_dec (geometric median of the scaled sample) for a fresh run."""
-        sample = self._sample_rows(INIT_SAMPLE_ROWS, seed_offset=2)
-        self.scale = estimate_norm_scale(sample) if self.config.normalize_activations else 1.0
-        self.sae.b_dec.copy_(geometric_median(sample * self.scale).to(self.device))
+        """Input scale and b_dec (geometric median of the scaled sample's targets) for a fresh run."""
+        inputs, targets = self.sae.split_rows(self._sample_rows(INIT_SAMPLE_ROWS, seed_offset=2))
+        normalize = self.config.normalize_activations
+        self.scale = estimate_norm_scale(inputs) if normalize else 1.0
+        self.output_scale = self.scale if not self.config.is_transcoder else (
+            estimate_norm_scale(targets) if normalize else 1.0)
+        self.sae.b_dec.copy_(geometric_median(targets * self.output_scale).to(self.device))
 
     # ---- one step
     def _autocast(self):
@@ -334,7 +342,7 @@ class SAETrainer:
                         p.copy_(y)
                 self._iterate = None
             else:
-                unfold_normalization(self.sae, self.scale)
+                unfold_normalization(self.sae, self.scale, self.output_scale)
             self._folded = False
         if self.scale is None:
             self._initialise()
@@ -368,7 +376,7 @@ class SAETrainer:
         if self.schedule_free:  # the trained SAE is the average of the iterates
             self._iterate = [p.detach().clone() for p in self.sae.parameters()]
             self._load_average_into(self.sae)
-        fold_normalization(self.sae, self.scale)
+        fold_normalization(self.sae, self.scale, self.output_scale)
         if hasattr(self.sae, "calibrate_threshold"):
             self.sae.calibrate_threshold(self._calibration_rows())  # raw rows: the scale is folded in
         self._folded = True
@@ -457,18 +465,18 @@ class SAETrainer:
         sae.eval()
         err = sum_x = sum_sq = 0.0
         n = self.val_data.num_rows
-        # After train() returns, the SAE has the scale folded in and takes raw rows.
-        scale = 1.0 if self._folded else self.scale
         with ops.input_checks(False), self._autocast():
             for raw in self.val_data.sequential(batch_size):
-                x = raw.to(self.device, torch.float32) * scale
+                # After train() returns, the SAE has the scale folded in and takes raw rows.
+                x = raw.to(self.device, torch.float32) if self._folded else self._normalized(raw)
                 if not bool(torch.isfinite(x).all()):
                     raise FloatingPointError("the validation activations contain NaN or Inf; "
                                              "the validation FVU would be meaningless")
+                target = sae.split_rows(x)[1].float()
                 recon = sae.loss(x)["reconstruction"].float()
-                err = err + (recon - x).pow(2).sum().double()
-                sum_x = sum_x + x.double().sum(0)
-                sum_sq = sum_sq + x.double().pow(2).sum()
+                err = err + (recon - target).pow(2).sum().double()
+                sum_x = sum_x + target.double().sum(0)
+                sum_sq = sum_sq + target.double().pow(2).sum()
         sae.train(was_training)
         total_var = sum_sq - sum_x.pow(2).sum() / n
         fvu = float(err / total_var)
@@ -508,7 +516,7 @@ class SAETrainer:
         if self.schedule_free:
             self._load_average_into(sae)
         if calibrate:
-            sae.calibrate_threshold(self._calibration_rows() * self.scale)
+            sae.calibrate_threshold(self._normalized(self._calibration_rows()))
         return sae
 
     def _calibration_rows(self) -> torch.Tensor:
@@ -519,12 +527,14 @@ class SAETrainer:
         sae = self._model_for_eval()
         sae = copy.deepcopy(sae) if sae is self.sae else sae
         if not self._folded:
-            fold_normalization(sae, self.scale)
+            fold_normalization(sae, self.scale, self.output_scale)
         return sae.eval()
 
     def save_raw_sae(self, path, **metadata) -> Path:
-        return save_sae(self.raw_sae(), self.config, path, step=self.step, normalization_scale=self.scale,
-                        **{**self.metadata, **metadata})
+        scales = {"normalization_scale": self.scale}
+        if self.config.is_transcoder:
+            scales["output_normalization_scale"] = self.output_scale
+        return save_sae(self.raw_sae(), self.config, path, step=self.step, **scales, **{**self.metadata, **metadata})
 
     def _finish(self) -> None:
         if self.save_dir is None or self.rank != 0:
@@ -550,8 +560,9 @@ class SAETrainer:
         """Re-initialise dead latents towards inputs the SAE reconstructs badly; returns how many.
 
         Inputs are drawn with probability proportional to their squared reconstruction error;
-        a dead latent's decoder row becomes the unit direction of its input (minus b_dec), its
-        encoder row the same direction at 0.2x the mean alive encoder norm, its biases zero, and
+        a dead latent's decoder row becomes the unit direction of its target (minus b_dec), its
+        encoder row the same direction (a transcoder's: its input's) at 0.2x the mean alive
+        encoder norm, its biases zero, and
         its Adam moments are cleared so stale statistics do not fling it straight away.
         """
         dead = self.dead_mask().nonzero().flatten()
@@ -563,13 +574,14 @@ class SAETrainer:
             weights = torch.ones_like(weights)
         replace = dead.numel() > int((weights > 0).sum())
         pick = torch.multinomial(weights, dead.numel(), replacement=replace, generator=self._resample_gen)
-        directions = x[pick.to(self.device)] - self.sae.b_dec
-        directions /= directions.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        inputs, targets = self.sae.split_rows(x[pick.to(self.device)])
+        directions = _unit_rows(targets - self.sae.b_dec)
+        enc_directions = _unit_rows(inputs) if self.config.is_transcoder else directions
         alive = ~self.dead_mask()
         enc_norm = self.sae.enc_weight[alive].norm(dim=1).mean() if bool(alive.any()) else torch.tensor(1.0)
         sae = self.sae
         sae.W_dec[dead] = directions
-        sae.enc_weight[dead] = directions * (RESAMPLE_ENCODER_SCALE * enc_norm)
+        sae.enc_weight[dead] = enc_directions * (RESAMPLE_ENCODER_SCALE * enc_norm)
         sae.b_enc[dead] = 0.0
         if hasattr(sae, "r_mag"):
             sae.r_mag[dead] = 0.0
@@ -583,7 +595,8 @@ class SAETrainer:
     def _squared_errors(self, x: torch.Tensor) -> torch.Tensor:
         errs = []
         for chunk in x.split(self.global_batch):
-            errs.append((self.sae.loss(chunk)["reconstruction"].float() - chunk).pow(2).sum(1))
+            target = self.sae.split_rows(chunk)[1].float()
+            errs.append((self.sae.loss(chunk)["reconstruction"].float() - target).pow(2).sum(1))
         return torch.nan_to_num(torch.cat(errs), nan=0.0, posinf=0.0)
 
     def _reset_adam_rows(self, rows: torch.Tensor) -> None:
@@ -634,7 +647,8 @@ class SAETrainer:
                 "position_in_epoch": self.step % self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "global_batch": self.global_batch, "total_steps": self.total_steps, "world_size": self.world_size,
                 "best_val_fvu": None if math.isinf(self.best_val_fvu) else self.best_val_fvu,
-                "normalization_scale": self.scale, "num_dead": self._num_dead, "rng": rng,
+                "normalization_scale": self.scale, "output_normalization_scale": self.output_scale,
+                "num_dead": self._num_dead, "rng": rng,
                 "config": self.config.to_dict()}
 
     def _prune_checkpoints(self, root: Path) -> None:
@@ -673,6 +687,7 @@ class SAETrainer:
         self.step, self.total_steps = int(state["step"]), int(state["total_steps"])
         self.learning_rate = self._resolved_learning_rate()
         self.scale = state["normalization_scale"]
+        self.output_scale = state.get("output_normalization_scale", self.scale)
         if "num_dead" in state:
             self._num_dead = int(state["num_dead"])
         else:  # a checkpoint from before the count was kept: it recorded only whether AuxK was on
@@ -721,6 +736,10 @@ def read_metrics(path) -> list[dict]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
 def _fire_counts(code, d_sae: int) -> torch.Tensor:

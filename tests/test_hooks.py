@@ -46,6 +46,7 @@ def reference(model, idx):
             attn = block.attn(norm(x))
             out[f"blocks.{i}.hook_attn_out"] = attn
             h = x + attn
+            out[f"blocks.{i}.hook_mlp_in"] = norm(h)
             out[f"blocks.{i}.hook_mlp_hidden"] = block.mlp.c_fc(norm(h))
             mlp = block.mlp(norm(h))
             out[f"blocks.{i}.hook_mlp_out"] = mlp
@@ -77,8 +78,9 @@ def test_resolve_kinds_and_modules(gpt):
     assert resolve_hook_point(gpt, "blocks.0.hook_mlp_hidden") == (h[0].mlp.c_fc, "output")
     assert resolve_hook_point(gpt, "transformer.h.2.mlp.c_proj") == (h[2].mlp.c_proj, "output")
     points = list_hook_points(gpt)
-    assert points[:5] == [f"blocks.0.hook_{k}" for k in sorted(HOOK_KINDS)]
-    assert "transformer.h.1.attn.c_q" in points and len([p for p in points if p.startswith("blocks.")]) == 15
+    assert resolve_hook_point(gpt, "blocks.0.hook_mlp_in") == (h[0].mlp, "pre")
+    assert points[:6] == [f"blocks.0.hook_{k}" for k in sorted(HOOK_KINDS)]
+    assert "transformer.h.1.attn.c_q" in points and len([p for p in points if p.startswith("blocks.")]) == 18
 
 
 def test_module_path_equals_canonical_name(gpt, idx):
@@ -254,18 +256,20 @@ def _tiny_hf(family):
 
 @pytest.mark.parametrize("family,paths", [
     ("gpt2", {"resid_post": "transformer.h.1", "attn_out": "transformer.h.1.attn", "mlp_out": "transformer.h.1.mlp",
-              "mlp_hidden": "transformer.h.1.mlp.c_fc"}),
+              "mlp_hidden": "transformer.h.1.mlp.c_fc", "mlp_in": "transformer.h.1.mlp"}),
     ("llama", {"resid_post": "model.layers.1", "attn_out": "model.layers.1.self_attn",
-               "mlp_out": "model.layers.1.mlp", "mlp_hidden": "model.layers.1.mlp.down_proj"}),
+               "mlp_out": "model.layers.1.mlp", "mlp_hidden": "model.layers.1.mlp.down_proj",
+               "mlp_in": "model.layers.1.mlp"}),
     ("bert", {"resid_post": "encoder.layer.1", "attn_out": "encoder.layer.1.attention.output.dense",
-              "mlp_out": "encoder.layer.1.output.dense", "mlp_hidden": "encoder.layer.1.intermediate"}),
+              "mlp_out": "encoder.layer.1.output.dense", "mlp_hidden": "encoder.layer.1.intermediate",
+              "mlp_in": "encoder.layer.1.intermediate"}),
 ])
 def test_hugging_face_families(family, paths):
     model = _tiny_hf(family)
     for kind, path in paths.items():
         module, hook_kind = resolve_hook_point(model, f"blocks.1.hook_{kind}")
         assert module is model.get_submodule(path)
-        assert hook_kind == ("pre" if (family, kind) == ("llama", "mlp_hidden") else "output")
+        assert hook_kind == ("pre" if (family, kind) == ("llama", "mlp_hidden") or kind == "mlp_in" else "output")
     ids = torch.randint(0, 100, (2, 5))
     names = [f"blocks.{i}.hook_{k}" for i in range(2) for k in HOOK_KINDS]
     with ActivationCollector(model, names) as c:
@@ -277,5 +281,8 @@ def test_hugging_face_families(family, paths):
     torch.testing.assert_close(acts["blocks.1.hook_resid_pre"], hidden[1])   # block 1 input
     torch.testing.assert_close(acts["blocks.0.hook_resid_pre"], hidden[0])
     assert acts["blocks.1.hook_mlp_hidden"].shape == (10, 128 if family == "gpt2" else 64)
+    # the MLP's input: the block's second norm of the residual (BERT: the attention sublayer's output)
+    assert acts["blocks.1.hook_mlp_in"].shape == (10, 32)
+    assert not torch.allclose(acts["blocks.1.hook_mlp_in"], acts["blocks.1.hook_resid_pre"])
     with pytest.raises(ValueError, match="layer 2 out of range, model has 2 blocks"):
         resolve_hook_point(model, "blocks.2.hook_resid_post")

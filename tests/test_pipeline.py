@@ -64,3 +64,22 @@ def test_train_saes_checks_configs_before_collecting(tiny, tmp_path):
     with pytest.raises(ValueError, match="configs is empty"):
         fastsae.train_saes(model, tok, docs(), {}, tmp_path, verbose=False)
     assert not any(tmp_path.iterdir())
+
+
+def test_train_saes_pairs_a_transcoder_with_its_target_from_the_same_passes(tiny, tmp_path):
+    model, tok = tiny
+    mlp_in, mlp_out = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"
+    config = SAEConfig(d_in=16, expansion_factor=2, architecture="transcoder", output_hook_point=mlp_out, **TRAINING)
+    trained = fastsae.train_saes(model, tok, docs(), {mlp_in: config}, tmp_path / "runs", verbose=False)
+    sae, trainer = trained[mlp_in]
+    folder = tmp_path / "runs" / mlp_in
+    assert (folder / "target_activations" / "manifest.json").is_file()
+    paired = fastsae.PairedStore(fastsae.ActivationStore(folder / "activations"),
+                                 fastsae.ActivationStore(folder / "target_activations"))
+    assert trainer.data.num_rows < len(paired) and trainer.data.width == 32  # the last shards held out
+    saved = load_sae(folder / "best_model")
+    assert saved.config.output_hook_point == mlp_out
+    with pytest.raises(ValueError, match=r"configs\['blocks.1.hook_mlp_in'\].d_out is 64, but the model's "
+                                         r"activation at 'blocks.1.hook_mlp_out' has width 16"):
+        fastsae.train_saes(model, tok, docs(), {mlp_in: dataclasses.replace(config, d_out=64)}, tmp_path / "x",
+                           verbose=False)

@@ -457,3 +457,72 @@ def test_wrapper_passes_model_attributes_through():
     assert im.config is gpt.config and im.get_device() == gpt.get_device()
     with pytest.raises(AttributeError, match="no_such_thing"):
         im.no_such_thing  # noqa: B018
+
+
+# ----------------------------------------------------------------------------- transcoders
+
+MLP_IN, MLP_OUT = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"
+
+
+def make_transcoder(architecture="skip_transcoder", seed=3):
+    sae = create_sae(SAEConfig(d_in=D, d_sae=96, k=6, seed=seed, architecture=architecture, hook_point=MLP_IN,
+                               output_hook_point=MLP_OUT))
+    with torch.no_grad():
+        sae.b_enc.add_(0.05)
+        if architecture == "skip_transcoder":
+            sae.W_skip.copy_(0.1 * torch.randn(D, D, generator=torch.Generator().manual_seed(seed)))
+    return sae
+
+
+def _with_mlp_output(model, change):
+    """Run model.transformer.h[1].mlp as f(h) = mlp(h) + change(h, mlp(h))."""
+    mlp = model.transformer.h[1].mlp
+    original = mlp.forward
+    mlp.forward = lambda h: original(h) + change(h, original(h))
+    return lambda: setattr(mlp, "forward", original)
+
+
+@pytest.mark.parametrize("edit", [ablate(0), clamp(0, 3.0), scale(0, -2.0), add(0, 1.5)], ids=lambda e: e.mode)
+def test_transcoder_steering_edits_the_mlp_output(model, ids, edit):
+    sae = make_transcoder()
+    im = InterpretableModel(model, {MLP_IN: sae})
+    with torch.no_grad():
+        seen = []
+        handle = model.transformer.h[1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+        model(ids)
+        handle.remove()
+        feature = int(sae.encode_sparse(seen[0].reshape(-1, D)).indices[0, 0])
+        edit = FeatureEdit(feature, edit.mode, edit.value)
+        with im.steering_enabled({MLP_IN: edit}):
+            steered = model(ids)
+
+        def change(h, _out):  # the edit computed by hand from the MLP's input: (f' - f) W_dec[feature]
+            f = sae.encode(h)[..., feature:feature + 1]
+            new = {"ablate": 0 * f, "clamp": torch.full_like(f, edit.value), "scale": edit.value * f,
+                   "add": f + edit.value}[edit.mode]
+            return (new - f) * sae.W_dec[feature]
+
+        restore = _with_mlp_output(model, change)
+        try:
+            expected = model(ids)
+        finally:
+            restore()
+    torch.testing.assert_close(steered, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(steered, model(ids))
+
+
+def test_transcoder_tracking_reads_the_mlp_input_and_generation_works(model, ids):
+    sae = make_transcoder("transcoder")
+    im = InterpretableModel(model, {MLP_IN: sae})
+    seen = []
+    handle = model.transformer.h[1].mlp.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    with im.interpretation_enabled(), torch.no_grad():
+        model(ids)
+    handle.remove()
+    with torch.no_grad():
+        expected = sae.encode(seen[0].reshape(-1, D))
+    torch.testing.assert_close(im.trace[MLP_IN].dense(), expected, rtol=1e-5, atol=1e-5)
+    plain = im.generate(ids, max_new_tokens=4, kv_cache=KVCache())
+    feature = int(sae.W_dec.norm(dim=1).argmax())
+    steered = im.steer(ids, (MLP_IN, feature), 60.0, mode="add", max_new_tokens=4, kv_cache=KVCache())
+    assert steered.shape == plain.shape and not torch.equal(steered, plain)
