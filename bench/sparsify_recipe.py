@@ -8,6 +8,11 @@ backward, the parallel decoder gradient removed, optimizer and LR-schedule step,
 each latent last fired updated. Optimizers as sparsify builds them: "signum" (its default:
 schedule-free SignSGD, momentum 0.95, lr 5e-3 / sqrt(d_sae / 2^14); evaluate after
 ``optimizer.eval()``) or "adam" (lr 2e-4 / sqrt(d_sae / 2^14), linear warmup then linear decay).
+
+A transcoder (``transcode=True``, its ``--transcode``; ``skip_connection`` its skip) is stepped
+as its Trainer does one: W_dec starts at zero, the first batch sets the encoder bias to
+-mean(x) W_enc^T and b_dec to mean(y), and decoder rows are neither renormalised nor have
+their parallel gradient removed.
 """
 import importlib.util
 import os
@@ -69,10 +74,13 @@ class SparsifyRun:
     """One sparsify SparseCoder with its optimizer, schedule and dead-latent counts."""
 
     def __init__(self, d_in, d_sae, k, device, total_steps, optimizer="signum", warmup_steps=1000,
-                 auxk_alpha=0.0, dead_after_tokens=10_000_000, seed=0):
+                 auxk_alpha=0.0, dead_after_tokens=10_000_000, seed=0, transcode=False, skip_connection=False):
         sparsify = import_sparsify()
         torch.manual_seed(seed)
-        self.coder = sparsify.SparseCoder(d_in, sparsify.SparseCoderConfig(num_latents=d_sae, k=k), device=device)
+        config = sparsify.SparseCoderConfig(num_latents=d_sae, k=k, transcode=transcode,
+                                            skip_connection=skip_connection)
+        self.coder = sparsify.SparseCoder(d_in, config, device=device)
+        self.transcode = transcode
         self.optimizer, self.schedule = self._optimizer(optimizer, total_steps, warmup_steps)
         self.auxk_alpha, self.dead_after_tokens = auxk_alpha, dead_after_tokens
         self.since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
@@ -93,16 +101,21 @@ class SparsifyRun:
             return opt, linear_warmup_decay(opt, warmup_steps, total_steps)
         raise ValueError(f"optimizer must be 'signum' or 'adam', got {name!r}")
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """One step on inputs x (and, for a transcoder, targets y)."""
         coder = self.coder
         if self.steps == 0:
-            coder.b_dec.data = x.mean(0)
-        coder.set_decoder_norm_to_unit_norm()
+            if self.transcode:
+                coder.encoder.bias.data = -x.mean(0) @ coder.encoder.weight.data.T
+            coder.b_dec.data = (x if y is None else y).mean(0)
+        if not self.transcode:
+            coder.set_decoder_norm_to_unit_norm()
         dead_mask = self.since_fired > self.dead_after_tokens if self.auxk_alpha > 0 else None
-        out = coder(x, dead_mask=dead_mask)
+        out = coder(x, y, dead_mask=dead_mask)
         loss = out.fvu + self.auxk_alpha * out.auxk_loss
         loss.backward()
-        coder.remove_gradient_parallel_to_decoder_directions()
+        if not self.transcode:
+            coder.remove_gradient_parallel_to_decoder_directions()
         self.optimizer.step()
         self.optimizer.zero_grad()
         if self.schedule is not None:

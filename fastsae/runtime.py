@@ -8,9 +8,9 @@ Steering edits features without dropping the SAE's error: the activation becomes
 ``x + decode(f') - decode(f) = x + (f' - f) @ W_dec``, computed only over the edited latents'
 decoder rows. A transcoder (keyed by its input hook point) is tracked at its input and
 steered at its output hook point: the features come from the input as it passes, and
-``(f' - f) @ W_dec`` is added to the output activation (e.g. the MLP's). A feature's edit is ``f' = a * f + b``: add (a=1, b=s), clamp (a=0, b=v),
-scale (a=s, b=0), ablate (a=0, b=0). Edits that cannot change anything (scale 1, add 0) are
-dropped, so they leave the model's output bit-identical.
+``(f' - f) @ W_dec`` is added to the output activation (e.g. the MLP's). A feature's edit is
+``f' = a * f + b``: add (a=1, b=s), clamp (a=0, b=v), scale (a=s, b=0), ablate (a=0, b=0).
+Edits that cannot change anything (scale 1, add 0) are dropped, so they leave the model's output bit-identical.
 
 Hooks never read a tensor back to the host (no .item(), .cpu() or Python branching on
 tensor values) and run with fastsae's NaN scan off, so a decode step on a GPU is not

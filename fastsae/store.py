@@ -42,8 +42,8 @@ from fastsae.hooks import (
 )
 from fastsae.progress import progress_bar
 
-__all__ = ["ActivationStore", "PairedStore", "StoreMismatchError", "collect_to_store", "collect_to_stores", "model_fingerprint",
-           "split_store"]
+__all__ = ["ActivationStore", "PairedStore", "StoreMismatchError", "collect_to_store", "collect_to_stores",
+           "model_fingerprint", "split_store"]
 
 MANIFEST = "manifest.json"
 FORMAT = "fastsae.activation_store"

@@ -159,7 +159,8 @@ def test_seed_forward_predicts_the_target():
     assert recon.shape == (2, 3, D_OUT) and features.shape == (2, 3, D_SAE)
     torch.testing.assert_close(recon.reshape(6, D_OUT), _reference_output(sae, x)[1])
     _, _, metrics = sae(x, target=y)
-    assert float(metrics["mse_loss"].detach()) == pytest.approx(float(R.mse(recon.reshape(6, D_OUT).detach(), y)), rel=1e-5)
+    expected = float(R.mse(recon.reshape(6, D_OUT).detach(), y))
+    assert float(metrics["mse_loss"].detach()) == pytest.approx(expected, rel=1e-5)
 
 
 # ---------------------------------------------------------------- normalisation
@@ -354,7 +355,7 @@ def _docs():
 def test_paired_store_rows_are_one_token_each(tmp_path):
     from nanochat_stub import nanochat
 
-    from fastsae.store import PairedStore, StoreMismatchError, collect_to_stores
+    from fastsae.store import PairedStore, StoreMismatchError, collect_to_stores, split_store
 
     model, _ = _nanochat_model()
     tok = nanochat("tokenizer").ByteTokenizer()
@@ -364,14 +365,15 @@ def test_paired_store_rows_are_one_token_each(tmp_path):
     assert (paired.d_in, len(paired), paired.output_hook_point) == (32, 1500, OUT)
     torch.testing.assert_close(paired.load_all(), torch.cat([stores[IN].load_all(), stores[OUT].load_all()], 1))
     # shuffled batches pair the same tokens: both halves are those tokens' rows
-    by_token = {int(i): row for i, row in zip(stores[IN].read_shard(0)["token_index"], paired.read_shard(0)["activations"])}
+    first = paired.read_shard(0)
+    by_token = {int(i): row for i, row in zip(first["token_index"], first["activations"])}
     batches = list(paired.iter_batches(100, shuffle=True, seed=3, epoch=1, with_metadata=True, buffer_tokens=512))
     assert sum(b[0].shape[0] for b in batches) == 1500
     rows, meta = batches[0]
     for row, token in zip(rows, meta["token_index"]):
         if int(token) in by_token:
             assert torch.equal(row, by_token[int(token)])
-    train, val = __import__("fastsae.store", fromlist=["split_store"]).split_store(paired, 0.2)
+    train, val = split_store(paired, 0.2)
     assert val.shape[1] == 32 and len(train) + val.shape[0] == 1500
     # stores of different collections are refused
     other = collect_to_stores(model, tok, _docs(), {OUT: tmp_path / "short"}, 700, shard_tokens=256,
@@ -428,8 +430,13 @@ def test_cli_trains_evaluates_and_exports_skip_transcoders(tmp_path, capsys):
     metrics = json.loads((evaluated / "layer_1" / "eval_metrics.json").read_text())
     assert metrics["fvu"] < 0.5 and 0 < metrics["loss_recovered"]["fraction_recovered"] <= 1.01
     assert metrics["loss_recovered"]["loss_sae"] < metrics["loss_recovered"]["loss_zero"]
-    page = (evaluated / "layer_1" / "dashboard" / "index.html").read_text()
-    assert "blocks.1.hook_mlp_in \u2192 blocks.1.hook_mlp_out" in page and "skip_transcoder" in page
+    page = evaluated / "layer_1" / "dashboard" / "index.html"
+    assert "blocks.1.hook_mlp_in \u2192 blocks.1.hook_mlp_out" in page.read_text()
+    from test_dashboard_browser import CHROMIUM, dump_dom
+
+    if CHROMIUM is not None:  # as a reader's browser shows it
+        dom, log = dump_dom(page.as_uri(), tmp_path / "profile")
+        assert "output hook point" in dom and "skip_transcoder" in dom and "Uncaught" not in log
     batch = json.loads((evaluated / "layer_1" / "neuronpedia" / "batch-0.json").read_text())
     assert batch["hook_point_out"] == "blocks.1.hook_mlp_out"
     exported = json.loads((evaluated / "layer_1" / "neuronpedia" / "metadata.json").read_text())
