@@ -166,9 +166,9 @@ def run_library(library: str, train, val, cfg, args) -> tuple[str, float, float,
     return ("saelens" if args.saelens_lr is None else f"saelens (tuned lr {lr:g})"), fvu, dead, steps
 
 
-def add_activation_arguments(p) -> None:
+def add_activation_arguments(p, tokens: int = 450_000) -> None:
     """The flags ``load_activations`` reads: which activations, and where they are cached."""
-    p.add_argument("--tokens", type=int, default=450_000)
+    p.add_argument("--tokens", type=int, default=tokens)
     p.add_argument("--layer", type=int, default=3)
     p.add_argument("--synthetic", action="store_true")
     p.add_argument("--activations", help="safetensors file to cache the activations in (reused if present)")

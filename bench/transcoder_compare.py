@@ -3,7 +3,7 @@ activations and batch order, both on their defaults: plain and skip transcoders.
 held-out tokens, the FVU of the MLP output, L0, dead latents (never firing on those tokens)
 and the loss recovered with the prediction spliced in place of the MLP.
 
-    python -m bench.transcoder_compare --activations /tmp/minilm_l3_mlp_450k.safetensors
+    python -m bench.transcoder_compare --activations /tmp/minilm_l3_mlp_360k.safetensors
     python -m bench.transcoder_compare --steps 500 --width 8 --layer 3
 
 The rows are [MLP input | MLP output] of one block of all-MiniLM-L6-v2 (the block's

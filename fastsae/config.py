@@ -76,7 +76,9 @@ class SAEConfig:
     activation: str = "topk"
     k: int = 64
     l1_coefficient: float = 1e-3
-    normalize_decoder: bool = True
+    # Decoder rows kept at unit norm (the gradient along them removed). None: True for an SAE,
+    # False for a transcoder (as sparsify trains them: on MiniLM's MLP it halved the dead latents).
+    normalize_decoder: bool | None = None
     # Compute dtype of training on CUDA (autocast; "float32" turns it off). Parameters and
     # optimizer state stay float32; CPU training runs in float32.
     dtype: str = "bfloat16"
@@ -134,9 +136,12 @@ class SAEConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         for name in _BOOLS:
-            if not isinstance(getattr(self, name), bool):
+            if not (name == "normalize_decoder" and self.normalize_decoder is None) and \
+                    not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_hook_point(self.hook_point)
+        if self.normalize_decoder is None:
+            self.normalize_decoder = self.architecture == "sae"
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.activation not in ACTIVATIONS:

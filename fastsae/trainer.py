@@ -70,6 +70,9 @@ AUTO_LR_WIDTH_POWER = {"schedule_free_adam": 0.25, "adam": 0.5}
 # T its length in such steps. Counted in rows, not steps: at batch 512 and 1024 (1112 and 556
 # steps on MiniLM) the rate from a step count was 2.8x and 2x below the best one.
 AUTO_LR_SHORT_RUN = 100
+# Transcoders take this many times the rate: on MiniLM block 3's MLP (d_sae 3072, k 32) the best
+# schedule-free rate was 1.5x the SAE rule at 79 steps and 2.4x at 237 (README, transcoders).
+AUTO_LR_TRANSCODER = 2.0
 # beta1 0.95 (the average's weight on the iterate) and beta2 0.99: at ~100 steps on MiniLM they
 # kept fewer latents dead than (0.9, 0.999) at the same FVU.
 SCHEDULE_FREE_BETAS = (0.95, 0.99)
@@ -103,14 +106,18 @@ def _writable_dir(path) -> Path:
     return path
 
 
-def auto_learning_rate(optimizer: str, d_sae: int, batch_size: int, total_steps: int) -> float:
+def auto_learning_rate(optimizer: str, d_sae: int, batch_size: int, total_steps: int,
+                       transcoder: bool = False) -> float:
     """The learning rate used when config.learning_rate is None: AUTO_LR scaled by
     (2^14 / d_sae)^AUTO_LR_WIDTH_POWER, by sqrt(batch / 4096) (Adam's square-root rule) and,
     for schedule-free Adam, by sqrt(AUTO_LR_SHORT_RUN / T) beyond a short run, T the run's
-    rows / 4096 (its constant rate has no decay to calm a long run)."""
+    rows / 4096 (its constant rate has no decay to calm a long run), and by
+    AUTO_LR_TRANSCODER for a transcoder."""
     lr = AUTO_LR[optimizer] * (2**14 / d_sae) ** AUTO_LR_WIDTH_POWER[optimizer] * math.sqrt(batch_size / 4096)
     if optimizer == "schedule_free_adam":
         lr *= min(1.0, math.sqrt(AUTO_LR_SHORT_RUN / max(total_steps * batch_size / 4096, 1e-9)))
+        if transcoder:
+            lr *= AUTO_LR_TRANSCODER
     return lr
 
 
@@ -204,7 +211,8 @@ class SAETrainer:
         config = self.config
         if config.learning_rate is not None:
             return float(config.learning_rate)
-        return auto_learning_rate(config.optimizer, config.d_sae, self.global_batch, self.total_steps)
+        return auto_learning_rate(config.optimizer, config.d_sae, self.global_batch, self.total_steps,
+                                  config.is_transcoder)
 
     # ---- schedules (plain functions of the step, so a resumed run follows the same curve)
     def lr_at(self, step: int) -> float:
@@ -254,13 +262,20 @@ class SAETrainer:
 
     @torch.no_grad()
     def _initialise(self) -> None:
-        """Input scale and b_dec (geometric median of the scaled sample's targets) for a fresh run."""
+        """Input scale and b_dec (geometric median of the scaled sample's targets) for a fresh run;
+        a transcoder's b_enc centres its pre-activations at the inputs' geometric median."""
         inputs, targets = self.sae.split_rows(self._sample_rows(INIT_SAMPLE_ROWS, seed_offset=2))
         normalize = self.config.normalize_activations
         self.scale = estimate_norm_scale(inputs) if normalize else 1.0
         self.output_scale = self.scale if not self.config.is_transcoder else (
             estimate_norm_scale(targets) if normalize else 1.0)
         self.sae.b_dec.copy_(geometric_median(targets * self.output_scale).to(self.device))
+        if self.config.is_transcoder:
+            # No b_dec is subtracted from a transcoder's input, so the encoder bias centres the
+            # pre-activations instead: an MLP input's large mean would otherwise keep the
+            # latents that point away from it silent from the first step.
+            centre = geometric_median(inputs * self.scale).to(self.device)
+            self.sae.b_enc.copy_(-(self.sae.enc_weight @ centre))
 
     # ---- one step
     def _autocast(self):

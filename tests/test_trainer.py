@@ -348,6 +348,12 @@ def test_auto_learning_rate_follows_width_batch_and_length():
     assert auto_learning_rate("schedule_free_adam", 2**14, 1024, 1600) == pytest.approx(base / 4)
     assert auto_learning_rate("schedule_free_adam", 2**14, 1024, 400) == pytest.approx(base / 2)
     assert auto_learning_rate("adam", 2**16, 4096, 10**5) == pytest.approx(1e-4)  # Gao et al.: 2e-4 / sqrt(4)
+    assert auto_learning_rate("schedule_free_adam", 2**14, 4096, 400, transcoder=True) == pytest.approx(base)
+    assert auto_learning_rate("adam", 2**16, 4096, 10**5, transcoder=True) == pytest.approx(1e-4)
+    tc = SAEConfig(d_in=32, expansion_factor=4, k=4, batch_size=200, num_epochs=1, architecture="transcoder",
+                   output_hook_point="blocks.0.hook_mlp_out")
+    tc_trainer = SAETrainer(create_sae(tc), tc, torch.randn(200, 64), device="cpu")
+    assert tc_trainer.learning_rate == pytest.approx(2 * auto_learning_rate("schedule_free_adam", 128, 200, 1))
     config = SAEConfig(d_in=32, expansion_factor=4, k=4, batch_size=256, num_epochs=1)
     trainer = SAETrainer(create_sae(config), config, torch.randn(200, 32), device="cpu")
     assert trainer.global_batch == 200  # capped by the data: the rule sees the batch actually used

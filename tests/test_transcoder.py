@@ -57,6 +57,8 @@ def test_config_defaults_and_errors():
     assert (plain.architecture, plain.output_hook_point, plain.d_out) == ("sae", None, 8)
     tc = SAEConfig(d_in=8, architecture="transcoder", output_hook_point=OUT)
     assert tc.d_out == 8 and tc.is_transcoder and not plain.is_transcoder
+    assert plain.normalize_decoder is True and tc.normalize_decoder is False  # None: by architecture
+    assert SAEConfig(d_in=8, architecture="transcoder", output_hook_point=OUT, normalize_decoder=True).normalize_decoder
     assert SAEConfig.from_dict(tc.to_dict()) == tc
     with pytest.raises(ValueError, match="architecture must be one of"):
         SAEConfig(d_in=8, architecture="crosscoder")
