@@ -12,6 +12,8 @@ DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT="${OUT:-bench/results/gpu-run}"
 mkdir -p "$OUT"
+# Backend "auto" (the CUDA default) records the choice it timed for each primitive and shape here.
+export FASTSAE_CACHE_DIR="$OUT/autotune"
 DEADLINE=$(( $(date +%s) + 480 ))
 STAGES="$OUT/stages.txt"
 : > "$STAGES"
@@ -67,11 +69,12 @@ if [ "$DRY" = 0 ]; then  # last: the train step against sparsify, if time is lef
   stage train-bench 150 env FASTSAE_BENCH_SIZE=full python3 -m pytest -q -p no:cacheprovider bench/test_bench_train.py \
     --benchmark-min-rounds=3 --benchmark-max-time=2 --benchmark-json="$OUT/train-bench.json"
 fi
+stage info 30 python3 -m fastsae.cli info  # versions and the backend choices "auto" made
 ls "$OUT" | tee -a "$STAGES"
 # The dry run is CI's check of this script: every stage must pass and leave its files.
 if [ "$DRY" = 1 ]; then
   grep "rc=" "$STAGES" | grep -qv "rc=0" && { echo "a stage failed: $STAGES"; exit 1; }
-  for f in environment.json timing-topk_encode.json timing-topk_auxk_dead30.json timing-decode_fwd_bwd.json \
+  for f in environment.json info.log timing-topk_encode.json timing-topk_auxk_dead30.json timing-decode_fwd_bwd.json \
            correctness-topk_encode-float32-9x16x600x4.json; do
     [ -s "$OUT/$f" ] || { echo "missing $OUT/$f"; exit 1; }
   done

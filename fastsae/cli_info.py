@@ -32,6 +32,15 @@ def info_lines(device=None) -> list[str]:
     for op in ("topk_encode", "batch_topk_encode", "sparse_decode", "csr_decode", "relu_encode",
                "jumprelu_encode", "gated_encode"):
         lines.append(f"backend  {op:<18} {chosen}")
+    if chosen == "auto":
+        from fastsae import autotune
+
+        choices = autotune.cached_choices(device)
+        lines.append(f"auto     each primitive per shape class on the faster of triton and torch, timed on its first "
+                     f"call; {len(choices)} choices cached for this device in {autotune.cache_path()}")
+        for cls, entry in sorted(choices.items()):
+            times = ", ".join(f"{b} {ms:.3g} ms" for b, ms in entry["ms"].items())
+            lines.append(f"auto     {cls}: {entry['backend']} ({times})")
     return lines
 
 

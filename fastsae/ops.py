@@ -5,8 +5,10 @@ Backends:
 * ``"reference"``: ``fastsae.reference`` with PyTorch autograd (dense; the specification).
 * ``"torch"``: ``fastsae.torch_backend`` primitives (the CPU default; nothing N x d_sae is
   built after the top-k).
-* ``"triton"``: the kernels in ``fastsae.kernels`` (the CUDA default; on CPU it runs under
+* ``"triton"``: the kernels in ``fastsae.kernels`` (on CPU it runs under
   ``TRITON_INTERPRET=1``, which is how the kernels are tested without a GPU).
+* ``"auto"`` (the CUDA default): each primitive, per shape class, on whichever of "triton" and
+  "torch" its first call timed faster (``fastsae.autotune``; the choices are cached on disk).
 
 The choice, in order: the ``backend=`` argument, the innermost ``use_backend(...)`` context,
 the ``FASTSAE_BACKEND`` environment variable, then the default for the tensors' device.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import math
 import os
@@ -28,7 +31,7 @@ import torch
 
 from fastsae import reference, torch_backend
 
-BACKENDS = ("reference", "torch", "triton")
+BACKENDS = ("reference", "torch", "triton", "auto")
 
 _backend_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastsae_backend", default=None)
 _checks_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("fastsae_checks", default=True)
@@ -68,9 +71,10 @@ def triton_available() -> bool:
 
 
 def default_backend(device: torch.device | str | None = None) -> str:
-    """The backend used for tensors on ``device`` when nothing overrides it."""
+    """The backend used for tensors on ``device`` when nothing overrides it: "auto" on CUDA
+    with Triton installed, else "torch" (the interpreter is no contender on a CPU)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return "auto" if device.type == "cuda" and triton_available() else "torch"
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -100,13 +104,25 @@ def _triton_primitives() -> types.SimpleNamespace:
     return types.SimpleNamespace(**funcs)
 
 
+@functools.lru_cache(maxsize=1)
+def _auto_primitives() -> types.SimpleNamespace:
+    from fastsae import autotune
+
+    candidates = {"torch": torch_backend}
+    if triton_available():
+        candidates = {"triton": _triton_primitives(), **candidates}
+    return autotune.auto_primitives(candidates)
+
+
 def primitives(name: str):
     """The primitive set of a non-reference backend."""
     if name == "torch":
         return torch_backend
     if name == "triton":
         return _triton_primitives()
-    raise ValueError(f"backend {name!r} has no primitive set; expected 'torch' or 'triton'")
+    if name == "auto":
+        return _auto_primitives()
+    raise ValueError(f"backend {name!r} has no primitive set; expected 'torch', 'triton' or 'auto'")
 
 
 # ----------------------------------------------------------------------------- input checks

@@ -333,6 +333,8 @@ def test_jumprelu_forward_and_straight_through_gradient():
 def test_backend_resolution_order(monkeypatch):
     cpu = torch.device("cpu")
     assert ops.resolve_backend(None, cpu) == "torch"
+    # CUDA with Triton: each primitive timed on its first call (fastsae.autotune); else torch
+    assert ops.default_backend("cuda") == ("auto" if ops.triton_available() else "torch")
     monkeypatch.setenv("FASTSAE_BACKEND", "reference")
     assert ops.resolve_backend(None, cpu) == "reference"
     with ops.use_backend("triton"):
