@@ -13,7 +13,12 @@ import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help with every option's default."""
+    """--help with every option's default (as the help text words it, where it does)."""
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def say(args, line: str) -> None:

@@ -95,7 +95,8 @@ def add_train_arguments(p) -> None:
                     "--layer / --hook_type")
     add_option(src, "hook_type", choices=list(HOOK_TYPES), default=None,
                help="where in the block: resid_pre, resid_post, attn_out, mlp_in, mlp_out, mlp_hidden (attn and "
-                    "mlp are the seed's names for attn_out and mlp_out); default resid_post, for a transcoder mlp_in")
+                    "mlp are the seed's names for attn_out and mlp_out) (default: resid_post; mlp_in for a "
+                    "transcoder)")
     add_option(src, "output_hook_type", choices=list(HOOK_TYPES), default="mlp_out",
                help="a transcoder's target in the same block (with --hook_type its input)")
     add_option(src, "num_activations", "num_tokens", "tokens", type=positive_int, default=1_000_000,
