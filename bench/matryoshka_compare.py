@@ -63,7 +63,7 @@ def train_saelens(rows, val, cfg):
     sae = run.inference_sae
     metrics = prefix_metrics(run.dense_codes, sae.W_dec.detach(), sae.b_dec.detach(), val, cfg.matryoshka_sizes)
     with tempfile.TemporaryDirectory() as tmp:
-        sae.save_inference_model(tmp)
+        sae.save_model(tmp)  # the inference SAE SAELens saved, read back by fastsae
         return metrics, load_sae(tmp).eval()
 
 

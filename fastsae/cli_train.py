@@ -109,10 +109,10 @@ def add_train_arguments(p) -> None:
     add_option(src, "target_activations", default=None,
                help="with --activations, for a transcoder: the store of its target, collected with the input")
     add_option(src, "stream", action="store_true",
-               help="train straight from the model's forward, no activation store on disk (one hook point; "
-                    "every epoch and a resume re-run the model)")
+               help="train straight from the model's forward, no activation store on disk (several hook points "
+                    "train together from each forward; every epoch and a resume re-run the model)")
     add_option(src, "stream_window", type=positive_int, default=1 << 18,
-               help="--stream: rows shuffled together (its memory: this many rows of d_in floats)")
+               help="--stream: rows shuffled together (its memory: this many rows of every hook point's floats)")
     sae = p.add_argument_group("SAE and training")
     add_option(sae, "architecture", choices=ARCHITECTURES, default="sae",
                help="sae reconstructs its hook point; transcoder predicts --output_hook_type from --hook_type; "
@@ -184,9 +184,8 @@ def _check_arguments(args) -> None:
                          "or --corpus")
     if args.matryoshka_sizes is not None and args.activation != "matryoshka_batchtopk":
         raise ValueError(f"--matryoshka_sizes is for --activation matryoshka_batchtopk, not {args.activation}")
-    if args.stream and (args.activations or args.layer is None):
-        raise ValueError("--stream trains one hook point from the model: give --layer (not --layers, --hook_points "
-                         "or --activations)")
+    if args.stream and args.activations:
+        raise ValueError("--stream trains from the model's forward: it takes no --activations")
     if args.activations and args.layer is None:
         raise ValueError("--activations holds one hook point: give it with --layer (and --hook_type)")
     transcoder = args.architecture != "sae"
@@ -296,18 +295,36 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
             if rank == 0:  # one lock per run: rank 0 holds it for every rank
                 locks.enter_context(DirectoryLock(folder, "fastsae train"))
         if args.stream:
-            runs = {hp: stream_activations(args, hp, loaded, device) for hp in folders}
+            runs = stream_activations(args, list(folders), loaded, device)
         elif args.architecture != "sae":
             runs = {hp: (*split_store(PairedStore(*stores), args.val_split), config, meta)
                     for hp, (stores, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
         else:
             runs = {hp: (*split_store(store, args.val_split), config, meta)
                     for hp, (store, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
-        for i, (hook_point, (train, val, config, model_meta)) in enumerate(runs.items()):
-            if args.distribute_modules and i % world_size != rank:
-                continue  # another rank's SAE
-            _train_one(args, folders[hook_point], hook_point, train, val, config, model_meta, device,
-                       0 if args.distribute_modules else rank, data_parallel=not args.distribute_modules)
+        mine = {hp: run for i, (hp, run) in enumerate(runs.items())
+                if not args.distribute_modules or i % world_size == rank}  # the others are other ranks' SAEs
+        reports = (0 if args.distribute_modules else rank) == 0
+
+        def trainer_of(hp):
+            train, val, config, meta = mine[hp]
+            return _trainer(args, folders[hp], train, val, config, meta, device, not args.distribute_modules)
+
+        if args.stream and len(mine) > 1:  # one forward pass feeds every SAE, trained in lockstep
+            from fastsae.trainer import train_together
+
+            trainers = {hp: trainer_of(hp) for hp in mine}
+            train_together(list(trainers.values()), verbose=not args.quiet, resume=args.resume,
+                           max_steps=args.max_steps)
+            for hp, trainer in trainers.items():
+                if reports:
+                    _report(args, folders[hp], hp, trainer, mine[hp][1] is not None)
+        else:  # one after another, one SAE in memory at a time
+            for hp in mine:
+                trainer = trainer_of(hp)
+                trainer.train(verbose=not args.quiet, resume=args.resume, max_steps=args.max_steps)
+                if reports:
+                    _report(args, folders[hp], hp, trainer, mine[hp][1] is not None)
         if args.distribute_modules and world_size > 1:
             import torch.distributed as dist
 
@@ -315,48 +332,57 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
     return 0
 
 
-def stream_activations(args, hook_point: str, loaded, device):
-    """(training stream, validation rows, config, model metadata) for --stream: the first
-    --val_split of the tokens (at most STREAM_VAL_ROWS) are held out in memory, the rest
-    stream from the model."""
+def stream_activations(args, hook_points: list[str], loaded, device) -> dict:
+    """{hook point: (training rows, validation rows, config, model metadata)} for --stream: one
+    stream serves every hook point (and each transcoder's target) side by side, and each SAE
+    takes its columns of it (a ColumnSlice); the first --val_split of the tokens (at most
+    STREAM_VAL_ROWS) are held out in memory, the rest stream from the model."""
     from fastsae.corpus import default_corpus, load_text_corpus
-    from fastsae.data import StreamSource
+    from fastsae.data import ColumnSlice, StreamSource
     from fastsae.hooks import hook_width
 
     model, tokenizer, info = loaded
     corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
     settings = dict(window_rows=args.stream_window, batch_size=args.collect_batch_size,
                     context_length=args.context_length)
+    targets = {hp: output_hook_point(args, hp) for hp in hook_points}
+    # Every setting is checked (each config built) before the model runs.
+    configs = {hp: sae_config(args, hook_width(model, hp), hp, targets[hp],
+                              targets[hp] and hook_width(model, targets[hp])) for hp in hook_points}
+    points = [p for hp in hook_points for p in (hp, targets[hp]) if p is not None]
     held = min(int(args.num_activations * args.val_split), STREAM_VAL_ROWS)
-    target = output_hook_point(args, hook_point)
-    points = hook_point if target is None else (hook_point, target)
     val = StreamSource(model, tokenizer, corpus, points, held, **settings).sample(held, 0) if held else None
     train = StreamSource(model, tokenizer, corpus, points, args.num_activations - held, skip_tokens=held, **settings)
-    config = sae_config(args, hook_width(model, hook_point), hook_point, target,
-                        None if target is None else hook_width(model, target))
     say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; streaming "
-               f"{train.num_rows} tokens at {hook_point} through windows of {args.stream_window} rows, "
-               f"{held} held out; SAE: {config.activation} d_in {config.d_in} d_sae {config.d_sae}")
+               f"{train.num_rows} tokens at {len(points)} hook point(s) through windows of {args.stream_window} rows, "
+               f"{held} held out; {len(configs)} SAE(s): {args.activation}, d_sae "
+               + ", ".join(str(c.d_sae) for c in configs.values()))
     meta = {"model_name": info.name, "context_size": args.context_length, "num_tokens_collected": args.num_activations,
             "corpus": {"name": getattr(corpus, "name", None), "fingerprint": getattr(corpus, "fingerprint", None)}}
-    return train, val, config, meta
+    runs, start = {}, 0
+    for hp, config in configs.items():
+        stop = start + config.d_in + (config.d_out if config.is_transcoder else 0)
+        runs[hp] = (ColumnSlice(train, start, stop), None if val is None else val[:, start:stop], config, meta)
+        start = stop
+    return runs
 
 
-def _train_one(args, folder: Path, hook_point: str, train, val, config, model_meta: dict, device, rank: int,
-               data_parallel: bool = True) -> None:
+def _trainer(args, folder: Path, train, val, config, model_meta: dict, device, data_parallel: bool):
     from fastsae.models import create_sae
     from fastsae.trainer import SAETrainer
 
-    trainer = SAETrainer(create_sae(config), config, train, val, device=device, save_dir=folder,
-                         checkpoint_minutes=args.checkpoint_minutes, metadata=model_meta, data_parallel=data_parallel)
-    trainer.train(verbose=not args.quiet, resume=args.resume, max_steps=args.max_steps)
-    if rank != 0:
-        return
+    return SAETrainer(create_sae(config), config, train, val, device=device, save_dir=folder,
+                      checkpoint_minutes=args.checkpoint_minutes, metadata=model_meta, data_parallel=data_parallel)
+
+
+def _report(args, folder: Path, hook_point: str, trainer, validated: bool) -> None:
+    """What a run did, on rank 0 (and the Neuronpedia export when asked)."""
+    config = trainer.config
     if trainer.resumed_step is not None and trainer.resumed_step >= trainer.total_steps:
         print(f"{hook_point}: this run was already complete (step {trainer.total_steps} of "
               f"{trainer.total_steps}); nothing was trained")
     best = folder / ("best_model" if (folder / "best_model").exists() else "final_model")
-    fvu = f"best val FVU {trainer.best_val_fvu:.4f}" if val is not None else "no validation split"
+    fvu = f"best val FVU {trainer.best_val_fvu:.4f}" if validated else "no validation split"
     if trainer.step < trainer.total_steps:
         print(f"stopped at step {trainer.step} of {trainer.total_steps} (--max_steps); checkpoint "
               f"{trainer.last_checkpoint}; rerun with --resume to continue")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["StoreSource", "StreamSource", "TensorSource", "data_source", "split_activations",
+__all__ = ["ColumnSlice", "StoreSource", "StreamSource", "TensorSource", "data_source", "split_activations",
            "window_shuffled_batches"]
 
 
@@ -77,18 +77,47 @@ class StoreSource:
         yield from self.store.iter_batches(batch_size, shuffle=False)
 
 
+def _as_source(data, name: str):
+    if isinstance(data, torch.Tensor):
+        return TensorSource(data, name)
+    if hasattr(data, "iter_batches") and hasattr(data, "d_in"):
+        return StoreSource(data, name)
+    if isinstance(data, (StreamSource, ColumnSlice, TensorSource, StoreSource)):
+        return data
+    raise TypeError(f"{name} must be a torch.Tensor [N, d_in], an ActivationStore, a StreamSource or a ColumnSlice, "
+                    f"got {type(data).__name__}")
+
+
+class ColumnSlice:
+    """Columns [start, stop) of another source's rows: one SAE's share of a source that serves
+    several hook points side by side (a StreamSource over all of them, say). A trainer on it
+    alone reads the whole source and keeps its columns; ``fastsae.trainer.train_together``
+    reads the source once for every SAE."""
+
+    def __init__(self, source, start: int, stop: int):
+        source = _as_source(source, "source")
+        if not 0 <= start < stop <= source.width:
+            raise ValueError(f"columns [{start}, {stop}) are not within the source's width {source.width}")
+        self.source, self.start, self.stop = source, int(start), int(stop)
+        self.num_rows, self.width = source.num_rows, self.stop - self.start
+
+    def columns(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.start:self.stop]
+
+    def epoch_batches(self, *args):
+        return (self.columns(x) for x in self.source.epoch_batches(*args))
+
+    def sample(self, n: int, seed: int) -> torch.Tensor:
+        return self.columns(self.source.sample(n, seed))
+
+    def sequential(self, batch_size: int):
+        return (self.columns(x) for x in self.source.sequential(batch_size))
+
+
 def data_source(data, name: str, config):
     """The source for a Tensor, an ActivationStore (or PairedStore) or a StreamSource, checked
     against the config: rows of d_in (an SAE) or d_in + d_out (a transcoder's [input | target])."""
-    if isinstance(data, torch.Tensor):
-        source = TensorSource(data, name)
-    elif hasattr(data, "iter_batches") and hasattr(data, "d_in"):
-        source = StoreSource(data, name)
-    elif isinstance(data, StreamSource):
-        source = data
-    else:
-        raise TypeError(f"{name} must be a torch.Tensor [N, d_in], an ActivationStore or a StreamSource, "
-                        f"got {type(data).__name__}")
+    source = _as_source(data, name)
     if config.is_transcoder and source.width != config.d_in + config.d_out:
         raise ValueError(f"{name} have width {source.width} but a transcoder trains on [input | target] rows "
                          f"of d_in + d_out = {config.d_in} + {config.d_out}: pair its two hook points "

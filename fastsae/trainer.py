@@ -31,6 +31,7 @@ import signal
 import tempfile
 import threading
 import time
+import types
 import warnings
 from pathlib import Path
 
@@ -340,6 +341,21 @@ class SAETrainer:
         changing the schedule, so a later resume follows the uninterrupted run exactly."""
         from fastsae.progress import progress_bar
 
+        stop = self._begin(num_epochs, resume, max_steps)
+        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not verbose or self.rank != 0,
+                           desc="train SAE", unit="step", dynamic_ncols=True)
+        with _stoppable([self], bar):
+            while self.step < stop:
+                for x in self._batches(self.step):
+                    self._advance(x, bar, stop)
+                    if self.step == stop or self._stop_signal is not None:
+                        break
+                _raise_if_signalled([self])
+        return self._end()
+
+    def _begin(self, num_epochs, resume: bool, max_steps) -> int:
+        """Everything before the first step of a train() call (resume, the input scale, the
+        training parametrisation back after an earlier call); returns the step to stop at."""
         for name, value in (("num_epochs", num_epochs), ("max_steps", max_steps)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
@@ -362,30 +378,20 @@ class SAETrainer:
         if self.scale is None:
             self._initialise()
         self._write_config()
-        stop = self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
-        bar = progress_bar(total=self.total_steps, initial=self.step, disable=not verbose or self.rank != 0,
-                   desc="train SAE", unit="step", dynamic_ncols=True)
         self._last_log = (time.perf_counter(), self.step)
         self._last_save_time = time.monotonic()
         self.sae.train()
-        try:
-            with ops.input_checks(False), self._signals_stop_at_step_end():
-                # NaN scans would sync every op; they are checked at log steps instead.
-                while self.step < stop:
-                    for x in self._batches(self.step):
-                        out = self.train_step(self._normalized(x))
-                        bar.update(1)
-                        self._after_step(out, bar, last=self.step == stop)
-                        if self.step == stop or self._stop_signal is not None:
-                            break
-                    if self._stop_signal is not None:
-                        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(self._stop_signal).name}")
-        except KeyboardInterrupt:
-            self._raise_if_nonfinite()
-            self._save_checkpoint()
-            raise
-        finally:
-            bar.close()
+        return self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
+
+    def _advance(self, x: torch.Tensor, bar, stop: int) -> None:
+        """One step on this rank's raw batch x, then the logging, evaluation and checkpoints due."""
+        out = self.train_step(self._normalized(x))
+        bar.update(1)
+        self._after_step(out, bar, last=self.step == stop)
+
+    def _end(self) -> list[dict]:
+        """After the last step of a train() call: the final model, and the SAE left as it is
+        saved (the schedule-free average, the scale folded in, a calibrated threshold)."""
         if self.step == self.total_steps:
             self._finish()
         if self.schedule_free:  # the trained SAE is the average of the iterates
@@ -396,29 +402,6 @@ class SAETrainer:
             self.sae.calibrate_threshold(self._calibration_rows())  # raw rows: the scale is folded in
         self._folded = True
         return self.history
-
-    @contextlib.contextmanager
-    def _signals_stop_at_step_end(self):
-        """While training, SIGINT and SIGTERM finish the current step, save a checkpoint and raise
-        KeyboardInterrupt (a second SIGINT interrupts at once). A stop in the middle of a step
-        would save a half-applied update; a stop between steps resumes bit-identically."""
-        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-            yield
-            return
-
-        def request_stop(signum, frame):
-            if signum == signal.SIGINT and self._stop_signal == signal.SIGINT:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-
-        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-        self._stop_signal = None
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            self._stop_signal = None
 
     def _after_step(self, out: dict, bar, last: bool) -> None:
         step, cfg = self.step, self.config
@@ -725,6 +708,101 @@ class SAETrainer:
             return
         kept = [r for r in read_metrics(log) if r.get("step", 0) <= step]
         atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+@contextlib.contextmanager
+def _stop_at_step_end(trainers):
+    """While training, SIGINT and SIGTERM finish the current step, save a checkpoint and raise
+    KeyboardInterrupt (a second SIGINT interrupts at once). A stop in the middle of a step
+    would save a half-applied update; a stop between steps resumes bit-identically."""
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield
+        return
+
+    def request_stop(signum, frame):
+        if signum == signal.SIGINT and trainers[0]._stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        for t in trainers:
+            t._stop_signal = signum
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for t in trainers:
+        t._stop_signal = None
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for t in trainers:
+            t._stop_signal = None
+
+
+@contextlib.contextmanager
+def _stoppable(trainers, bar):
+    """The training loop's frame: NaN scans off (they would sync every op; they are checked at
+    log steps instead), a stop signal ends the step, and an interrupt saves a checkpoint."""
+    try:
+        with ops.input_checks(False), _stop_at_step_end(trainers):
+            yield
+    except KeyboardInterrupt:
+        for t in trainers:
+            t._raise_if_nonfinite()
+            t._save_checkpoint()
+        raise
+    finally:
+        bar.close()
+
+
+def _raise_if_signalled(trainers) -> None:
+    signum = trainers[0]._stop_signal
+    if signum is not None:
+        raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def train_together(trainers: list[SAETrainer], verbose: bool = True, resume: bool = False,
+                   max_steps: int | None = None) -> list[list[dict]]:
+    """Train several SAEs in lockstep from one read of their shared source: each trainer's data
+    is a ``fastsae.data.ColumnSlice`` of the same source (a StreamSource over several hook
+    points, say), so each batch is read, and the model run, once for all of them, and each SAE
+    trains on its columns. Each ends equal to one trained alone on its slice (the same batches
+    in the same order). The trainers must agree on the batch, the run's length and the seed;
+    ``resume`` needs them at the same step. Returns each trainer's history."""
+    from fastsae.data import ColumnSlice
+    from fastsae.progress import progress_bar
+
+    if not trainers:
+        raise ValueError("trainers is empty")
+    first = trainers[0]
+    source = getattr(first.data, "source", None)
+    for t in trainers:
+        if not isinstance(t.data, ColumnSlice) or t.data.source is not source:
+            raise ValueError("train_together needs every trainer's activations to be a ColumnSlice of one source "
+                             "object (slice the same StreamSource, TensorSource or StoreSource)")
+        run = (t.global_batch, t.steps_per_epoch, t.total_steps, t.config.seed, t.rank, t.world_size)
+        if run != (first.global_batch, first.steps_per_epoch, first.total_steps, first.config.seed, first.rank,
+                   first.world_size):
+            raise ValueError("train_together needs the same batch, run length and seed for every SAE; "
+                             f"{t.config.hook_point} differs from {first.config.hook_point}")
+    stops = [t._begin(None, resume, max_steps) for t in trainers]
+    if len({t.step for t in trainers}) > 1:
+        raise ValueError(f"the SAEs resumed at different steps ({sorted({t.step for t in trainers})}); "
+                         "train them one by one to bring them level")
+    stop = stops[0]
+    bar = progress_bar(total=first.total_steps, initial=first.step, disable=not verbose or first.rank != 0,
+                       desc=f"train {len(trainers)} SAEs", unit="step", dynamic_ncols=True)
+    quiet = types.SimpleNamespace(update=lambda n: None, set_postfix=bar.set_postfix)
+    with _stoppable(trainers, bar):
+        while first.step < stop:
+            epoch, pos = divmod(first.step, first.steps_per_epoch)
+            for x in source.epoch_batches(epoch, pos, first.steps_per_epoch, first.config.seed, first.global_batch,
+                                          first.rank, first.world_size):
+                for t in trainers:
+                    t._advance(t.data.columns(x), quiet, stop)
+                bar.update(1)
+                if first.step == stop or first._stop_signal is not None:
+                    break
+            _raise_if_signalled(trainers)
+    return [t._end() for t in trainers]
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:

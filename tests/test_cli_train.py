@@ -163,6 +163,20 @@ def test_stream_trains_without_an_activation_store(tmp_path, capsys):
     assert val_fvus and val_fvus[-1] < 1.0  # it learned from the stream (4096 tokens, 409 held out)
 
 
+def test_stream_trains_several_layers_from_one_forward_each_as_it_would_alone(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    flags = ["--stream", "--stream_window", "2048", *SMALL]
+    assert main(["train", "--layers", "0,1", "--output_dir", str(tmp_path / "together"), *flags]) == 0
+    assert "trained topk SAE d_in=384 d_sae=384 on blocks.0.hook_resid_post" in capsys.readouterr().out
+    for layer in (0, 1):
+        assert main(["train", "--layer", str(layer), "--output_dir", str(tmp_path / f"alone{layer}"), *flags]) == 0
+        a, b = (load_file(tmp_path / run / f"layer_{layer}" / "final_model" / "sae_weights.safetensors")
+                for run in ("together", f"alone{layer}"))
+        assert all(torch.equal(a[k], b[k]) for k in a), layer
+        assert not (tmp_path / "together" / f"layer_{layer}" / "activations").exists()
+
+
 @pytest.mark.parametrize("mode", [[], ["--distribute_modules"]], ids=["data-parallel", "distribute-modules"])
 def test_torchrun_training_stopped_and_resumed_equals_one_uninterrupted_run(tmp_path, mode):
     from safetensors.torch import load_file
@@ -195,7 +209,8 @@ def test_torchrun_training_stopped_and_resumed_equals_one_uninterrupted_run(tmp_
     (["--hook_points", "blocks.*.hook_nothing"], "--hook_points 'blocks.*.hook_nothing' matches no hook point"),
     (["--hook_points", "blocks.1.hook_nothing"], "unknown hook point 'blocks.1.hook_nothing'"),
     (["--layers", "0,1", "--activations", "somewhere"], "--activations holds one hook point"),
-    (["--layers", "0,1", "--stream"], "--stream trains one hook point from the model: give --layer"),
+    (["--layer", "1", "--stream", "--activations", "somewhere"], "--stream trains from the model's forward: it takes "
+                                                                  "no --activations"),
 ])
 def test_bad_hook_point_choices_are_one_line_errors(tmp_path, capsys, args, message):
     out = tmp_path / "out"

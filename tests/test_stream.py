@@ -95,3 +95,75 @@ def test_a_short_corpus_is_a_clear_error(tiny):
     stream = StreamSource(model, tok, docs(3), HOOK, 10_000)
     with pytest.raises(ValueError, match="the corpus ended .* tokens short of the 10000 asked for streaming"):
         list(stream.chunks())
+
+
+# ----------------------------------------------------------------------------- several SAEs, one forward
+
+MLP_IN, MLP_OUT, RESID0 = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out", "blocks.0.hook_resid_post"
+
+
+def _together_configs():
+    common = dict(batch_size=200, num_epochs=2, dtype="float32", warmup_steps=5, save_every=10**6)
+    return [SAEConfig(d_in=16, d_sae=48, k=4, hook_point=RESID0, **common),
+            SAEConfig(d_in=16, d_sae=32, k=3, architecture="transcoder", hook_point=MLP_IN,
+                      output_hook_point=MLP_OUT, **common)]
+
+
+def _state(sae):
+    return {k: v.clone() for k, v in sae.state_dict().items()}
+
+
+def test_train_together_runs_the_model_once_and_equals_training_alone(tiny, tmp_path, monkeypatch):
+    from fastsae.data import ColumnSlice
+    from fastsae.trainer import train_together
+
+    model, tok = tiny
+    stream = StreamSource(model, tok, docs(), (RESID0, MLP_IN, MLP_OUT), 2000, window_rows=600)
+    columns = [(0, 16), (16, 48)]  # the SAE's resid_post; the transcoder's [mlp_in | mlp_out]
+    forwards = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    trainers = [SAETrainer(create_sae(c), c, ColumnSlice(stream, a, b), device="cpu", save_dir=tmp_path / str(i))
+                for i, (c, (a, b)) in enumerate(zip(_together_configs(), columns))]
+    train_together(trainers, verbose=False)
+    together_forwards = len(forwards)
+    for i, (config, (a, b)) in enumerate(zip(_together_configs(), columns)):
+        forwards.clear()
+        alone = SAETrainer(create_sae(config), config, ColumnSlice(stream, a, b), device="cpu")
+        alone.train(verbose=False)
+        for name, value in _state(alone.sae).items():
+            assert torch.equal(value, trainers[i].sae.state_dict()[name]), name
+        assert (tmp_path / str(i) / "final_model" / "cfg.json").is_file()
+    # A pass over the 2000 tokens is 2 forwards. Alone, an SAE runs 3 passes (its initialisation
+    # sample, then 2 epochs): 6 forwards, 12 for the two. Together the epochs are shared: each
+    # SAE's sample, then 2 passes for both: 8.
+    assert len(forwards) == 6 and together_forwards == 8
+
+
+def test_train_together_stops_and_resumes_bit_for_bit(tiny, tmp_path):
+    from fastsae.data import ColumnSlice
+    from fastsae.trainer import train_together
+
+    model, tok = tiny
+    rows = TensorSource(StreamSource(model, tok, docs(), (RESID0, MLP_IN, MLP_OUT), 2000).sample(2000, 0), "rows")
+    columns = [(0, 16), (16, 48)]
+
+    def trainers(root):
+        return [SAETrainer(create_sae(c), c, ColumnSlice(rows, a, b), device="cpu", save_dir=root / str(i))
+                for i, (c, (a, b)) in enumerate(zip(_together_configs(), columns))]
+
+    whole = trainers(tmp_path / "whole")
+    train_together(whole, verbose=False)
+    train_together(trainers(tmp_path / "parts"), verbose=False, max_steps=7)
+    resumed = trainers(tmp_path / "parts")
+    train_together(resumed, verbose=False, resume=True)
+    assert all(t.resumed_step == 7 for t in resumed)
+    for a, b in zip(whole, resumed):
+        for name, value in _state(a.sae).items():
+            assert torch.equal(value, b.sae.state_dict()[name]), name
+    other = TensorSource(rows.x.clone(), "copy")
+    with pytest.raises(ValueError, match="ColumnSlice of one source"):
+        train_together([SAETrainer(create_sae(c), c, ColumnSlice(other, a, b), device="cpu")
+                        for c, (a, b) in zip(_together_configs(), columns)] + [whole[0]])
+    with pytest.raises(ValueError, match=r"columns \[40, 60\) are not within the source's width 48"):
+        ColumnSlice(rows, 40, 60)
