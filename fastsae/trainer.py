@@ -18,6 +18,10 @@ Definitions a user may want to know:
   step t of the epoch takes the t-th global batch of it, rank r the r-th slice of that batch.
   For an ActivationStore, the store's seeded block shuffle with its rank slicing. Either way a
   checkpoint's step fixes the data position exactly.
+* A transcoder trains on [input | target] rows: the input scaled by ``s``, the target by its
+  own ``t``; both are folded in.
+
+``train_together`` steps several trainers in lockstep on one read of a shared source.
 """
 from __future__ import annotations
 
