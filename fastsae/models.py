@@ -1,8 +1,10 @@
 """Sparse autoencoders as nn.Modules built on ``fastsae.ops``.
 
-Weights are stored latent-major: ``enc_weight`` and ``W_dec`` are both ``[d_sae, d_in]``, so
-the encoder's backward and the decoder share the same gather / scatter-add kernels. The
-seed names are kept: ``W_enc`` is a ``[d_in, d_sae]`` view of ``enc_weight``.
+Weights are stored latent-major: ``enc_weight`` is ``[d_sae, d_in]`` and ``W_dec``
+``[d_sae, d_out]`` (d_out = d_in except for transcoders), so the encoder's backward and the
+decoder share the same gather / scatter-add kernels. The seed names are kept: ``W_enc`` is a
+``[d_in, d_sae]`` view of ``enc_weight``. Every kind of SAE is also a transcoder or skip
+transcoder when its config says so (``SAEConfig.architecture``).
 
 Every model offers two paths:
 
