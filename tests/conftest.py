@@ -44,3 +44,11 @@ def stub_store(tmp_path_factory):
     collect_to_store(GPT(GPTConfig(n_embd=32)).eval(), ByteTokenizer(), texts, "blocks.1.hook_resid_post", path,
                      2560, shard_tokens=512, progress=False)
     return path
+
+
+@pytest.fixture
+def tiny():
+    """The nanochat stand-in: a seeded 2-block, 16-wide GPT and its byte tokenizer."""
+    from nanochat_stub import tiny_model
+
+    return tiny_model()

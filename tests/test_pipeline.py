@@ -1,19 +1,12 @@
 """train_saes: several hook points from one forward pass, one SAE each, on the nanochat stand-in."""
 import dataclasses
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent / "stubs"))
-
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-from nanochat.tokenizer import ByteTokenizer  # noqa: E402
+from nanochat_stub import number_docs  # noqa: E402
 
 import fastsae  # noqa: E402
 from fastsae.config import SAEConfig  # noqa: E402
-from fastsae.corpus import Corpus  # noqa: E402
 from fastsae.io import load_sae  # noqa: E402
 from fastsae.models import create_sae  # noqa: E402
 from fastsae.store import collect_to_store, split_store  # noqa: E402
@@ -23,14 +16,8 @@ RESID, HIDDEN = "blocks.1.hook_resid_post", "blocks.0.hook_mlp_hidden"
 TRAINING = dict(k=4, batch_size=128, num_epochs=2, num_activations=2000, learning_rate=3e-3)
 
 
-@pytest.fixture
-def tiny():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_embd=16)).eval(), ByteTokenizer()
-
-
 def docs(n=60):
-    return Corpus("numbers", lambda: [f"document number {i} " * (1 + i % 5) for i in range(n)], f"numbers-{n}")
+    return number_docs(n)
 
 
 def test_train_saes_equals_one_collection_and_run_per_hook_point(tiny, tmp_path):

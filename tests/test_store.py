@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent / "stubs"))
 
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.tokenizer import ByteTokenizer  # noqa: E402
+from nanochat_stub import number_docs  # noqa: E402
 
 from fastsae.corpus import Corpus, default_corpus, iter_token_batches  # noqa: E402
 from fastsae.hooks import collect_activations_from_dataloader  # noqa: E402
@@ -203,14 +204,8 @@ def test_store_from_another_model_or_hook_is_refused(full_store, minilm):
 
 # ---- cheap edge cases on the nanochat stand-in -----------------------------------------------
 
-@pytest.fixture
-def tiny():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_embd=16)).eval(), ByteTokenizer()
-
-
 def docs(n=40):
-    return Corpus("numbers", lambda: [f"document number {i} " * (1 + i % 5) for i in range(n)], f"numbers-{n}")
+    return number_docs(n)
 
 
 def test_bad_hook_or_empty_corpus_leaves_nothing(tiny, tmp_path):

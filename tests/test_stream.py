@@ -1,17 +1,10 @@
 """StreamSource: training straight from the model's forward, nothing on disk, on the nanochat stand-in."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent / "stubs"))
-
-from nanochat.gpt import GPT, GPTConfig  # noqa: E402
-from nanochat.tokenizer import ByteTokenizer  # noqa: E402
+from nanochat_stub import number_docs  # noqa: E402
 
 from fastsae.config import SAEConfig  # noqa: E402
-from fastsae.corpus import Corpus  # noqa: E402
 from fastsae.data import StreamSource, TensorSource, window_shuffled_batches  # noqa: E402
 from fastsae.models import create_sae  # noqa: E402
 from fastsae.store import collect_to_store  # noqa: E402
@@ -20,14 +13,8 @@ from fastsae.trainer import SAETrainer  # noqa: E402
 HOOK = "blocks.1.hook_resid_post"
 
 
-@pytest.fixture
-def tiny():
-    torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=2, n_embd=16)).eval(), ByteTokenizer()
-
-
 def docs(n=200):
-    return Corpus("numbers", lambda: [f"document number {i} " * (1 + i % 5) for i in range(n)], f"numbers-{n}")
+    return number_docs(n)
 
 
 def test_window_shuffle_keeps_every_row_once_and_bounds_what_it_holds():

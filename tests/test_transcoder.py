@@ -3,8 +3,6 @@ every backend against fastsae.reference (d_in != d_out), normalisation folding, 
 paired stores and streams, files, and SAELens loading our export."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +15,6 @@ from fastsae.io import load_sae, save_sae
 from fastsae.models import create_sae
 from fastsae.normalize import fold_normalization
 from fastsae.trainer import SAETrainer
-
-sys.path.insert(0, str(Path(__file__).parent / "stubs"))
 
 D_IN, D_OUT, D_SAE = 13, 7, 37  # none a multiple of a block size
 IN, OUT = "blocks.1.hook_mlp_in", "blocks.1.hook_mlp_out"
@@ -303,18 +299,10 @@ def test_evaluator_measures_against_the_target():
         SAEEvaluator(sae).evaluate(x, targets=y[:10])
 
 
-def _nanochat_model(d=16):
-    from nanochat_stub import nanochat
-
-    gpt = nanochat("gpt")
-    torch.manual_seed(0)
-    return gpt.GPT(gpt.GPTConfig(n_embd=d)).eval(), gpt
-
-
-def test_loss_recovered_splices_the_prediction_in_place_of_the_mlp():
+def test_loss_recovered_splices_the_prediction_in_place_of_the_mlp(tiny):
     from fastsae.evaluator import _ce_sums, loss_recovered
 
-    model, gpt = _nanochat_model()
+    model, _ = tiny
     config = SAEConfig(d_in=16, d_sae=40, k=6, architecture="skip_transcoder", hook_point="blocks.1.hook_mlp_in",
                        output_hook_point="blocks.1.hook_mlp_out", dtype="float32")
     sae = create_sae(config).eval()
@@ -349,18 +337,15 @@ def test_loss_recovered_splices_the_prediction_in_place_of_the_mlp():
 # ---------------------------------------------------------------- paired stores and streams
 
 def _docs():
-    from fastsae.corpus import Corpus
+    from nanochat_stub import number_docs
 
-    return Corpus("words", lambda: [f"document {i} says " + "word " * (3 + i % 7) for i in range(200)], "words-200")
+    return number_docs(200)
 
 
-def test_paired_store_rows_are_one_token_each(tmp_path):
-    from nanochat_stub import nanochat
-
+def test_paired_store_rows_are_one_token_each(tiny, tmp_path):
     from fastsae.store import PairedStore, StoreMismatchError, collect_to_stores, split_store
 
-    model, _ = _nanochat_model()
-    tok = nanochat("tokenizer").ByteTokenizer()
+    model, tok = tiny
     stores = collect_to_stores(model, tok, _docs(), {IN: tmp_path / "in", OUT: tmp_path / "out"}, 1500,
                                shard_tokens=256, progress=False)
     paired = PairedStore(stores[IN], stores[OUT])
