@@ -15,6 +15,7 @@ one threshold per latent, so L0 varies per token. The loss recovered runs the sa
 for both: SAELens's saved SAE is read back by fastsae.load_sae (a JumpReLU SAE, the same encode).
 """
 import argparse
+import functools
 import itertools
 import tempfile
 import time
@@ -67,14 +68,20 @@ def train_saelens(rows, val, cfg):
         return metrics, load_sae(tmp).eval()
 
 
+@functools.lru_cache(maxsize=1)
+def _minilm():
+    from fastsae.sources import load_default_model
+
+    return load_default_model()
+
+
 def loss_recovered_on_fresh_text(sae, args, skip_tokens: int) -> float:
     """The fraction of MiniLM's loss recovered with the SAE at the hook point, on
     --loss_batches batches of 32 sequences after the first skip_tokens tokens of the corpus."""
     from fastsae.corpus import default_corpus, iter_token_batches
     from fastsae.evaluator import loss_recovered
-    from fastsae.sources import load_default_model
 
-    model, tokenizer, _ = load_default_model()
+    model, tokenizer, _ = _minilm()  # loaded once for the three runs
     batches = itertools.islice(iter_token_batches(tokenizer, default_corpus(), 128, 32, skip_tokens=skip_tokens),
                                args.loss_batches)
     return loss_recovered(model, sae, f"blocks.{args.layer}.hook_resid_post", batches)["fraction_recovered"]

@@ -17,6 +17,7 @@ so an op may run its forward on one backend and its backward on the other.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -42,8 +43,10 @@ def cache_path() -> Path:
     return Path(root) / CACHE_FILE
 
 
+@functools.lru_cache(maxsize=None)
 def device_key(device: torch.device) -> str:
-    """The device's name and the versions whose kernels and timings a choice depends on."""
+    """The device's name and the versions whose kernels and timings a choice depends on (once
+    per device: every primitive call under "auto" looks it up)."""
     from fastsae import __version__, kernels
 
     if device.type == "cuda":
@@ -144,9 +147,8 @@ def choose(primitive: str, args, kwargs, device: torch.device, implementations: 
     return name, timed[name][1]
 
 
-def auto_primitives(implementations: dict) -> types.SimpleNamespace:
-    """A primitive set whose every function picks its backend by ``choose``."""
-    from fastsae import torch_backend
+def auto_primitives(implementations: dict, names) -> types.SimpleNamespace:
+    """A primitive set of the primitives ``names``, each picking its backend by ``choose``."""
 
     def picker(primitive):
         def call(*args, **kwargs):
@@ -156,9 +158,4 @@ def auto_primitives(implementations: dict) -> types.SimpleNamespace:
         call.__name__ = primitive
         return call
 
-    names = [n for n in PRIMITIVES if hasattr(torch_backend, n)]
     return types.SimpleNamespace(**{n: picker(n) for n in names})
-
-
-PRIMITIVES = ("gather", "gather_dot", "scatter_add", "csr_gather", "csr_gather_dot", "csr_scatter_add",
-              "topk_encode", "threshold_encode", "gated_encode")

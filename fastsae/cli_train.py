@@ -283,7 +283,7 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
     from contextlib import ExitStack
 
     from fastsae.files import DirectoryLock
-    from fastsae.store import PairedStore, split_store
+    from fastsae.store import split_store
     from fastsae.trainer import _writable_dir
 
     for d in (Path(args.output_dir), *folders.values()):
@@ -296,9 +296,6 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
                 locks.enter_context(DirectoryLock(folder, "fastsae train"))
         if args.stream:
             runs = stream_activations(args, list(folders), loaded, device)
-        elif args.architecture != "sae":
-            runs = {hp: (*split_store(PairedStore(*stores), args.val_split), config, meta)
-                    for hp, (stores, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
         else:
             runs = {hp: (*split_store(store, args.val_split), config, meta)
                     for hp, (store, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
@@ -339,16 +336,12 @@ def stream_activations(args, hook_points: list[str], loaded, device) -> dict:
     STREAM_VAL_ROWS) are held out in memory, the rest stream from the model."""
     from fastsae.corpus import default_corpus, load_text_corpus
     from fastsae.data import ColumnSlice, StreamSource
-    from fastsae.hooks import hook_width
 
     model, tokenizer, info = loaded
     corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
     settings = dict(window_rows=args.stream_window, batch_size=args.collect_batch_size,
                     context_length=args.context_length)
-    targets = {hp: output_hook_point(args, hp) for hp in hook_points}
-    # Every setting is checked (each config built) before the model runs.
-    configs = {hp: sae_config(args, hook_width(model, hp), hp, targets[hp],
-                              targets[hp] and hook_width(model, targets[hp])) for hp in hook_points}
+    targets, configs = model_configs(args, model, hook_points)  # every setting checked before the model runs
     points = [p for hp in hook_points for p in (hp, targets[hp]) if p is not None]
     held = min(int(args.num_activations * args.val_split), STREAM_VAL_ROWS)
     val = StreamSource(model, tokenizer, corpus, points, held, **settings).sample(held, 0) if held else None
@@ -434,8 +427,20 @@ def sae_config(args, d_in: int, hook_point: str, output_hook_point: str | None =
                      save_every=args.save_every, **extra)
 
 
+def model_configs(args, model, hook_points) -> tuple[dict, dict]:
+    """({hook point: its transcoder's target or None}, {hook point: SAEConfig}) for the model's
+    widths at those hook points (a bad setting fails here)."""
+    from fastsae.hooks import hook_width
+
+    targets = {hp: output_hook_point(args, hp) for hp in hook_points}
+    configs = {hp: sae_config(args, hook_width(model, hp), hp, targets[hp],
+                              targets[hp] and hook_width(model, targets[hp])) for hp in hook_points}
+    return targets, configs
+
+
 def collect_activations(args, folders: dict[str, Path], loaded, device, rank: int = 0) -> dict:
-    """{hook point: (store, config, model metadata)}: --activations as given, else collected into
+    """{hook point: (store, config, model metadata)} (a transcoder's store is the PairedStore of
+    its input and target): --activations as given, else collected into
     each folder's activations/, every hook point from the same forward passes, under torchrun
     by every rank for its share of the shards (a rerun with the same settings reuses or extends
     what is on disk). Every config is built, and so every setting checked, before the
@@ -443,7 +448,7 @@ def collect_activations(args, folders: dict[str, Path], loaded, device, rank: in
     import torch.distributed as dist
 
     from fastsae.pipeline import shard_tokens
-    from fastsae.store import ActivationStore, collect_to_stores
+    from fastsae.store import ActivationStore, PairedStore, collect_to_stores
 
     if args.activations:
         (hook_point,) = folders
@@ -454,18 +459,15 @@ def collect_activations(args, folders: dict[str, Path], loaded, device, rank: in
             return {hook_point: (store, sae_config(args, store.d_in, store.hook_point), _model_metadata(store))}
         target = ActivationStore(args.target_activations, hook_point=output_hook_point(args, hook_point))
         config = sae_config(args, store.d_in, hook_point, target.hook_point, target.d_in)
-        return {hook_point: ((store, target), config, _model_metadata(store))}
+        return {hook_point: (PairedStore(store, target), config, _model_metadata(store))}
     from fastsae.corpus import default_corpus, load_text_corpus
-    from fastsae.hooks import hook_width
 
-    targets = {hp: output_hook_point(args, hp) for hp in folders}  # None for SAEs
+    model, tokenizer, info = loaded
+    targets, configs = model_configs(args, model, folders)
     store_dirs = {hp: folder / "activations" for hp, folder in folders.items()}
     # A transcoder's target is collected beside its input, in the same forward passes.
     store_dirs.update({targets[hp]: folder / "target_activations" for hp, folder in folders.items() if targets[hp]})
     corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
-    model, tokenizer, info = loaded
-    configs = {hp: sae_config(args, hook_width(model, hp), hp, targets[hp],
-                              targets[hp] and hook_width(model, targets[hp])) for hp in folders}
     widths = sorted({(c.d_in, c.d_sae) for c in configs.values()})
     if rank == 0:
         say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; "
@@ -479,7 +481,7 @@ def collect_activations(args, folders: dict[str, Path], loaded, device, rank: in
     runs = {}
     for hp in folders:
         store = ActivationStore(store_dirs[hp], hook_point=hp)
-        data = store if targets[hp] is None else (store, ActivationStore(store_dirs[targets[hp]]))
+        data = store if targets[hp] is None else PairedStore(store, ActivationStore(store_dirs[targets[hp]]))
         runs[hp] = (data, configs[hp], _model_metadata(store))
     return runs
 

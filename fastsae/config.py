@@ -135,13 +135,12 @@ class SAEConfig:
                 _check_float(name, getattr(self, name), minimum, inclusive)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        for name in _BOOLS:
-            if not (name == "normalize_decoder" and self.normalize_decoder is None) and \
-                    not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        check_hook_point(self.hook_point)
         if self.normalize_decoder is None:
             self.normalize_decoder = self.architecture == "sae"
+        for name in _BOOLS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check_hook_point(self.hook_point)
         if not isinstance(self.extra, dict):
             raise ValueError(f"extra must be a dict, got {type(self.extra).__name__}")
         if self.activation not in ACTIVATIONS:

@@ -173,15 +173,15 @@ def window_shuffled_batches(chunks, window_rows: int, batch_rows: int, seed: int
 
 class StreamSource:
     """Activations straight from the model's forward, nothing written to disk: ``num_rows``
-    tokens of the corpus after its first ``skip_tokens``, at one hook point (or, for a
-    transcoder, a pair of them: rows are [input | output], as a PairedStore serves), shuffled within
-    windows of ``window_rows`` rows (``window_shuffled_batches``); memory is one window, whatever
-    the number of tokens. Every epoch, and a resumed run, replays the corpus through the model
+    tokens of the corpus after its first ``skip_tokens``, at one hook point or at several side
+    by side (a transcoder's [input | output], as a PairedStore serves; or every SAE's of a
+    ``train_together`` run, each taking a ColumnSlice), shuffled within windows of
+    ``window_rows`` rows (``window_shuffled_batches``); memory is one window, whatever the
+    number of tokens. Every epoch, and a resumed run, replays the corpus through the model
     (a resume re-runs it up to the step it continues from)."""
 
-    def __init__(self, model, tokenizer, corpus, hook_point: str | tuple[str, str], num_rows: int, *,
-                 skip_tokens: int = 0,
-                 window_rows: int = 1 << 18, batch_size: int = 32, context_length: int = 128,
+    def __init__(self, model, tokenizer, corpus, hook_point: str | tuple[str, ...], num_rows: int, *,
+                 skip_tokens: int = 0, window_rows: int = 1 << 18, batch_size: int = 32, context_length: int = 128,
                  drop_bos: bool = False):
         from fastsae.hooks import hook_width
 
@@ -206,8 +206,8 @@ class StreamSource:
             for batch in iter_token_batches(self.tokenizer, self.corpus, self.context_length, self.batch_size,
                                             skip_tokens=self.skip_tokens):
                 run_collector_batch(collector, self.model, batch)
-                acts = torch.cat([collector.pop(hp)[0] for hp in self.hook_points], 1)
-                acts = acts[:left].float()  # a normal tensor: collected in inference mode, trained on here
+                # .float(): a normal tensor (collected in inference mode, trained on here)
+                acts = collector.pop_joined(self.hook_points)[0][:left].float()
                 left -= acts.shape[0]
                 yield acts
                 if left == 0:

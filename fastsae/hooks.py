@@ -366,6 +366,15 @@ class ActivationCollector:
         self._meta[hook_point] = {f: [] for f in _META_FIELDS}
         return acts, meta
 
+    def pop_joined(self, hook_points) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """``pop`` of several hook points of the same tokens, their activations side by side
+        ([n, d_1 + d_2 ...], e.g. a transcoder's [input | output]); the first one's metadata."""
+        popped = [self.pop(hp) for hp in hook_points]
+        acts, meta = popped[0]
+        if acts is not None and len(popped) > 1:
+            acts = torch.cat([a for a, _ in popped], 1)
+        return acts, meta
+
     def save_activations(self, path: str | os.PathLike) -> None:
         """Write activations and metadata to one safetensors file, atomically (temp file + rename)."""
         tensors = {}

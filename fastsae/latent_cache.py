@@ -238,10 +238,7 @@ def iter_activations(model, tokenizer, texts: Iterable[str], hook_point: str | t
     with collector, progress_bar(total=max_tokens, unit="tok", disable=not progress, desc="activations") as bar:
         for batch in iter_token_batches(tokenizer, texts, context_length, batch_size, skip_tokens=skip_tokens):
             run_collector_batch(collector, model, batch)
-            popped = [collector.pop(hp) for hp in hook_points]
-            acts, meta = popped[0]
-            if acts is not None and len(popped) > 1:
-                acts = torch.cat([a for a, _ in popped], 1)
+            acts, meta = collector.pop_joined(hook_points)
             if acts is not None and acts.shape[0]:
                 bar.update(acts.shape[0])
                 yield acts, meta

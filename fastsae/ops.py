@@ -111,7 +111,7 @@ def _auto_primitives() -> types.SimpleNamespace:
     candidates = {"torch": torch_backend}
     if triton_available():
         candidates = {"triton": _triton_primitives(), **candidates}
-    return autotune.auto_primitives(candidates)
+    return autotune.auto_primitives(candidates, tuple(_TRITON_MODULES))  # the primitive set's names
 
 
 def primitives(name: str):

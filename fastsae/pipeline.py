@@ -38,9 +38,10 @@ def _checked_configs(model: nn.Module, configs: dict[str, SAEConfig]) -> dict[st
         if config.d_in != width:
             raise ValueError(f"configs[{hook_point!r}].d_in is {config.d_in}, but the model's activation there has "
                              f"width {width}")
-        if config.is_transcoder and config.d_out != hook_width(model, config.output_hook_point):
+        out_width = hook_width(model, config.output_hook_point) if config.is_transcoder else config.d_out
+        if config.d_out != out_width:
             raise ValueError(f"configs[{hook_point!r}].d_out is {config.d_out}, but the model's activation at "
-                             f"{config.output_hook_point!r} has width {hook_width(model, config.output_hook_point)}")
+                             f"{config.output_hook_point!r} has width {out_width}")
         checked[hook_point] = dataclasses.replace(config, hook_point=hook_point)
     return checked
 

@@ -35,7 +35,6 @@ import signal
 import tempfile
 import threading
 import time
-import types
 import warnings
 from pathlib import Path
 
@@ -251,11 +250,12 @@ class SAETrainer:
         d_in = self.config.d_in
         return torch.cat([x[:, :d_in] * self.scale, x[:, d_in:] * self.output_scale], 1)
 
-    def _batches(self, step: int):
-        """This rank's raw batches from ``step`` to the end of that step's epoch."""
+    def _batches(self, step: int, data=None):
+        """This rank's raw batches from ``step`` to the end of that step's epoch, of this
+        trainer's data or, for train_together, of the ``data`` its ColumnSlice cuts."""
         epoch, pos = divmod(step, self.steps_per_epoch)
-        return self.data.epoch_batches(epoch, pos, self.steps_per_epoch, self.config.seed, self.global_batch,
-                                       self.rank, self.world_size)
+        return (data or self.data).epoch_batches(epoch, pos, self.steps_per_epoch, self.config.seed,
+                                                 self.global_batch, self.rank, self.world_size)
 
     def batch_at(self, step: int) -> torch.Tensor:
         """This rank's normalised batch of ``step``."""
@@ -352,6 +352,7 @@ class SAETrainer:
             while self.step < stop:
                 for x in self._batches(self.step):
                     self._advance(x, bar, stop)
+                    bar.update(1)
                     if self.step == stop or self._stop_signal is not None:
                         break
                 _raise_if_signalled([self])
@@ -390,7 +391,6 @@ class SAETrainer:
     def _advance(self, x: torch.Tensor, bar, stop: int) -> None:
         """One step on this rank's raw batch x, then the logging, evaluation and checkpoints due."""
         out = self.train_step(self._normalized(x))
-        bar.update(1)
         self._after_step(out, bar, last=self.step == stop)
 
     def _end(self) -> list[dict]:
@@ -564,8 +564,8 @@ class SAETrainer:
         Inputs are drawn with probability proportional to their squared reconstruction error;
         a dead latent's decoder row becomes the unit direction of its target (minus b_dec), its
         encoder row the same direction (a transcoder's: its input's) at 0.2x the mean alive
-        encoder norm, its biases zero, and
-        its Adam moments are cleared so stale statistics do not fling it straight away.
+        encoder norm, its biases zero, and its Adam moments are cleared so stale statistics do
+        not fling it straight away.
         """
         dead = self.dead_mask().nonzero().flatten()
         if dead.numel() == 0:
@@ -787,21 +787,17 @@ def train_together(trainers: list[SAETrainer], verbose: bool = True, resume: boo
                    first.world_size):
             raise ValueError("train_together needs the same batch, run length and seed for every SAE; "
                              f"{t.config.hook_point} differs from {first.config.hook_point}")
-    stops = [t._begin(None, resume, max_steps) for t in trainers]
+    stop = [t._begin(None, resume, max_steps) for t in trainers][0]  # the same for all: same run, same max_steps
     if len({t.step for t in trainers}) > 1:
         raise ValueError(f"the SAEs resumed at different steps ({sorted({t.step for t in trainers})}); "
                          "train them one by one to bring them level")
-    stop = stops[0]
     bar = progress_bar(total=first.total_steps, initial=first.step, disable=not verbose or first.rank != 0,
                        desc=f"train {len(trainers)} SAEs", unit="step", dynamic_ncols=True)
-    quiet = types.SimpleNamespace(update=lambda n: None, set_postfix=bar.set_postfix)
     with _stoppable(trainers, bar):
         while first.step < stop:
-            epoch, pos = divmod(first.step, first.steps_per_epoch)
-            for x in source.epoch_batches(epoch, pos, first.steps_per_epoch, first.config.seed, first.global_batch,
-                                          first.rank, first.world_size):
+            for x in first._batches(first.step, source):
                 for t in trainers:
-                    t._advance(t.data.columns(x), quiet, stop)
+                    t._advance(t.data.columns(x), bar, stop)
                 bar.update(1)
                 if first.step == stop or first._stop_signal is not None:
                     break
