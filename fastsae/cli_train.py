@@ -294,13 +294,17 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
             _writable_dir(folder)
             if rank == 0:  # one lock per run: rank 0 holds it for every rank
                 locks.enter_context(DirectoryLock(folder, "fastsae train"))
+        # --distribute-modules: SAE i is rank i % W's; the others train the other SAEs
+        owned = [hp for i, hp in enumerate(folders) if not args.distribute_modules or i % world_size == rank]
         if args.stream:
-            runs = stream_activations(args, list(folders), loaded, device)
+            if args.distribute_modules and world_size > len(folders):
+                raise ValueError(f"--stream --distribute_modules needs at least one SAE per rank: {len(folders)} "
+                                 f"hook point(s) for {world_size} ranks")
+            runs = stream_activations(args, list(folders), owned, loaded, device)
         else:
             runs = {hp: (*split_store(store, args.val_split), config, meta)
                     for hp, (store, config, meta) in collect_activations(args, folders, loaded, device, rank).items()}
-        mine = {hp: run for i, (hp, run) in enumerate(runs.items())
-                if not args.distribute_modules or i % world_size == rank}  # the others are other ranks' SAEs
+        mine = {hp: runs[hp] for hp in owned}
         reports = (0 if args.distribute_modules else rank) == 0
 
         def trainer_of(hp):
@@ -329,23 +333,32 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
     return 0
 
 
-def stream_activations(args, hook_points: list[str], loaded, device) -> dict:
-    """{hook point: (training rows, validation rows, config, model metadata)} for --stream: one
-    stream serves every hook point (and each transcoder's target) side by side, and each SAE
-    takes its columns of it (a ColumnSlice); the first --val_split of the tokens (at most
-    STREAM_VAL_ROWS) are held out in memory, the rest stream from the model."""
+def stream_activations(args, hook_points: list[str], owned: list[str], loaded, device) -> dict:
+    """{hook point: (training rows, validation rows, config, model metadata)} of the SAEs this
+    rank trains (``owned``), for --stream: one stream serves every hook point (and each
+    transcoder's target) side by side, and each SAE takes its columns of it (a ColumnSlice);
+    under torchrun the ranks share the model's forwards and keep only their SAEs' columns. The
+    first --val_split of the tokens (at most STREAM_VAL_ROWS) are held out in memory, the rest
+    stream from the model."""
     from fastsae.corpus import default_corpus, load_text_corpus
     from fastsae.data import ColumnSlice, StreamSource
+    from fastsae.trainer import SAMPLE_ROWS_MAX
 
     model, tokenizer, info = loaded
     corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
-    settings = dict(window_rows=args.stream_window, batch_size=args.collect_batch_size,
-                    context_length=args.context_length)
     targets, configs = model_configs(args, model, hook_points)  # every setting checked before the model runs
     points = [p for hp in hook_points for p in (hp, targets[hp]) if p is not None]
+    spans, start = {}, 0  # each SAE's columns in the joined hook points
+    for hp, config in configs.items():
+        spans[hp] = (start, start + config.d_in + (config.d_out if config.is_transcoder else 0))
+        start = spans[hp][1]
+    kept = None if owned == hook_points else [c for hp in owned for c in range(*spans[hp])]
+    settings = dict(window_rows=args.stream_window, batch_size=args.collect_batch_size,
+                    context_length=args.context_length, columns=kept)
     held = min(int(args.num_activations * args.val_split), STREAM_VAL_ROWS)
     val = StreamSource(model, tokenizer, corpus, points, held, **settings).sample(held, 0) if held else None
     train = StreamSource(model, tokenizer, corpus, points, args.num_activations - held, skip_tokens=held, **settings)
+    train.sample(SAMPLE_ROWS_MAX, 0)  # on every rank at once: the SAEs' samples are then kept rows
     say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; streaming "
                f"{train.num_rows} tokens at {len(points)} hook point(s) through windows of {args.stream_window} rows, "
                f"{held} held out; {len(configs)} SAE(s): {args.activation}, d_sae "
@@ -353,10 +366,10 @@ def stream_activations(args, hook_points: list[str], loaded, device) -> dict:
     meta = {"model_name": info.name, "context_size": args.context_length, "num_tokens_collected": args.num_activations,
             "corpus": {"name": getattr(corpus, "name", None), "fingerprint": getattr(corpus, "fingerprint", None)}}
     runs, start = {}, 0
-    for hp, config in configs.items():
-        stop = start + config.d_in + (config.d_out if config.is_transcoder else 0)
-        runs[hp] = (ColumnSlice(train, start, stop), None if val is None else val[:, start:stop], config, meta)
-        start = stop
+    for hp in owned:  # this rank's columns, in its SAEs' order
+        a, b = start, start + spans[hp][1] - spans[hp][0]
+        runs[hp] = (ColumnSlice(train, a, b), None if val is None else val[:, a:b], configs[hp], meta)
+        start = b
     return runs
 
 

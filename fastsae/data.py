@@ -7,10 +7,12 @@ trainer sizes its steps (every rank takes its slice of every global batch).
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
-__all__ = ["ColumnSlice", "StoreSource", "StreamSource", "TensorSource", "data_source", "split_activations",
-           "window_shuffled_batches"]
+__all__ = ["ColumnSlice", "StoreSource", "StreamSource", "TensorSource", "data_source", "model_clock",
+           "split_activations", "window_shuffled_batches"]
 
 
 class TensorSource:
@@ -178,11 +180,19 @@ class StreamSource:
     ``train_together`` run, each taking a ColumnSlice), shuffled within windows of
     ``window_rows`` rows (``window_shuffled_batches``); memory is one window, whatever the
     number of tokens. Every epoch, and a resumed run, replays the corpus through the model
-    (a resume re-runs it up to the step it continues from)."""
+    (a resume re-runs it up to the step it continues from). The first rows asked for by
+    ``sample`` are kept, so a later, smaller sample (each SAE's initialisation) costs no forward.
+
+    Under torch.distributed (world size W > 1, ``distributed=None``), rank r runs the model on
+    model batches r, r + W, ...; each round's W chunks are all-gathered, so every rank sees the
+    one-process stream, rows and order, while running 1/W of the forwards. ``columns`` (indices
+    into the joined hook points' width) keeps only those on this rank: with
+    ``--distribute-modules`` each rank keeps its own SAEs' columns. Every rank must read the
+    stream in step (the same epochs, batches and samples, in the same order)."""
 
     def __init__(self, model, tokenizer, corpus, hook_point: str | tuple[str, ...], num_rows: int, *,
                  skip_tokens: int = 0, window_rows: int = 1 << 18, batch_size: int = 32, context_length: int = 128,
-                 drop_bos: bool = False):
+                 drop_bos: bool = False, columns=None, distributed: bool | None = None):
         from fastsae.hooks import hook_width
 
         if num_rows < 1 or window_rows < 1:
@@ -191,27 +201,82 @@ class StreamSource:
         self.model, self.tokenizer, self.corpus, self.hook_point = model, tokenizer, corpus, self.hook_points[0]
         self.num_rows, self.skip_tokens, self.window_rows = int(num_rows), int(skip_tokens), int(window_rows)
         self.batch_size, self.context_length, self.drop_bos = batch_size, context_length, drop_bos
-        self.width = sum(hook_width(model, hp) for hp in self.hook_points)
+        self.full_width = sum(hook_width(model, hp) for hp in self.hook_points)
+        self.columns = None if columns is None else torch.as_tensor(columns, dtype=torch.long)
+        if self.columns is not None and (self.columns.dim() != 1 or self.columns.numel() == 0 or
+                                         int(self.columns.min()) < 0 or int(self.columns.max()) >= self.full_width):
+            raise ValueError(f"columns must be a non-empty list of indices below the hook points' width "
+                             f"{self.full_width}, got {columns!r}")
+        self.width = self.full_width if self.columns is None else self.columns.numel()
+        rank, world_size = _dist_rank_world()
+        self.rank, self.world_size = (rank, world_size) if distributed in (None, True) else (0, 1)
+        self._kept_sample = None
+        self.model_seconds, self.rows_out = 0.0, 0  # time spent waiting for the model, rows it gave
 
-    def chunks(self):
-        """The activations in corpus order, one [n, d_in] chunk per model batch; fails if the
-        corpus ends before num_rows tokens."""
+    def _model_chunks(self):
+        """Every model batch's activations in corpus order (this rank's columns), each rank
+        running the model on its share of the batches."""
         from fastsae.corpus import iter_token_batches
         from fastsae.hooks import ActivationCollector, model_device, run_collector_batch
 
+        device = model_device(self.model)
         collector = ActivationCollector(self.model, list(self.hook_points), max_activations=2**62,
-                                        device=model_device(self.model), drop_bos=self.drop_bos)
-        left = self.num_rows
+                                        device=device, drop_bos=self.drop_bos)
+        batches = iter_token_batches(self.tokenizer, self.corpus, self.context_length, self.batch_size,
+                                     skip_tokens=self.skip_tokens)
         with collector:
-            for batch in iter_token_batches(self.tokenizer, self.corpus, self.context_length, self.batch_size,
-                                            skip_tokens=self.skip_tokens):
-                run_collector_batch(collector, self.model, batch)
-                # .float(): a normal tensor (collected in inference mode, trained on here)
-                acts = collector.pop_joined(self.hook_points)[0][:left].float()
-                left -= acts.shape[0]
-                yield acts
-                if left == 0:
+            while True:
+                mine, ended = None, True
+                for r in range(self.world_size):  # one round: batch r of it runs on rank r
+                    batch = next(batches, None)
+                    ended = batch is None
+                    if ended:
+                        break
+                    if r == self.rank:
+                        run_collector_batch(collector, self.model, batch)
+                        # .float(): a normal tensor (collected in inference mode, trained on here)
+                        mine = collector.pop_joined(self.hook_points)[0].float()
+                if self.world_size == 1:
+                    if mine is None:
+                        return
+                    yield mine if self.columns is None else mine[:, self.columns.to(mine.device)]
+                else:
+                    yield from self._all_gathered(mine, device)
+                if ended:
                     return
+
+    def _all_gathered(self, mine, device):
+        """Each rank's chunk of this round (in rank order, this rank's columns)."""
+        import torch.distributed as dist
+
+        mine = torch.zeros(0, self.full_width, device=device) if mine is None else mine
+        sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([mine.shape[0]], device=device))
+        rows = max(int(n) for n in sizes)
+        padded = torch.zeros(rows, self.full_width, device=device)
+        padded[:mine.shape[0]] = mine
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        for part, n in zip(parts, sizes):
+            if int(n):
+                part = part[:int(n)]
+                yield part if self.columns is None else part[:, self.columns.to(device)]
+
+    def chunks(self):
+        """The activations in corpus order, one [n, width] chunk per model batch; fails if the
+        corpus ends before num_rows tokens."""
+        left = self.num_rows
+        source, start = self._model_chunks(), time.perf_counter()
+        for acts in source:
+            acts = acts[:left]
+            left -= acts.shape[0]
+            self.model_seconds += time.perf_counter() - start
+            self.rows_out += acts.shape[0]
+            yield acts
+            if left == 0:
+                source.close()
+                return
+            start = time.perf_counter()
         raise ValueError(f"the corpus ended {left} tokens short of the {self.num_rows} asked for streaming "
                          f"(after skipping {self.skip_tokens}): ask for fewer tokens")
 
@@ -220,15 +285,40 @@ class StreamSource:
         return _rank_slices(batches, start, steps, rank, world_size)
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
-        """The first n rows of the stream (the model runs over the first n tokens only)."""
+        """The first n rows of the stream (the model runs over the first n tokens only, once:
+        the rows are kept for later samples of at most n rows). Under torch.distributed a
+        sample larger than the kept one is a collective: every rank must ask for it."""
+        kept = self._kept_sample
+        if kept is not None and (kept.shape[0] >= n or kept.shape[0] == self.num_rows):
+            return kept[:n]
         rows, got = [], 0
-        for chunk in self.chunks():
+        chunks = self.chunks()
+        for chunk in chunks:
             rows.append(chunk[:n - got])
             got += rows[-1].shape[0]
             if got >= n:
+                chunks.close()
                 break
-        return torch.cat(rows)
+        self._kept_sample = torch.cat(rows)
+        return self._kept_sample
 
     def sequential(self, batch_size: int):
         for chunk in self.chunks():
             yield from chunk.split(batch_size)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def model_clock(data) -> tuple[float, int] | None:
+    """(seconds spent waiting for the model, rows it gave) of a StreamSource, or of the one a
+    ColumnSlice reads; None for stored activations."""
+    source = getattr(data, "source", data)
+    if isinstance(source, StreamSource):
+        return source.model_seconds, source.rows_out
+    return None

@@ -42,7 +42,7 @@ class LogLines:
 
     def __init__(self, iterable=None, total=None, desc="", unit="it", initial=0):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
-        self.n, self.postfix = initial, ""
+        self.n, self.initial, self.postfix = initial, initial, ""
         self._start = self._last = time.monotonic()
         self._closed = False
 
@@ -74,6 +74,13 @@ class LogLines:
     def _print(self) -> None:
         self._last = now = time.monotonic()
         done = f"{self.n:,}" + (f"/{self.total:,} ({100 * self.n / self.total:.0f}%)" if self.total else "")
-        rate = self.n / max(now - self._start, 1e-9)
+        rate = (self.n - self.initial) / max(now - self._start, 1e-9)
+        eta = f", ETA {_clock(round((self.total - self.n) / rate))}" if self.total and rate > 0 and \
+            self.n < self.total else ""
         extra = f" {self.postfix}" if self.postfix else ""
-        print(f"{self.desc}: {done} {self.unit}, {rate:,.1f} {self.unit}/s{extra}", file=sys.stderr, flush=True)
+        print(f"{self.desc}: {done} {self.unit}, {rate:,.1f} {self.unit}/s{eta}{extra}", file=sys.stderr, flush=True)
+
+
+def _clock(seconds: int) -> str:
+    """h:mm:ss, as tqdm prints its ETA."""
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 
 from fastsae import ops
 from fastsae.config import SAEConfig
-from fastsae.data import data_source, split_activations
+from fastsae.data import data_source, model_clock, split_activations
 from fastsae.files import atomic_save_tensors, atomic_write, atomic_write_json, atomic_write_text
 from fastsae.io import save_sae
 from fastsae.models import BaseSAE, create_sae
@@ -55,6 +55,7 @@ __all__ = ["SAETrainer", "train_sae_from_activations", "resolve_device", "split_
 INIT_SAMPLE_ROWS = 8192  # rows for the input scale and the b_dec geometric median
 RESAMPLE_SAMPLE_ROWS = 16384  # rows scored when resampling dead latents
 CALIBRATION_ROWS = 8192  # rows that set a BatchTopK SAE's inference threshold before it is evaluated or saved
+SAMPLE_ROWS_MAX = max(INIT_SAMPLE_ROWS, RESAMPLE_SAMPLE_ROWS, CALIBRATION_ROWS)  # the most a sample asks for
 RUN_FRACTION_CAP = 0.1  # dead-token threshold and warmup are capped at this fraction of the run
 DECAY_FRACTION = 0.2  # linear LR decay to 0 over the last 20% of steps (config.lr_decay)
 RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: 0.2 x mean alive encoder norm
@@ -384,6 +385,7 @@ class SAETrainer:
             self._initialise()
         self._write_config()
         self._last_log = (time.perf_counter(), self.step)
+        self._run_start = (time.perf_counter(), self.step, model_clock(self.data))
         self._last_save_time = time.monotonic()
         self.sae.train()
         return self.total_steps if max_steps is None else min(self.total_steps, int(max_steps))
@@ -438,9 +440,26 @@ class SAETrainer:
         for key in out:  # a Matryoshka SAE's FVU of each inner prefix
             if key.startswith("prefix_") and key.endswith("_fvu"):
                 record[key] = float(out[key].detach().float())
+        rates = self._model_and_sae_rates(now)
+        record.update(rates)
         self._record(record)
-        bar.set_postfix(tok_s=f"{tokens_per_s:,.0f}", fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}",
+        shown = {"tok_s": f"{tokens_per_s:,.0f}"} if not rates else {
+            "model_tok_s": f"{rates['model_tokens_per_s']:,.0f}", "sae_tok_s": f"{rates['sae_tokens_per_s']:,.0f}"}
+        bar.set_postfix(**shown, fvu=f"{record['fvu']:.4f}", l0=f"{record['l0']:.1f}",
                         dead=f"{100 * record['dead_fraction']:.1f}%", refresh=False)
+
+    def _model_and_sae_rates(self, now: float) -> dict:
+        """For a stream, since this train() call began: the model's tokens/s (rows it gave over
+        the time spent waiting for it, the all-gather under torchrun included) and the SAE
+        steps' tokens/s (tokens trained over the rest of the time; with train_together, every
+        SAE's steps). {} for stored activations."""
+        (start, start_step, then), clock = self._run_start, model_clock(self.data)
+        if clock is None or then is None or clock[0] <= then[0]:
+            return {}
+        model_s, rows = clock[0] - then[0], clock[1] - then[1]
+        sae_s = max(now - start - model_s, 1e-9)
+        return {"model_tokens_per_s": rows / model_s,
+                "sae_tokens_per_s": (self.step - start_step) * self.global_batch / sae_s}
 
     def _start_metrics(self) -> None:
         """A run that starts at step 0 starts a new metrics.jsonl (a killed run that saved no

@@ -177,14 +177,19 @@ def test_stream_trains_several_layers_from_one_forward_each_as_it_would_alone(tm
         assert not (tmp_path / "together" / f"layer_{layer}" / "activations").exists()
 
 
-@pytest.mark.parametrize("mode", [[], ["--distribute_modules"]], ids=["data-parallel", "distribute-modules"])
+MODES = {"data-parallel": [], "distribute-modules": ["--distribute_modules"],
+         "stream": ["--stream", "--stream_window", "8192"],
+         "stream-distribute-modules": ["--stream", "--stream_window", "8192", "--distribute_modules"]}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_torchrun_training_stopped_and_resumed_equals_one_uninterrupted_run(tmp_path, mode):
     from safetensors.torch import load_file
 
     ckpt = tmp_path / "base_checkpoints" / "d2"
     _nanochat_checkpoint(ckpt)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STUBS), str(REPO)]), OMP_NUM_THREADS="1")
-    flags = ["train", "--checkpoint", str(ckpt), "--layers", "0,1", *SMALL, "--num_activations", "65536", *mode]
+    flags = ["train", "--checkpoint", str(ckpt), "--layers", "0,1", *SMALL, "--num_activations", "65536", *MODES[mode]]
 
     def torchrun(out, *extra, port):
         done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -193,14 +198,31 @@ def test_torchrun_training_stopped_and_resumed_equals_one_uninterrupted_run(tmp_
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout
 
-    port = 29521 if not mode else 29524
+    def weights(run, layer):
+        return load_file(tmp_path / run / f"layer_{layer}" / "final_model" / "sae_weights.safetensors")
+
+    port = 29521 + 3 * list(MODES).index(mode)
     torchrun(tmp_path / "whole", port=port)
     assert "stopped at step 40" in torchrun(tmp_path / "parts", "--max_steps", "40", port=port + 1)
     torchrun(tmp_path / "parts", "--resume", port=port + 2)
     for layer in (0, 1):
-        a, b = (load_file(tmp_path / run / f"layer_{layer}" / "final_model" / "sae_weights.safetensors")
-                for run in ("whole", "parts"))
+        a, b = weights("whole", layer), weights("parts", layer)
         assert all(torch.equal(a[k], b[k]) for k in a), (mode, layer)
+    if "--stream" in flags:
+        # The ranks shared the model's forwards and each saw the one process's stream: with
+        # --distribute-modules each SAE is the one process's bit for bit; data parallel, to the
+        # rounding of the averaged gradients.
+        one = subprocess.run([sys.executable, "-m", "fastsae.cli", *flags, "--output_dir", str(tmp_path / "one")],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert one.returncode == 0, one.stderr[-2000:]
+        for layer in (0, 1):
+            a, b = weights("one", layer), weights("whole", layer)
+            for k in a:
+                if "--distribute_modules" in flags:
+                    assert torch.equal(a[k], b[k]), (layer, k)
+                else:
+                    torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=k)
+        assert not (tmp_path / "whole" / "layer_0" / "activations").exists()
 
 
 @pytest.mark.parametrize("args, message", [

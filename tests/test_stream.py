@@ -121,10 +121,10 @@ def test_train_together_runs_the_model_once_and_equals_training_alone(tiny, tmp_
         for name, value in _state(alone.sae).items():
             assert torch.equal(value, trainers[i].sae.state_dict()[name]), name
         assert (tmp_path / str(i) / "final_model" / "cfg.json").is_file()
-    # A pass over the 2000 tokens is 2 forwards. Alone, an SAE runs 3 passes (its initialisation
-    # sample, then 2 epochs): 6 forwards, 12 for the two. Together the epochs are shared: each
-    # SAE's sample, then 2 passes for both: 8.
-    assert len(forwards) == 6 and together_forwards == 8
+    # A pass over the 2000 tokens is 2 forwards. Together: one initialisation sample (the stream
+    # keeps it for the second SAE), then 2 epochs for both: 6. Alone, on the same stream (its
+    # sample already kept): the 2 epochs, 4 forwards each.
+    assert len(forwards) == 4 and together_forwards == 6
 
 
 def test_train_together_stops_and_resumes_bit_for_bit(tiny, tmp_path):
@@ -154,3 +154,62 @@ def test_train_together_stops_and_resumes_bit_for_bit(tiny, tmp_path):
                         for c, (a, b) in zip(_together_configs(), columns)] + [whole[0]])
     with pytest.raises(ValueError, match=r"columns \[40, 60\) are not within the source's width 48"):
         ColumnSlice(rows, 40, 60)
+
+
+def _stream_rank(rank, world_size, init_file, root, columns):
+    """One rank of a gloo group reading a stream over three hook points: its rows, the rows of
+    a kept sample, and how many forwards it ran."""
+    import json
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from nanochat_stub import tiny_model
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model, tok = tiny_model()
+        forwards = []
+        model.transformer.wte.register_forward_pre_hook(lambda *_: forwards.append(1))
+        stream = StreamSource(model, tok, docs(), (RESID0, MLP_IN, MLP_OUT), 2000, window_rows=600, batch_size=4,
+                              context_length=24, columns=None if columns is None else columns[rank])
+        sample = stream.sample(700, 0)
+        before = len(forwards)
+        rows = torch.cat(list(stream.chunks()))
+        ran = len(forwards) - before
+        batches = torch.cat(list(stream.epoch_batches(0, 0, 3, 5, 400, rank, world_size)))
+        save_file({"rows": rows, "sample": sample, "batches": batches}, str(Path(root) / f"rank{rank}.safetensors"))
+        (Path(root) / f"rank{rank}.json").write_text(json.dumps({"forwards": ran}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("columns", [None, [list(range(0, 16)), list(range(16, 48))]],
+                         ids=["every-column", "own-columns"])
+def test_ranks_share_the_streams_forwards_and_see_the_one_process_rows(tiny, tmp_path, columns):
+    import json
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    model, tok = tiny
+    alone = StreamSource(model, tok, docs(), (RESID0, MLP_IN, MLP_OUT), 2000, window_rows=600, batch_size=4,
+                         context_length=24)
+    forwards = []
+    handle = model.transformer.wte.register_forward_pre_hook(lambda *_: forwards.append(1))
+    rows = torch.cat(list(alone.chunks()))
+    handle.remove()
+    batches = torch.cat(list(alone.epoch_batches(0, 0, 3, 5, 400, 0, 1)))
+    mp.spawn(_stream_rank, args=(2, str(tmp_path / "init"), str(tmp_path), columns), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = load_file(tmp_path / f"rank{rank}.safetensors")
+        keep = slice(None) if columns is None else columns[rank]
+        assert torch.equal(got["rows"], rows[:, keep])  # every row, in the one process's order
+        assert torch.equal(got["sample"], rows[:700, keep])
+        # Data parallel (every column): rank r trains on its half of each global batch.
+        half = batches.reshape(3, 400, -1)[:, rank * 200:(rank + 1) * 200].reshape(600, -1)
+        assert torch.equal(got["batches"], half[:, keep])
+        # Reading the 2000 tokens took the one process 26 forwards; each rank ran every other one.
+        assert len(forwards) == 26
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text())["forwards"] == 13
