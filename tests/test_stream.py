@@ -44,6 +44,7 @@ def test_stream_rows_equal_a_collected_store_and_training_on_them_matches(tiny, 
 
     config = SAEConfig(d_in=16, d_sae=64, k=4, batch_size=256, num_epochs=2, dtype="float32", warmup_steps=5)
     streamed = SAETrainer(create_sae(config), config, stream, device="cpu")
+    read_before = stream.rows_out
     streamed.train(verbose=False)
 
     class Replay(TensorSource):  # the stored rows in the stream's order: what the stream must equal
@@ -62,6 +63,12 @@ def test_stream_rows_equal_a_collected_store_and_training_on_them_matches(tiny, 
     assert streamed.step == replay.step == 22
     for name, value in replay.sae.state_dict().items():
         torch.testing.assert_close(streamed.sae.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    # A stream's records split the time between the model and the SAE steps; stored rows have
+    # no model to time.
+    last = streamed.history[-1]
+    assert last["model_tokens_per_s"] > 0 and last["sae_tokens_per_s"] > last["tokens_per_s"]
+    assert stream.rows_out - read_before == 3000 + 2 * 3000  # its initialisation sample, then 2 epochs
+    assert "model_tokens_per_s" not in replay.history[-1]
 
 
 def test_stream_memory_does_not_grow_with_the_tokens(tiny):
