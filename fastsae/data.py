@@ -7,6 +7,7 @@ trainer sizes its steps (every rank takes its slice of every global batch).
 """
 from __future__ import annotations
 
+import itertools
 import time
 
 import torch
@@ -180,8 +181,8 @@ class StreamSource:
     ``train_together`` run, each taking a ColumnSlice), shuffled within windows of
     ``window_rows`` rows (``window_shuffled_batches``); memory is one window, whatever the
     number of tokens. Every epoch, and a resumed run, replays the corpus through the model
-    (a resume re-runs it up to the step it continues from). The first rows asked for by
-    ``sample`` are kept, so a later, smaller sample (each SAE's initialisation) costs no forward.
+    (a resume re-runs it up to the step it continues from). The rows read by ``sample`` (each
+    SAE's initialisation) are kept: later samples and every epoch start from them in memory.
 
     Under torch.distributed (world size W > 1, ``distributed=None``), rank r runs the model on
     model batches r, r + W, ...; each round's W chunks are all-gathered, so every rank sees the
@@ -210,12 +211,13 @@ class StreamSource:
         self.width = self.full_width if self.columns is None else self.columns.numel()
         rank, world_size = _dist_rank_world()
         self.rank, self.world_size = (rank, world_size) if distributed in (None, True) else (0, 1)
-        self._kept_sample = None
+        self._kept: list[torch.Tensor] = []  # the first chunks, read by sample
         self.model_seconds, self.rows_out = 0.0, 0  # time spent waiting for the model, rows it gave
 
-    def _model_chunks(self):
-        """Every model batch's activations in corpus order (this rank's columns), each rank
-        running the model on its share of the batches."""
+    def _model_chunks(self, skip_rounds: int = 0):
+        """The activations in corpus order (this rank's columns), one chunk per round of W
+        model batches, each rank running the model on its share of a round; the first
+        ``skip_rounds`` rounds are tokenized but not run."""
         from fastsae.corpus import iter_token_batches
         from fastsae.hooks import ActivationCollector, model_device, run_collector_batch
 
@@ -224,9 +226,11 @@ class StreamSource:
                                         device=device, drop_bos=self.drop_bos)
         batches = iter_token_batches(self.tokenizer, self.corpus, self.context_length, self.batch_size,
                                      skip_tokens=self.skip_tokens)
+        for _ in range(skip_rounds * self.world_size):
+            next(batches, None)
         with collector:
             while True:
-                mine, ended = None, True
+                start, mine, ended = time.perf_counter(), None, False
                 for r in range(self.world_size):  # one round: batch r of it runs on rank r
                     batch = next(batches, None)
                     ended = batch is None
@@ -236,17 +240,19 @@ class StreamSource:
                         run_collector_batch(collector, self.model, batch)
                         # .float(): a normal tensor (collected in inference mode, trained on here)
                         mine = collector.pop_joined(self.hook_points)[0].float()
-                if self.world_size == 1:
-                    if mine is None:
-                        return
-                    yield mine if self.columns is None else mine[:, self.columns.to(mine.device)]
-                else:
-                    yield from self._all_gathered(mine, device)
+                if self.world_size > 1:
+                    mine = self._all_gathered(mine, device)
+                if mine is not None and self.columns is not None:
+                    mine = mine[:, self.columns.to(mine.device)]
+                if mine is not None:
+                    self.model_seconds += time.perf_counter() - start
+                    self.rows_out += mine.shape[0]
+                    yield mine
                 if ended:
                     return
 
-    def _all_gathered(self, mine, device):
-        """Each rank's chunk of this round (in rank order, this rank's columns)."""
+    def _all_gathered(self, mine, device) -> torch.Tensor:
+        """Every rank's chunk of this round, joined in rank order."""
         import torch.distributed as dist
 
         mine = torch.zeros(0, self.full_width, device=device) if mine is None else mine
@@ -257,50 +263,43 @@ class StreamSource:
         padded[:mine.shape[0]] = mine
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        for part, n in zip(parts, sizes):
-            if int(n):
-                part = part[:int(n)]
-                yield part if self.columns is None else part[:, self.columns.to(device)]
+        return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
+
+    def _short_corpus(self, left: int) -> ValueError:
+        return ValueError(f"the corpus ended {left} tokens short of the {self.num_rows} asked for streaming "
+                          f"(after skipping {self.skip_tokens}): ask for fewer tokens")
 
     def chunks(self):
-        """The activations in corpus order, one [n, width] chunk per model batch; fails if the
-        corpus ends before num_rows tokens."""
+        """The activations in corpus order, one [n, width] chunk per round of model batches
+        (the kept sample's from memory); fails if the corpus ends before num_rows tokens."""
         left = self.num_rows
-        source, start = self._model_chunks(), time.perf_counter()
-        for acts in source:
+        for acts in itertools.chain(self._kept, self._model_chunks(skip_rounds=len(self._kept))):
             acts = acts[:left]
             left -= acts.shape[0]
-            self.model_seconds += time.perf_counter() - start
-            self.rows_out += acts.shape[0]
             yield acts
             if left == 0:
-                source.close()
                 return
-            start = time.perf_counter()
-        raise ValueError(f"the corpus ended {left} tokens short of the {self.num_rows} asked for streaming "
-                         f"(after skipping {self.skip_tokens}): ask for fewer tokens")
+        raise self._short_corpus(left)
 
     def epoch_batches(self, epoch, start, steps, seed, global_batch, rank, world_size):
         batches = window_shuffled_batches(self.chunks(), self.window_rows, global_batch, seed, epoch)
         return _rank_slices(batches, start, steps, rank, world_size)
 
     def sample(self, n: int, seed: int) -> torch.Tensor:
-        """The first n rows of the stream (the model runs over the first n tokens only, once:
-        the rows are kept for later samples of at most n rows). Under torch.distributed a
-        sample larger than the kept one is a collective: every rank must ask for it."""
-        kept = self._kept_sample
-        if kept is not None and (kept.shape[0] >= n or kept.shape[0] == self.num_rows):
-            return kept[:n]
-        rows, got = [], 0
-        chunks = self.chunks()
-        for chunk in chunks:
-            rows.append(chunk[:n - got])
-            got += rows[-1].shape[0]
-            if got >= n:
-                chunks.close()
-                break
-        self._kept_sample = torch.cat(rows)
-        return self._kept_sample
+        """The first n rows of the stream. The model runs over the first n tokens once: their
+        chunks are kept, for later samples of at most n rows and to start every epoch from
+        memory. Under torch.distributed a sample larger than the kept one is a collective:
+        every rank must ask for it."""
+        n, got = min(n, self.num_rows), sum(c.shape[0] for c in self._kept)
+        if got < n:
+            for chunk in self._model_chunks(skip_rounds=len(self._kept)):  # the kept ones, extended
+                self._kept.append(chunk)
+                got += chunk.shape[0]
+                if got >= n:
+                    break
+            else:
+                raise self._short_corpus(self.num_rows - got)
+        return torch.cat(self._kept)[:n]
 
     def sequential(self, batch_size: int):
         for chunk in self.chunks():

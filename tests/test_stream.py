@@ -44,7 +44,7 @@ def test_stream_rows_equal_a_collected_store_and_training_on_them_matches(tiny, 
 
     config = SAEConfig(d_in=16, d_sae=64, k=4, batch_size=256, num_epochs=2, dtype="float32", warmup_steps=5)
     streamed = SAETrainer(create_sae(config), config, stream, device="cpu")
-    read_before = stream.rows_out
+    read_before, kept_before = stream.rows_out, sum(c.shape[0] for c in stream._kept)
     streamed.train(verbose=False)
 
     class Replay(TensorSource):  # the stored rows in the stream's order: what the stream must equal
@@ -63,12 +63,32 @@ def test_stream_rows_equal_a_collected_store_and_training_on_them_matches(tiny, 
     assert streamed.step == replay.step == 22
     for name, value in replay.sae.state_dict().items():
         torch.testing.assert_close(streamed.sae.state_dict()[name], value, rtol=0, atol=0, msg=name)
-    # A stream's records split the time between the model and the SAE steps; stored rows have
-    # no model to time.
-    last = streamed.history[-1]
+    # The initialisation sample (8192 rows asked for) extended the kept first chunk (the sample of
+    # 100) to all 3000 rows: the model ran for that extension only, the epochs came from memory.
+    assert kept_before < 3000 <= sum(c.shape[0] for c in stream._kept)
+    assert stream.rows_out - read_before == sum(c.shape[0] for c in stream._kept) - kept_before
+
+
+def test_a_stream_starts_each_epoch_from_its_kept_sample_and_times_the_model(tiny):
+    model, tok = tiny
+    stream = StreamSource(model, tok, docs(2000), HOOK, 20_000, window_rows=4096)
+    config = SAEConfig(d_in=16, d_sae=64, k=4, batch_size=1000, num_epochs=2, dtype="float32")
+    trainer = SAETrainer(create_sae(config), config, stream, device="cpu", log_every=5)
+    trainer.train(verbose=False)
+    kept = sum(c.shape[0] for c in stream._kept)
+    assert 8192 <= kept < 20_000  # the initialisation sample, in whole model batches
+    # Each epoch reads the rest from the model (its last batch in full: up to a chunk more).
+    per_epoch = (stream.rows_out - kept) / 2
+    assert 20_000 - kept <= per_epoch < 20_000 - kept + max(c.shape[0] for c in stream._kept)
+    # Its records split the time between the model and the SAE steps; stored rows have no model.
+    last = trainer.history[-1]
     assert last["model_tokens_per_s"] > 0 and last["sae_tokens_per_s"] > last["tokens_per_s"]
-    assert stream.rows_out - read_before == 3000 + 2 * 3000  # its initialisation sample, then 2 epochs
-    assert "model_tokens_per_s" not in replay.history[-1]
+    rows = torch.cat(list(stream.chunks()))
+    alone = StreamSource(model, tok, docs(2000), HOOK, 20_000)
+    assert torch.equal(rows, torch.cat(list(alone.chunks())))  # memory, then the model: the same rows
+    stored = SAETrainer(create_sae(config), config, rows, device="cpu", log_every=5)
+    stored.train(verbose=False)
+    assert "model_tokens_per_s" not in stored.history[-1]
 
 
 def test_stream_memory_does_not_grow_with_the_tokens(tiny):
@@ -112,6 +132,7 @@ def test_train_together_runs_the_model_once_and_equals_training_alone(tiny, tmp_
     from fastsae.trainer import train_together
 
     model, tok = tiny
+    monkeypatch.setattr("fastsae.trainer.INIT_SAMPLE_ROWS", 500)  # a sample of 1 of the 2 model batches
     stream = StreamSource(model, tok, docs(), (RESID0, MLP_IN, MLP_OUT), 2000, window_rows=600)
     columns = [(0, 16), (16, 48)]  # the SAE's resid_post; the transcoder's [mlp_in | mlp_out]
     forwards = []
@@ -128,10 +149,10 @@ def test_train_together_runs_the_model_once_and_equals_training_alone(tiny, tmp_
         for name, value in _state(alone.sae).items():
             assert torch.equal(value, trainers[i].sae.state_dict()[name]), name
         assert (tmp_path / str(i) / "final_model" / "cfg.json").is_file()
-    # A pass over the 2000 tokens is 2 forwards. Together: one initialisation sample (the stream
-    # keeps it for the second SAE), then 2 epochs for both: 6. Alone, on the same stream (its
-    # sample already kept): the 2 epochs, 4 forwards each.
-    assert len(forwards) == 4 and together_forwards == 6
+    # A pass over the 2000 tokens is 2 forwards. Together: the initialisation sample's (kept, for
+    # the second SAE and as the start of every epoch), then the second batch of each epoch, for
+    # both SAEs: 3. Alone, on the same stream: the second batch of each of its 2 epochs.
+    assert len(forwards) == 2 and together_forwards == 3
 
 
 def test_train_together_stops_and_resumes_bit_for_bit(tiny, tmp_path):
@@ -181,10 +202,10 @@ def _stream_rank(rank, world_size, init_file, root, columns):
         model.transformer.wte.register_forward_pre_hook(lambda *_: forwards.append(1))
         stream = StreamSource(model, tok, docs(), (RESID0, MLP_IN, MLP_OUT), 2000, window_rows=600, batch_size=4,
                               context_length=24, columns=None if columns is None else columns[rank])
-        sample = stream.sample(700, 0)
         before = len(forwards)
         rows = torch.cat(list(stream.chunks()))
         ran = len(forwards) - before
+        sample = stream.sample(700, 0)
         batches = torch.cat(list(stream.epoch_batches(0, 0, 3, 5, 400, rank, world_size)))
         save_file({"rows": rows, "sample": sample, "batches": batches}, str(Path(root) / f"rank{rank}.safetensors"))
         (Path(root) / f"rank{rank}.json").write_text(json.dumps({"forwards": ran}))
