@@ -92,12 +92,15 @@ def sparse_cases():
         "gather_dot": (sparse_matmul._gather_dot_kernel.fn, sparse_matmul.GATHER_DOT_CONFIGS,
                        ("g_ptr", "w_ptr", "out_ptr"), {"K": 64}),
         "scatter_add": (sparse_matmul._scatter_kernel.fn, sparse_matmul.SCATTER_CONFIGS,
-                        ("values_ptr", "g_ptr", "out_ptr"), {}),
+                        ("values_ptr", "g_ptr", "out_ptr"), {"CHUNK": sparse_matmul.SCATTER_CHUNK}),
+        "scatter_combine": (sparse_matmul._scatter_combine_kernel.fn, sparse_matmul.SCATTER_CONFIGS,
+                            ("out_ptr",), {"CHUNK": sparse_matmul.SCATTER_CHUNK}),
     }
     for name, (fn, configs, float_ptrs, extra) in kernels.items():
         for dtype in ("bf16", "fp32"):
             pointers = {p: (FLOAT[dtype] if p in float_ptrs else "*i64") for p in fn.arg_names if p.endswith("_ptr")}
             pointers["bias_ptr"] = FLOAT[dtype]
+            pointers["partial_ptr"] = "*fp32"  # the scatter's partial sums are always float32
             for csr in ((False, True) if "IS_CSR" in fn.arg_names else (None,)):
                 for cfg in configs:
                     constexprs = dict(extra, **cfg.kwargs)

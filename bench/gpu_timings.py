@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fastsae import ops
+from fastsae.kernels import sparse_matmul
 
 TARGET = dict(N=16384, d=4096, m=131072, k=64, dtype=torch.bfloat16)
 TINY = dict(N=16, d=16, m=600, k=4, dtype=torch.float32)
@@ -81,14 +82,22 @@ def cases(s, device):
     W_dec = W.clone().requires_grad_()
     values.requires_grad_()
 
-    def sparse_decode():
+    # The same indices every call: forget their grouping, as a train step's new code would.
+    def sparse_decode(indices=indices):
+        sparse_matmul._last_grouping = None
         ops.sparse_decode(values, indices, W_dec, b_dec, backend="triton").sum().backward()
 
-    def dense_decode():
+    def dense_decode(indices=indices):
         dense = torch.zeros(s["N"], s["m"], device=device, dtype=s["dtype"]).scatter(1, indices, values)
         (dense @ W_dec + b_dec).sum().backward()
 
     yield "decode_fwd_bwd", sparse_decode, dense_decode
+    # One hot latent in every row (N entries on latent 0): its weight gradient is reduced in
+    # pieces of SCATTER_CHUNK entries, not by one program.
+    hot = indices.clone()
+    hot[:, 0] = 0
+    hot[:, 1:][hot[:, 1:] == 0] = 1
+    yield "decode_fwd_bwd_hot_latent", lambda: sparse_decode(hot), lambda: dense_decode(hot)
     cut = torch.full((s["m"],), 0.5, device=device, dtype=s["dtype"])
 
     def torch_threshold():

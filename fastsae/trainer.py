@@ -59,6 +59,12 @@ SAMPLE_ROWS_MAX = max(INIT_SAMPLE_ROWS, RESAMPLE_SAMPLE_ROWS, CALIBRATION_ROWS) 
 RUN_FRACTION_CAP = 0.1  # dead-token threshold and warmup are capped at this fraction of the run
 DECAY_FRACTION = 0.2  # linear LR decay to 0 over the last 20% of steps (config.lr_decay)
 RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: 0.2 x mean alive encoder norm
+# A TopK-kind SAE's b_enc starts at minus this fraction of each latent's (1 - k / d_sae) quantile
+# of pre-activations on the initialisation sample, so every latent starts near the firing rate
+# TopK allows: latents whose directions see little variance are not outcompeted from step 1.
+# On MiniLM block 3 at 89 steps: d_sae 12288 dead 2.7% -> 0.2%, FVU 0.137 -> 0.122; d_sae
+# 3072 at 178 steps FVU 0.120 -> 0.116. The full quantile (1.0) cost FVU on longer runs.
+ENCODER_BIAS_BALANCE = 0.5
 AUX_CHECK_EVERY = 10  # steps between host reads of the dead-latent count (AuxK runs only while it is > 0)
 _NEVER = 2**62  # "no bad step yet"
 _AUXK = ("topk", "batchtopk", "matryoshka_batchtopk")
@@ -136,6 +142,15 @@ def _make_optimizer(name: str, params, lr: float, device: torch.device):
     optimizer = AdamWScheduleFree(params, lr=lr, betas=SCHEDULE_FREE_BETAS, warmup_steps=0)
     optimizer.train()
     return optimizer
+
+
+def _column_quantiles(x: torch.Tensor, weight: torch.Tensor, q: float, chunk_bytes: int = 1 << 28) -> torch.Tensor:
+    """The q-quantile (the ceil(q n)-th smallest value) of each column of x @ weight.T, a
+    block of latents at a time (a [n, d_sae] product can be gigabytes)."""
+    n = x.shape[0]
+    rank = min(max(math.ceil(q * n), 1), n)
+    step = max(1, chunk_bytes // (4 * n))
+    return torch.cat([(x @ w.t()).kthvalue(rank, dim=0).values for w in weight.split(step)])
 
 
 def _dist_info() -> tuple[int, int]:
@@ -276,6 +291,10 @@ class SAETrainer:
         self.output_scale = self.scale if not self.config.is_transcoder else (
             estimate_norm_scale(targets) if normalize else 1.0)
         self.sae.b_dec.copy_(geometric_median(targets * self.output_scale).to(self.device))
+        if self.config.activation in _AUXK and not self.config.is_transcoder:
+            x = inputs.to(self.device) * self.scale - self.sae.b_dec
+            rate = min(self.config.k / self.sae.d_sae, 1.0)
+            self.sae.b_enc.copy_(-ENCODER_BIAS_BALANCE * _column_quantiles(x, self.sae.enc_weight, 1 - rate))
         if self.config.is_transcoder:
             # No b_dec is subtracted from a transcoder's input, so the encoder bias centres the
             # pre-activations instead: an MLP input's large mean would otherwise keep the

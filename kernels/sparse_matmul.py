@@ -364,37 +364,128 @@ SCATTER_CONFIGS = [_cfg(BLOCK_D=bd, BLOCK_K=bk, num_warps=w) for bd, bk, w in
      ((128, 8, 4), (256, 8, 4), (512, 8, 8))]
 
 
+# A latent with more entries than this is reduced by several programs, SCATTER_CHUNK entries
+# each, then summed in a second pass: one popular latent (16k entries at N 16384) would
+# otherwise be a single program's serial loop, a tail all other programs wait for.
+SCATTER_CHUNK = 1024
+
+
 @_autotune(
     SCATTER_CONFIGS,
     _cfg(BLOCK_D=64, BLOCK_K=16),
     key=["d"],
 )
 @triton.jit
-def _scatter_kernel(values_ptr, rows_ptr, latent_offsets_ptr, g_ptr, out_ptr,
-                    d, stride_g, stride_out,
-                    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+def _scatter_kernel(values_ptr, rows_ptr, latent_offsets_ptr, prog_latent_ptr, prog_first_ptr, slot_ptr,
+                    g_ptr, out_ptr, partial_ptr, num_latents, d, stride_g, stride_out,
+                    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
     # The entries of latent m sit at [latent_offsets[m], latent_offsets[m+1]) of the
-    # latent-sorted arrays: a CSC view of the code. This program owns out[m, tile]
-    # outright, so a plain store replaces float atomics and the sum order is fixed.
-    lat = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < d
-    start = tl.load(latent_offsets_ptr + lat)
-    end = tl.load(latent_offsets_ptr + lat + 1)
-    acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
-    for j0 in range(start, end, BLOCK_K):
-        j = j0 + tl.arange(0, BLOCK_K)
-        j_ok = j < end
-        r = tl.load(rows_ptr + j, mask=j_ok, other=0)
-        v = tl.load(values_ptr + j, mask=j_ok, other=0.0).to(tl.float32)
-        gv = tl.load(g_ptr + r[:, None] * stride_g + cols[None, :],
-                     mask=j_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
-        acc += v[:, None] * gv
-    tl.store(out_ptr + lat * stride_out + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=col_ok)
+    # latent-sorted arrays: a CSC view of the code. Program p reduces piece p - first[m] of
+    # its latent m (CHUNK entries): a latent of one piece is stored to out[m] outright (no
+    # float atomics, a fixed sum order); a piece of a longer one goes to its partial slot.
+    p = tl.program_id(0).to(tl.int64)
+    lat = tl.load(prog_latent_ptr + p).to(tl.int64)
+    if lat < num_latents:
+        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        col_ok = cols < d
+        first = tl.load(prog_first_ptr + lat)
+        lat_start = tl.load(latent_offsets_ptr + lat)
+        lat_end = tl.load(latent_offsets_ptr + lat + 1)
+        start = lat_start + (p - first) * CHUNK
+        end = tl.minimum(lat_end, start + CHUNK)
+        acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+        for j0 in range(start, end, BLOCK_K):
+            j = j0 + tl.arange(0, BLOCK_K)
+            j_ok = j < end
+            r = tl.load(rows_ptr + j, mask=j_ok, other=0)
+            v = tl.load(values_ptr + j, mask=j_ok, other=0.0).to(tl.float32)
+            gv = tl.load(g_ptr + r[:, None] * stride_g + cols[None, :],
+                         mask=j_ok[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+            acc += v[:, None] * gv
+        total = tl.sum(acc, axis=0)
+        if lat_end - lat_start <= CHUNK:
+            tl.store(out_ptr + lat * stride_out + cols, total.to(out_ptr.dtype.element_ty), mask=col_ok)
+        else:
+            slot = tl.load(slot_ptr + p).to(tl.int64)
+            tl.store(partial_ptr + slot * d + cols, total, mask=col_ok)
+
+
+@_autotune(
+    SCATTER_CONFIGS,
+    _cfg(BLOCK_D=64, BLOCK_K=16),
+    key=["d"],
+)
+@triton.jit
+def _scatter_combine_kernel(long_latents_ptr, latent_offsets_ptr, first_slot_ptr, partial_ptr, out_ptr,
+                            num_latents, d, stride_out,
+                            CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Program q sums, in piece order, the partials of the q-th latent of more than one piece.
+    lat = tl.load(long_latents_ptr + tl.program_id(0)).to(tl.int64)
+    if lat < num_latents:
+        count = tl.load(latent_offsets_ptr + lat + 1) - tl.load(latent_offsets_ptr + lat)
+        if count > CHUNK:
+            cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+            col_ok = cols < d
+            first = tl.load(first_slot_ptr + lat).to(tl.int64)
+            acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+            for s in range(0, tl.cdiv(count, CHUNK)):
+                acc += tl.load(partial_ptr + (first + s) * d + cols, mask=col_ok, other=0.0)
+            tl.store(out_ptr + lat * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+class _Grouping:
+    """A code's entries grouped by latent, and the pieces the scatter kernel splits them into;
+    all device arrays, sized from shapes alone (no host read)."""
+
+    def __init__(self, latents, num_rows, k, row_ids, chunk):
+        nnz, device = latents.numel(), latents.device
+        # A stable sort keeps each latent's entries in (row, slot) order, so the reduction order
+        # (and the result, bit for bit) depends only on the code, not on the sort's scheduling.
+        sorted_latents, self.order = torch.sort(latents, stable=True)
+        self.rows = self.order // k if row_ids is None else row_ids[self.order]
+        # searchsorted instead of bincount: bincount on CUDA reads the maximum back to the host.
+        bounds = torch.arange(num_rows + 1, device=device, dtype=sorted_latents.dtype)
+        self.latent_offsets = torch.searchsorted(sorted_latents, bounds)
+        counts = self.latent_offsets[1:] - self.latent_offsets[:-1]
+        pieces = torch.clamp((counts + chunk - 1) // chunk, min=1)  # an empty latent: one piece of zeros
+        ends = torch.cumsum(pieces, 0)
+        self.prog_first = ends - pieces
+        # At most num_rows + nnz / chunk pieces: the grid, whatever the code; the programs past
+        # the last piece find latent num_rows and return.
+        self.programs = num_rows + triton.cdiv(nnz, chunk)
+        self.prog_latent = torch.searchsorted(ends, torch.arange(self.programs, device=device), right=True)
+        long = pieces > 1
+        in_long = long[self.prog_latent.clamp(max=num_rows - 1)] & (self.prog_latent < num_rows)
+        self.slot = torch.cumsum(in_long, 0) - 1  # consecutive per latent, in piece order
+        self.first_slot = self.slot[self.prog_first.clamp(max=self.programs - 1)]
+        # Latents of several pieces have over `chunk` entries each: at most nnz / chunk of them
+        # (and at most all of them), and their pieces at most 2 nnz / chunk.
+        self.long_count = max(1, min(num_rows, triton.cdiv(nnz, chunk)))
+        self.long_latents = torch.argsort((~long).to(torch.int8), stable=True)[:self.long_count]
+        self.partial_rows = 2 * triton.cdiv(nnz, chunk)
+        self._key = None
+
+
+# The last grouping and the index tensor it came from: a train step scatters along one code's
+# indices three times (the decoder's weight gradient, the encoder's, and its bias's), so they
+# are sorted once. Reused only for the same storage at the same version (a live reference is
+# kept, so the memory cannot be reused by another tensor meanwhile).
+_last_grouping: tuple | None = None
+
+
+def _grouping(latents, num_rows, k, row_ids, chunk) -> _Grouping:
+    global _last_grouping
+    key = (latents.data_ptr(), latents.shape, latents.stride(), latents.dtype, latents.device, latents._version,
+           num_rows, k, None if row_ids is None else (row_ids.data_ptr(), row_ids._version), chunk)
+    if _last_grouping is not None and _last_grouping[0] == key:
+        return _last_grouping[2]
+    grouping = _Grouping(latents, num_rows, k, row_ids, chunk)
+    _last_grouping = (key, (latents, row_ids), grouping)
+    return grouping
 
 
 def _launch_scatter(values, latents, g, num_rows, k=None, row_ids=None):
-    """Group the flat entries by latent, then reduce per latent.
+    """Group the flat entries by latent, then reduce per latent (long latents in pieces).
 
     The row of flat entry e is ``e // k`` for a fixed-k code, ``row_ids[e]`` for CSR.
     """
@@ -402,19 +493,23 @@ def _launch_scatter(values, latents, g, num_rows, k=None, row_ids=None):
     out = torch.empty(num_rows, d, dtype=g.dtype, device=g.device)
     if out.numel() == 0:
         return out
-    # A stable sort keeps each latent's entries in (row, slot) order, so the reduction order
-    # (and the result, bit for bit) depends only on the code, not on the sort's scheduling.
-    sorted_latents, order = torch.sort(latents, stable=True)
-    rows = order // k if row_ids is None else row_ids[order]
-    values = values[order]
-    # searchsorted instead of bincount: bincount on CUDA reads the maximum back to the host.
-    bounds = torch.arange(num_rows + 1, device=g.device, dtype=sorted_latents.dtype)
-    latent_offsets = torch.searchsorted(sorted_latents, bounds)
+    chunk = SCATTER_CHUNK
+    grouping = _grouping(latents, num_rows, k, row_ids, chunk)
+    values = values[grouping.order]
+    partial = torch.empty(grouping.partial_rows, d, dtype=torch.float32, device=g.device)
 
     def grid(meta):
-        return (num_rows, triton.cdiv(d, meta["BLOCK_D"]))
+        return (grouping.programs, triton.cdiv(d, meta["BLOCK_D"]))
 
-    _scatter_kernel[grid](values, rows, latent_offsets, g, out, d, g.stride(0), out.stride(0))
+    _scatter_kernel[grid](values, grouping.rows, grouping.latent_offsets, grouping.prog_latent,
+                          grouping.prog_first, grouping.slot, g, out, partial, num_rows, d, g.stride(0),
+                          out.stride(0), CHUNK=chunk)
+
+    def combine_grid(meta):
+        return (grouping.long_count, triton.cdiv(d, meta["BLOCK_D"]))
+
+    _scatter_combine_kernel[combine_grid](grouping.long_latents, grouping.latent_offsets, grouping.first_slot,
+                                          partial, out, num_rows, d, out.stride(0), CHUNK=chunk)
     return out
 
 

@@ -260,6 +260,43 @@ def test_scatter_add_is_deterministic(device):
     assert torch.equal(first, sm.csr_scatter_add(v.reshape(-1), i.reshape(-1), offsets, g, m))
 
 
+@pytest.mark.parametrize("chunk", [1, 5, 16])
+def test_a_hot_latent_is_reduced_in_pieces(device, monkeypatch, chunk):
+    """A latent holding 80% of the entries (about 210) is split into pieces of `chunk` entries,
+    summed in piece order: the dense result, bit for bit the same on a rerun; latents of one
+    piece, empty latents and CSR rows of every length too."""
+    monkeypatch.setattr(sm, "SCATTER_CHUNK", chunk)
+    n, d, m, k = 33, 70, 50, 8
+    values, indices = pairs_code(n, m, k, "skewed", seed=5)
+    g = torch.randn(n, d, generator=_gen(6))
+    v, i, g_ = _to(device, values, indices, g)
+    out = sm.scatter_add(v, i, g_, m)
+    close(out, dense_code(values, indices, m).T @ g.double())
+    assert torch.equal(out, sm.scatter_add(v.clone(), i.clone(), g_, m))  # a new grouping, the same sums
+    cv, ci, co = csr_code(n, m, random_lengths(n, 40, seed=3), seed=4, skewed=True)
+    cv_, ci_, co_ = _to(device, cv, ci, co)
+    close(sm.csr_scatter_add(cv_, ci_, co_, g_, m), dense_code(cv, ci, m, co).T @ g.double())
+
+
+def test_a_code_is_grouped_once_for_its_scatters(device, monkeypatch):
+    """The decoder's and the encoder's weight gradients and the bias's scatter along the same
+    indices: one sort; indices changed in place (a new version) are grouped again."""
+    sorts = []
+    real_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *a, **kw: sorts.append(1) or real_sort(*a, **kw))
+    n, d, m, k = 9, 12, 20, 3
+    values, indices = pairs_code(n, m, k, "repeat", seed=1)
+    v, i, g = _to(device, values, indices, torch.randn(n, d, generator=_gen(2)))
+    first = sm.scatter_add(v, i, g, m)
+    sm.scatter_add(v * 2, i, g[:, :5].contiguous(), m)
+    sm.scatter_add(v, i.reshape(-1)[None].reshape(n, k), g, m)  # another view of the same indices
+    assert len(sorts) == 1
+    i[0, 0] = (i[0, 0] + 1) % m
+    changed = sm.scatter_add(v, i, g, m)
+    assert len(sorts) == 2 and not torch.equal(changed, first)
+    close(changed, dense_code(values, i.cpu(), m).T @ g.cpu().double())
+
+
 @pytest.mark.skipif(not CUDA, reason="bigger shapes: only meaningful (and fast) on a GPU")
 def test_scatter_add_is_deterministic_at_scale():
     n, d, m, k = 4096, 1024, 8192, 32
