@@ -147,8 +147,11 @@ def _encode_kernel(
     pre = acc + tl.load(bias_ptr + cols, mask=col_ok, other=0.0)[None, :]
     if MODE == GROUP_MAX:
         # Maxima of relu(pre) over groups of GROUP latents, into val_ptr[N, cdiv(m, GROUP)]
-        # (padding columns read -1, below every ReLU value).
-        r = tl.where(col_ok[None, :], tl.maximum(pre, 0.0), -1.0)
+        # (padding columns read -1, below every ReLU value). A NaN counts as +inf: the GPU's
+        # max.f32 would drop it and the interpreter's max keep it; +inf is kept by both (its
+        # row's cut then keeps too few entries, and the launcher redoes the row in torch).
+        r = tl.where(pre != pre, float("inf"), tl.where(pre < 0.0, 0.0, pre))
+        r = tl.where(col_ok[None, :], r, -1.0)
         gmax = tl.max(tl.reshape(r, [BLOCK_M, BLOCK_N // GROUP, GROUP]), axis=2)
         groups = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
         ok = row_ok[:, None] & (groups[None, :] * GROUP < m_lat)
@@ -186,7 +189,8 @@ def _encode_kernel(
     if MODE == GATED:
         scale = tl.load(scale_ptr + cols, mask=col_ok, other=0.0)
         bmag = tl.load(bmag_ptr + cols, mask=col_ok, other=0.0)
-        mag = tl.maximum(pre * scale[None, :] + bmag[None, :], 0.0)
+        mag = pre * scale[None, :] + bmag[None, :]
+        mag = tl.where(mag < 0.0, 0.0, mag)  # a ReLU that keeps NaN (max.f32 on a GPU would not)
         tl.store(val_ptr + buf, mag.to(val_ptr.dtype.element_ty), mask=store)
         pi_ptr += row0 * stride_buf
         tl.store(pi_ptr + buf, pre.to(pi_ptr.dtype.element_ty), mask=store)
@@ -513,7 +517,9 @@ def _topk_by_cutoff(x, W, bias, k):
     gmax = _group_maxima(x, W, bias, m_sub)
     c = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
     cut = c - 2 * _accumulation_error(x, W, bias)
-    hard = cut <= 0  # ReLU zeros decide the row's tail: computed densely below
+    # Computed densely below: rows whose tail ReLU zeros decide (cut <= 0), and rows with a NaN
+    # pre-activation (a group maximum of +inf, or a NaN bound), which torch ranks first.
+    hard = ~(cut > 0) | torch.isinf(gmax).any(1)
     cut = cut.masked_fill(hard, float("inf")).contiguous()
     capacity = min(m, 1 << max(1, (int(SURVIVOR_SLACK * k * m / m_sub) - 1).bit_length()))
     (cols, vals), row_offsets, _ = _encode(x, W, bias, cut, None, None, None, capacity, ROW_CUT.value)

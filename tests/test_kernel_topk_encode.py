@@ -284,3 +284,17 @@ def test_dense_fallback_takes_bf16_encoders_in_chunks(m, d):
     want_v, want_i = R.stable_topk(torch.relu(x.float() @ W.float().t() + b.float()), 8)
     torch.testing.assert_close(values, want_v, rtol=1e-5, atol=1e-5)
     assert torch.equal(indices, want_i)
+
+
+@pytest.mark.parametrize("d_sae", [50, 600])
+def test_a_nan_weight_row_ranks_as_torch_ranks_it(device, d_sae):
+    """ops checks x for NaN before any kernel; a NaN inside the encoder (a diverged weight row)
+    reaches the kernel, which must rank it as torch does (NaN first) compiled or interpreted:
+    its group maximum counts as +inf, and such rows are redone in torch."""
+    x, W, b, bd = make(5, 19, d_sae, device, seed=4)
+    W[d_sae // 3, 2] = float("nan")
+    got = topk_encode(x, W, b, bd, 6)
+    want = dense_reference(x, W, b, bd, 6)
+    assert torch.equal(got[1].cpu(), want[1].cpu()) and (got[1][:, 0] == d_sae // 3).all()
+    assert got[0][:, 0].isnan().all()
+    torch.testing.assert_close(got[0][:, 1:].cpu().double(), want[0][:, 1:].cpu().double(), atol=1e-4, rtol=1e-5)
