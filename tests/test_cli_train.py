@@ -225,6 +225,18 @@ def test_torchrun_training_stopped_and_resumed_equals_one_uninterrupted_run(tmp_
         assert not (tmp_path / "whole" / "layer_0" / "activations").exists()
 
 
+def test_stream_distribute_modules_needs_an_sae_per_rank(tmp_path):
+    ckpt = tmp_path / "base_checkpoints" / "d2"
+    _nanochat_checkpoint(ckpt)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(STUBS), str(REPO)]), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29540", "-m", "fastsae.cli", "train", "--checkpoint", str(ckpt), "--layer", "1", *SMALL,
+                           "--stream", "--distribute_modules", "--output_dir", str(tmp_path / "out")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "--stream --distribute_modules needs at least one SAE per rank: 1 hook point(s) for 2 ranks" in done.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--layers", "0,9"], "--layers 9 is out of range: the model has 6 layers (0 to 5)"),
     (["--layer", "1", "--layers", "0"], "give one of --layer, --layers or --hook_points"),
