@@ -43,7 +43,7 @@ from bench import saelens_recipe
 from bench.sparsify_recipe import INSTALL_HINT, SparsifyRun, import_sparsify
 from fastsae import SAEConfig, create_sae
 from fastsae.files import atomic_save_tensors
-from fastsae.trainer import RUN_FRACTION_CAP, SAETrainer, split_activations
+from fastsae.trainer import DEAD_FRACTION_CAP, RUN_FRACTION_CAP, SAETrainer, split_activations
 
 LIBRARIES = ("fastsae", "sparsify", "saelens")
 
@@ -105,7 +105,7 @@ def train_sparsify(train, val, cfg, device, optimizer="signum", auxk=False):
     run = SparsifyRun(cfg.d_in, cfg.d_sae, cfg.k, device, steps, optimizer,
                       warmup_steps=min(cfg.warmup_steps, int(RUN_FRACTION_CAP * steps)),
                       auxk_alpha=cfg.aux_k_coefficient if auxk else 0.0,
-                      dead_after_tokens=min(cfg.dead_tokens_threshold, int(RUN_FRACTION_CAP * steps * cfg.batch_size)),
+                      dead_after_tokens=min(cfg.dead_tokens_threshold, int(DEAD_FRACTION_CAP * steps * cfg.batch_size)),
                       seed=cfg.seed)
     return fit_and_evaluate(run, train, val, cfg, device), steps
 

@@ -243,8 +243,12 @@ def test_resample_geometry_and_adam_reset(optimizer):
 
 def test_dead_threshold_is_capped_for_short_runs():
     x, _ = sparse_dictionary_data(n=2048)
-    trainer = make_trainer(x, small_config(num_epochs=2))  # 16 steps x 256 tokens
-    assert trainer.dead_tokens_threshold == int(0.1 * 16 * 256)
+    trainer = make_trainer(x, small_config(num_epochs=4))  # 32 steps x 256 tokens
+    assert trainer.dead_tokens_threshold == int(0.05 * 32 * 256)  # an SAE: 5% of the run
+    assert make_trainer(x, small_config(num_epochs=1)).dead_tokens_threshold == 256  # at least a batch
+    transcoder = small_config(num_epochs=4, architecture="transcoder", d_out=32, hook_point="blocks.0.hook_mlp_in",
+                              output_hook_point="blocks.0.hook_mlp_out")
+    assert make_trainer(torch.cat([x, x], 1), transcoder).dead_tokens_threshold == int(0.1 * 32 * 256)
 
 
 # ----------------------------------------------------------------------------- decoder geometry
