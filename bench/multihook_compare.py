@@ -55,7 +55,7 @@ def run_fastsae(model, tokenizer, layers, tokens, expansion, k) -> float:
     trainers = []
     for i, hp in enumerate(hook_points):
         config = SAEConfig(d_in=384, expansion_factor=expansion, k=k, batch_size=ROWS_PER_BATCH * CONTEXT,
-                           hook_point=hp, dtype="float32")
+                           num_epochs=1, hook_point=hp, dtype="float32")  # one pass, as sparsify's fit
         trainers.append(SAETrainer(create_sae(config), config, ColumnSlice(stream, 384 * i, 384 * (i + 1)),
                                    device="cpu", log_every=10**9, checkpoint_minutes=None))
     train_together(trainers, verbose=False)
