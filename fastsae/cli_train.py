@@ -342,7 +342,7 @@ def stream_activations(args, hook_points: list[str], owned: list[str], loaded, d
     stream from the model."""
     from fastsae.corpus import default_corpus, load_text_corpus
     from fastsae.data import ColumnSlice, StreamSource
-    from fastsae.trainer import SAMPLE_ROWS_MAX
+    from fastsae.trainer import sample_rows_needed
 
     model, tokenizer, info = loaded
     corpus = load_text_corpus(args.corpus) if args.corpus else default_corpus()
@@ -358,7 +358,8 @@ def stream_activations(args, hook_points: list[str], owned: list[str], loaded, d
     held = min(int(args.num_activations * args.val_split), STREAM_VAL_ROWS)
     val = StreamSource(model, tokenizer, corpus, points, held, **settings).sample(held, 0) if held else None
     train = StreamSource(model, tokenizer, corpus, points, args.num_activations - held, skip_tokens=held, **settings)
-    train.sample(SAMPLE_ROWS_MAX, 0)  # on every rank at once: the SAEs' samples are then kept rows
+    # On every rank at once: the SAEs' samples are then kept rows, read from memory.
+    train.sample(max(sample_rows_needed(c) for c in configs.values()), 0)
     say(args, f"model: {info.name} ({info.n_layers} layers, d_model {info.d_model}) on {device}; streaming "
                f"{train.num_rows} tokens at {len(points)} hook point(s) through windows of {args.stream_window} rows, "
                f"{held} held out; {len(configs)} SAE(s): {args.activation}, d_sae "

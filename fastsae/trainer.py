@@ -55,7 +55,6 @@ __all__ = ["SAETrainer", "train_sae_from_activations", "resolve_device", "split_
 INIT_SAMPLE_ROWS = 8192  # rows for the input scale and the b_dec geometric median
 RESAMPLE_SAMPLE_ROWS = 16384  # rows scored when resampling dead latents
 CALIBRATION_ROWS = 8192  # rows that set a BatchTopK SAE's inference threshold before it is evaluated or saved
-SAMPLE_ROWS_MAX = max(INIT_SAMPLE_ROWS, RESAMPLE_SAMPLE_ROWS, CALIBRATION_ROWS)  # the most a sample asks for
 RUN_FRACTION_CAP = 0.1  # warmup (and a transcoder's dead-token threshold) is capped at this fraction of the run
 # An SAE's dead-token threshold is capped at this fraction of the run's tokens: on MiniLM block
 # 3 at d_sae 12288, 0.1 left 0.8% (89 steps) and 1.0% (178) of the latents dead, 0.05 0.2%, at
@@ -148,7 +147,14 @@ def _make_optimizer(name: str, params, lr: float, device: torch.device):
     return optimizer
 
 
-def _column_quantiles(x: torch.Tensor, weight: torch.Tensor, q: float, chunk_bytes: int = 1 << 28) -> torch.Tensor:
+def sample_rows_needed(config: SAEConfig) -> int:
+    """The most rows a trainer of this config samples from its data at once (initialisation,
+    a BatchTopK threshold's calibration, resampling), so a stream can read them once."""
+    resampled = config.activation in _RESAMPLED and config.resample_interval > 0
+    return max(INIT_SAMPLE_ROWS, CALIBRATION_ROWS, RESAMPLE_SAMPLE_ROWS if resampled else 0)
+
+
+def _column_quantiles(x: torch.Tensor, weight: torch.Tensor, q: float, chunk_bytes: int = 1 << 25) -> torch.Tensor:
     """The q-quantile (the ceil(q n)-th smallest value) of each column of x @ weight.T, a
     block of latents at a time (a [n, d_sae] product can be gigabytes)."""
     n = x.shape[0]
