@@ -209,7 +209,7 @@ class StreamSource:
             raise ValueError(f"columns must be a non-empty list of indices below the hook points' width "
                              f"{self.full_width}, got {columns!r}")
         self.width = self.full_width if self.columns is None else self.columns.numel()
-        rank, world_size = _dist_rank_world()
+        rank, world_size = rank_and_world()
         self.rank, self.world_size = (rank, world_size) if distributed in (None, True) else (0, 1)
         self._kept: list[torch.Tensor] = []  # the first chunks, read by sample
         self.model_seconds, self.rows_out = 0.0, 0  # time spent waiting for the model, rows it gave
@@ -299,14 +299,21 @@ class StreamSource:
                     break
             else:
                 raise self._short_corpus(self.num_rows - got)
-        return torch.cat(self._kept)[:n]
+        pieces, rows = [], 0
+        for chunk in self._kept:  # only the chunks the n rows lie in; a fresh tensor, so callers may write to it
+            pieces.append(chunk[:n - rows])
+            rows += pieces[-1].shape[0]
+            if rows == n:
+                break
+        return torch.cat(pieces)
 
     def sequential(self, batch_size: int):
         for chunk in self.chunks():
             yield from chunk.split(batch_size)
 
 
-def _dist_rank_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed; (0, 1) in one process."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

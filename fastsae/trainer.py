@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 
 from fastsae import ops
 from fastsae.config import SAEConfig
-from fastsae.data import data_source, model_clock, split_activations
+from fastsae.data import data_source, model_clock, rank_and_world, split_activations
 from fastsae.files import atomic_save_tensors, atomic_write, atomic_write_json, atomic_write_text
 from fastsae.io import save_sae
 from fastsae.models import BaseSAE, create_sae
@@ -163,12 +163,6 @@ def _column_quantiles(x: torch.Tensor, weight: torch.Tensor, q: float, chunk_byt
     return torch.cat([(x @ w.t()).kthvalue(rank, dim=0).values for w in weight.split(step)])
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # ----------------------------------------------------------------------------- the trainer
 
 class SAETrainer:
@@ -208,7 +202,7 @@ class SAETrainer:
         self._stop_signal: int | None = None
         # data_parallel=False: this process trains alone even under torch.distributed (each rank
         # its own SAEs, as fastsae train --distribute-modules runs them).
-        self.rank, self.world_size = _dist_info() if data_parallel else (0, 1)
+        self.rank, self.world_size = rank_and_world() if data_parallel else (0, 1)
         self.global_batch = min(int(config.batch_size), self.data.num_rows)
         if self.global_batch % self.world_size:
             raise ValueError(f"batch_size {self.global_batch} must be divisible by the world size {self.world_size}")

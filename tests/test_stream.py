@@ -38,6 +38,12 @@ def test_stream_rows_equal_a_collected_store_and_training_on_them_matches(tiny, 
     assert torch.equal(torch.cat(list(stream.chunks())), store.load_all())  # the same rows, in order
     assert torch.equal(stream.sample(100, seed=0), store.load_all()[:100])
     stored = store.load_all()
+    small_chunks = StreamSource(model, tok, docs(), HOOK, 3000, batch_size=4)  # ~500 rows a chunk
+    rows = torch.cat(list(small_chunks.chunks()))
+    spanning = small_chunks.sample(1700, seed=0)
+    assert torch.equal(spanning, rows[:1700]) and len(small_chunks._kept) > 2
+    spanning.zero_()  # a sample is the caller's own copy: the kept chunks are untouched
+    assert torch.equal(small_chunks.sample(1200, seed=0), rows[:1200])
     batches = list(stream.epoch_batches(1, 0, 10**9, 5, 256, 0, 1))
     expected = list(window_shuffled_batches(stored.split(777), 700, 256, 5, 1))  # chunking does not matter
     assert len(batches) == len(expected) == 11 and all(torch.equal(a, b) for a, b in zip(batches, expected))
