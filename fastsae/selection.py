@@ -99,25 +99,25 @@ def survivors(pre_lp, cut, gmax):
 
 
 def topk_of_survivors(values, rows, cols, n, k):
-    """Exact top-k per row among survivors (``values[nnz]`` rescored exactly; rows/cols
-    row-major with ascending columns): (values[n, k], indices[n, k]) with the reference's
-    tie rule (value descending, then index ascending). Rows with fewer than k survivors
-    come back padded with -inf; a caller fills them another way."""
+    """Exact top-k per row among survivors (``values[nnz]`` rescored exactly and ReLU'd, so
+    >= 0; rows/cols row-major with ascending columns): (values[n, k], indices[n, k]) with the
+    reference's tie rule (value descending, then index ascending). Rows with fewer than k
+    survivors come back padded with -inf; a caller fills them another way.
+
+    One stable sort of an int64 key (row, then value descending): a non-negative float's bit
+    pattern orders as the float does, and stability keeps equal values in ascending column
+    order. A top-k over a padded [n, most survivors] matrix took 2.4x as long (13 vs 5.5 ms for
+    4096 rows of 62 survivors, 2-core AMD EPYC)."""
+    if not rows.numel():
+        return values.new_full((n, k), float("-inf")), cols.new_zeros(n, k)
+    bits = (values.float() + 0.0).view(torch.int32).to(torch.int64)  # + 0.0: -0.0 sorts as 0.0
+    order = torch.sort(rows * (1 << 31) + ((1 << 31) - 1 - bits), stable=True).indices
     counts = torch.bincount(rows, minlength=n)
-    width = max(k, int(counts.max())) if rows.numel() else k
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(rows.numel(), device=rows.device) - starts[rows]
-    padded = values.new_full((n, width), float("-inf"))
-    padded[rows, slot] = values
-    padded_cols = cols.new_zeros(n, width)
-    padded_cols[rows, slot] = cols
-    # Columns ascend within a row, so position order is index order and a position-stable
-    # top-k follows the tie rule.
-    top, pos = torch.topk(padded, min(k + 1, width), dim=1, sorted=True)
-    # Ties (rare in rescored fp32 values; -inf fills rows left to the caller, never counted).
-    if bool(((top[:, :-1] == top[:, 1:]) & (top[:, 1:] > float("-inf"))).any()):
-        top, pos = torch.sort(padded, dim=1, descending=True, stable=True)
-    return top[:, :k], padded_cols.gather(1, pos[:, :k])
+    slot = torch.arange(k, device=rows.device)
+    present = slot < counts[:, None]
+    place = (torch.cumsum(counts, 0) - counts)[:, None] + slot
+    take = order[place.masked_fill_(~present, 0)]
+    return values[take].masked_fill_(~present, float("-inf")), cols[take].masked_fill_(~present, 0)
 
 
 def pad_with_live(values, indices, dead_mask, k_aux):

@@ -28,7 +28,9 @@ Primitives:
 """
 from __future__ import annotations
 
+import glob
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,71 @@ from fastsae import selection
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# A matrix of at most half the last-level cache stays cached while a sparse product reads
+# its rows in any order; a larger one is better read row by row in order. Measured on a
+# 2-core AMD EPYC (32 MiB L3), 4096 rows, rescoring by row (sampled_addmm) vs by latent
+# (embedding-bag backward): W of 9.4 MB 10-13 vs 21-23 ms, 18.9 MB about even, 37.7 MB
+# 68-78 vs 39-50 ms; the decoder's weight gradient as latent-major CSR x dense vs
+# embedding-bag backward: 9.4 MB 8.4 (+1.9 to transpose, shared) vs 14.8 ms, 75 MB 86 vs 73 ms.
+def _last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs), or 32 MiB where it cannot be read."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+            sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (OSError, ValueError):
+            pass
+    return max(sizes, default=32 * 2**20)
+
+
+CACHE_RESIDENT_BYTES = _last_level_cache_bytes() // 2
+
+
+def _cache_resident(device, rows, cols) -> bool:
+    """Whether an fp32 [rows, cols] matrix on this device counts as cached (CPU only)."""
+    return device.type == "cpu" and rows * cols * 4 <= CACHE_RESIDENT_BYTES
+
+
+def _sparse_csr(row_offsets, cols, values, shape):
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(row_offsets, cols, values, size=shape, check_invariants=False)
+
+
+def _sampled_dots(row_offsets, cols, A, B, bias):
+    """bias[e] + <A[row of e], B[cols[e]]> for the entries of a CSR pattern (columns ascending
+    within each row), in row order (torch's sampled_addmm)."""
+    pattern = _sparse_csr(row_offsets, cols, bias, (A.shape[0], B.shape[0]))
+    return torch.sparse.sampled_addmm(pattern, A, B.t()).values()
+
+
+class _LatentMajor:
+    """A fixed-k code's entries grouped by latent (stable, so in row order within a latent):
+    the CSR pattern of the transposed code."""
+
+    def __init__(self, indices, num_rows):
+        by_latent, self.order = torch.sort(indices.reshape(-1), stable=True)
+        self.offsets = row_offsets_from_counts(torch.bincount(by_latent, minlength=num_rows))
+        self.rows = self.order // indices.shape[1]
+
+
+# The last code transposed: a training step scatters along the same indices twice (the
+# decoder's and the encoder's weight gradients), so they are sorted once. Reused only for the
+# same storage at the same version (a live reference is kept, so its memory cannot be reused
+# by another tensor meanwhile).
+_last_latent_major: tuple | None = None
+
+
+def _latent_major(indices, num_rows) -> _LatentMajor:
+    global _last_latent_major
+    key = (indices.data_ptr(), indices.shape, indices.stride(), indices._version, num_rows)
+    if _last_latent_major is None or _last_latent_major[0] != key:
+        _last_latent_major = (key, indices, _LatentMajor(indices, num_rows))
+    return _last_latent_major[2]
 
 
 def gather(values, indices, W, bias=None):
@@ -109,6 +176,13 @@ def gather_dot(g, indices, W):
         used, columns = narrow
         acc = _acc_dtype(W.dtype)
         return (g.to(acc) @ W[used].to(acc).t()).gather(1, columns).to(g.dtype)
+    if g.device.type == "cpu" and g.dtype == W.dtype == torch.float32:
+        # sampled_addmm: 25-30% faster than the embedding-bag backward at every shape measured
+        # (12 vs 16 ms at 4096 x 6144, k 32; 84 vs 114 ms at 4096 x 24576, k 64; 2-core AMD EPYC).
+        by_index, place = indices.sort(1)  # CSR wants ascending columns within a row
+        row_offsets = torch.arange(0, n * k + 1, k, device=g.device)
+        dots = _sampled_dots(row_offsets, by_index.reshape(-1), g, W, g.new_zeros(n * k)).view(n, k)
+        return torch.empty_like(dots).scatter_(1, place, dots)
     offsets = torch.arange(0, n * k, k, device=g.device)
     bag_of_entry, _ = _fixed_bags(n, k, g.device)
     return _bag_dot(g, indices.reshape(-1), offsets, bag_of_entry, W).reshape(n, k)
@@ -124,6 +198,10 @@ def scatter_add(values, indices, g, num_rows):
         out = torch.zeros(num_rows, g.shape[1], dtype=acc, device=g.device)
         out[used] = dense.t() @ g.to(acc)
         return out.to(g.dtype)
+    if n * k and g.dtype == values.dtype == torch.float32 and _cache_resident(g.device, num_rows, g.shape[1]):
+        by_latent = _latent_major(indices, num_rows)
+        code_t = _sparse_csr(by_latent.offsets, by_latent.rows, values.reshape(-1)[by_latent.order], (num_rows, n))
+        return code_t @ g
     bag_of_entry, bag_sizes = _fixed_bags(n, k, g.device)
     return _bag_scatter(values.reshape(-1), indices.reshape(-1), bag_of_entry, bag_sizes, g, num_rows)
 
@@ -355,9 +433,12 @@ def _bf16_survivors(xc, lp, k, buffer):
 
 
 def _rescore(xc, W, b, rows, cols):
-    """Exact fp32 relu(xc[rows] . W[cols] + b[cols]). Taken in latent order, so each encoder
-    row is read once for the whole batch (x is the small, cache-resident operand): half the
-    time of row order at d_sae 24576."""
+    """Exact fp32 relu(xc[rows] . W[cols] + b[cols]) for survivors in row-major order: in row
+    order while W is cache-resident, else in latent order, so each encoder row is read from
+    memory once for the whole batch (x is the small, cache-resident operand)."""
+    if _cache_resident(W.device, *W.shape):
+        row_offsets = row_offsets_from_counts(torch.bincount(rows, minlength=xc.shape[0]))
+        return _sampled_dots(row_offsets, cols, xc, W, b[cols]).clamp_min_(0.0)
     by_latent, order = torch.sort(cols, stable=True)
     counts = torch.bincount(by_latent, minlength=W.shape[0])
     dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(

@@ -158,27 +158,39 @@ def test_torch_encoder_falls_back_to_blas_when_onednn_fails(monkeypatch):
     assert torch_backend._ONEDNN_LINEAR is None  # not tried again
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("cached", [True, False], ids=["cache-resident", "large"])
 @pytest.mark.parametrize("spread", ["narrow", "wide"])
-def test_torch_fixed_k_backward_primitives_match_reference(spread):
-    """gather-dot and scatter-add on both torch paths: a narrow code (few distinct latents, as
-    AuxK's, done as one small GEMM) and a wide one (entry by entry), with a latent repeated
-    inside a row and latents never used."""
+def test_torch_fixed_k_backward_primitives_match_reference(monkeypatch, spread, cached, dtype):
+    """gather-dot and scatter-add on every torch path: a narrow code (few distinct latents, as
+    AuxK's, done as one small GEMM) and a wide one: fp32 through sampled_addmm and, for a
+    cache-resident gradient, a latent-major CSR product; float64 (and a large fp32 gradient)
+    through the embedding-bag kernels. With a latent repeated inside a row and latents never
+    used."""
+    monkeypatch.setattr(torch_backend, "CACHE_RESIDENT_BYTES", 2**40 if cached else 0)
     n, d, m, k = 40, 6, 300, 3
     gen = torch.Generator().manual_seed(0)
     pool = torch.tensor([5, 17, 200]) if spread == "narrow" else torch.arange(m)
     indices = pool[torch.randint(0, len(pool), (n, k), generator=gen)]
     indices[0] = indices[0, 0]  # one latent three times in a row
-    values = torch.randn(n, k, generator=gen, dtype=torch.float64)
-    g = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    W = torch.randn(m, d, generator=gen, dtype=torch.float64)
+    values = torch.randn(n, k, generator=gen, dtype=dtype)
+    g = torch.randn(n, d, generator=gen, dtype=dtype)
+    W = torch.randn(m, d, generator=gen, dtype=dtype)
     assert (torch_backend._narrow_code(indices, m) is None) == (spread == "wide")
-    expected_dot = torch.einsum("nd,nkd->nk", g, W[indices])
+    expected_dot = torch.einsum("nd,nkd->nk", g.double(), W.double()[indices])
     expected_scatter = torch.zeros(m, d, dtype=torch.float64).index_add_(
-        0, indices.reshape(-1), values.reshape(-1, 1) * g.repeat_interleave(k, 0))
-    torch.testing.assert_close(torch_backend.gather_dot(g, indices, W), expected_dot)
-    torch.testing.assert_close(torch_backend.scatter_add(values, indices, g, m), expected_scatter)
+        0, indices.reshape(-1), values.double().reshape(-1, 1) * g.double().repeat_interleave(k, 0))
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(torch_backend.gather_dot(g, indices, W).double(), expected_dot, **tol)
+    torch.testing.assert_close(torch_backend.scatter_add(values, indices, g, m).double(), expected_scatter, **tol)
     again = torch_backend.scatter_add(values, indices, g, m)
     assert torch.equal(again, torch_backend.scatter_add(values, indices, g, m))  # deterministic
+    torch_backend._last_latent_major = None  # grouped afresh: the same answer
+    assert torch.equal(again, torch_backend.scatter_add(values, indices, g, m))
+    indices[1:] = indices[1:].flip(0)  # changed in place: grouped again, not the stale grouping
+    expected_scatter = torch.zeros(m, d, dtype=torch.float64).index_add_(
+        0, indices.reshape(-1), values.double().reshape(-1, 1) * g.double().repeat_interleave(k, 0))
+    torch.testing.assert_close(torch_backend.scatter_add(values, indices, g, m).double(), expected_scatter, **tol)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 9, 10])
