@@ -4,7 +4,9 @@
   the per-row L1 of the gate) vs a dense formula: the gate GEMM into an [N, d_sae] tensor,
   the open-gate mask, ``nonzero`` to CSR, magnitudes and L1 from the dense gate.
 * ``threshold``: ``threshold_encode`` (JumpReLU cutoffs) for the kernel and for
-  ``fastsae.torch_backend`` (which forms the dense pre-activation).
+  ``fastsae.torch_backend``, whose CPU GEMM runs in fp32 (``torch-fp32``) or in bf16 with the
+  entries near their cutoff rescored in fp32 (``torch-bf16``, candidates per row in
+  ``extra_info``), side by side in one run.
 
 Biases are set so about ``l0`` latents fire per row, like a trained SAE. Each case records
 time (pytest-benchmark) and peak memory (``extra_info["peak_bytes"]``). Triton runs on a
@@ -124,17 +126,28 @@ def test_gated_forward(benchmark, case, s, backend):
         _check_csr_close(out, _dense_gated(*args), s["dtype"])
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+THRESHOLD_BACKENDS = ["torch", "triton"] if ON_GPU else ["torch-fp32", "torch-bf16", "triton"]
+
+
+@pytest.mark.parametrize("backend", THRESHOLD_BACKENDS)
 @pytest.mark.parametrize("case,s", CASES, ids=[c for c, _ in CASES])
-def test_threshold_forward(benchmark, case, s, backend):
+def test_threshold_forward(benchmark, monkeypatch, case, s, backend):
     _skip_unless_runnable(backend, case)
     x, W, b, _, _, b_dec, _, cutoff = _problem(s)
     args = (x, W, b, b_dec, cutoff)
-    fn = torch_backend.threshold_encode if backend == "torch" else triton_gated.threshold_encode
+    if backend.startswith("torch-"):  # the CPU GEMM in fp32, or in bf16 with the candidates rescored
+        monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", backend.removeprefix("torch-"))
+    fn = torch_backend.threshold_encode if backend.startswith("torch") else triton_gated.threshold_encode
     benchmark.group = f"threshold-forward-{_label(s)}"
+    torch_backend.THRESHOLD_STATS.update(rows=0, candidates=0, fp32_rows=0)
     out = _run(benchmark, synchronized(fn), args)
     _info(benchmark, s, backend, fn, args, int(out[2][-1]))
-    if backend == "triton" and s["dtype"] == torch.float32:
+    stats = torch_backend.THRESHOLD_STATS
+    if stats["rows"]:
+        benchmark.extra_info["candidates_per_row"] = round(stats["candidates"] / stats["rows"], 1)
+        benchmark.extra_info["fp32_row_fraction"] = stats["fp32_rows"] / (stats["rows"] + stats["fp32_rows"])
+    if backend != "torch-fp32" and s["dtype"] == torch.float32:
+        monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp32")
         want = torch_backend.threshold_encode(*args)
         assert torch.equal(out[2].cpu(), want[2].cpu()) and torch.equal(out[1].cpu(), want[1].cpu())
         torch.testing.assert_close(out[0], want[0], rtol=1e-4, atol=1e-4)

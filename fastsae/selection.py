@@ -37,10 +37,17 @@ GROUP = 64
 class RoundingResiduals:
     """What ``input_error`` needs of the encoder: max over latents of ||Wh_m||, ||Wl_m||, |bl_m|."""
 
+    # Rows per block: a block's fp32 temporaries stay in cache (at d_sae 24576, d_in 768 the
+    # whole-matrix version took 90 ms, 512-row blocks 19 ms; 2-core AMD EPYC).
+    ROWS = 512
+
     def __init__(self, W, W_bf16, b, b_bf16):
-        Wh = W_bf16.float()
-        self.wh_max = float(Wh.norm(dim=1).max()) if W.shape[0] else 0.0
-        self.wl_max = float((W.float() - Wh).norm(dim=1).max()) if W.shape[0] else 0.0
+        wh, wl = [torch.zeros(())], [torch.zeros(())]
+        for start in range(0, W.shape[0], self.ROWS):
+            Wh = W_bf16[start:start + self.ROWS].float()
+            wh.append(Wh.norm(dim=1).max())
+            wl.append((W[start:start + self.ROWS].float() - Wh).norm(dim=1).max())
+        self.wh_max, self.wl_max = float(torch.stack(wh).max()), float(torch.stack(wl).max())
         self.bl_max = float((b.float() - b_bf16.float()).abs().max()) if b.numel() else 0.0
 
 

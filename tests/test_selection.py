@@ -5,13 +5,14 @@ activations."""
 import pytest
 import torch
 
-from fastsae import reference, selection, torch_backend
+from fastsae import ops, reference, selection, torch_backend
 
 
 @pytest.fixture(autouse=True)
 def bf16_gemm(monkeypatch):
     monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
     torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+    torch_backend.THRESHOLD_STATS.update(rows=0, candidates=0, fp32_rows=0)
 
 
 def exact_topk(x, W, b, b_dec, k):
@@ -170,3 +171,162 @@ def test_auxk_among_dead_latents(dead_count):
     want_values, want_indices = reference.topk_aux(x, W, b, dead, k_aux, b_dec)
     assert torch.equal(aux_indices, want_indices)
     torch.testing.assert_close(aux_values, want_values)
+
+
+# ----------------------------------------------------------------------------- threshold encoders
+
+def assert_threshold_exact(x, W, b, b_dec, cutoff):
+    """Against float64: every entry further above its cutoff than fp32 can resolve is in the
+    code, every entry further below is not, values to fp32; and the pattern equals the fp32
+    GEMM path's wherever that is so. Returns the code."""
+    values, indices, row_offsets = torch_backend.threshold_encode(x, W, b, b_dec, cutoff)
+    pre = (x.double() - b_dec.double()) @ W.double().t() + b.double()
+    fp32_error = (4 * (x.shape[1] + 2) * selection.FP32_UNIT * (x - b_dec).double().norm(dim=1, keepdim=True)
+                  * W.double().norm(dim=1).max() + 1e-6 * (b.double().abs().max() + cutoff.double().abs().max()))
+    code = torch.zeros_like(pre, dtype=torch.bool)
+    rows = torch.repeat_interleave(torch.arange(x.shape[0]), row_offsets.diff())
+    code[rows, indices] = True
+    assert bool(code[pre > cutoff.double() + fp32_error].all()), "an entry clearly above its cutoff is missing"
+    assert not bool(code[pre < cutoff.double() - fp32_error].any()), "an entry clearly below its cutoff is kept"
+    torch.testing.assert_close(values.double(), pre[rows, indices], rtol=1e-5, atol=float(fp32_error.max()))
+    assert bool((indices[1:] > indices[:-1])[(rows[1:] == rows[:-1])].all())  # ascending within a row
+    return values, indices, row_offsets
+
+
+def quantile_cutoffs(W, b, b_dec, q, scale=1.0, seed=99):
+    """Per-latent cutoffs at the q-quantile of each latent's pre-activations on 4096 other
+    rows of the same distribution (a JumpReLU-like code with about 1 - q of its entries open)."""
+    x = torch.randn(4096, W.shape[1], generator=torch.Generator().manual_seed(seed)) * scale
+    return torch.quantile((x - b_dec) @ W.t() + b, q, dim=0)
+
+
+@pytest.mark.parametrize("rescoring", ["row order", "latent order"])
+@pytest.mark.parametrize("n, d, m, q", [(37, 24, 1000, 0.97), (130, 96, 8192, 0.99), (9, 33, 517, 0.995)])
+def test_threshold_encode_in_bf16_equals_fp32(monkeypatch, n, d, m, q, rescoring):
+    monkeypatch.setattr(torch_backend, "CACHE_RESIDENT_BYTES", 2**40 if rescoring == "row order" else 0)
+    x, W, b, b_dec = encoder(n, d, m, seed=n + d)
+    cutoff = quantile_cutoffs(W, b, b_dec, q)
+    assert_threshold_exact(x, W, b, b_dec, cutoff)
+    stats = torch_backend.THRESHOLD_STATS
+    assert stats["rows"] == n and stats["fp32_rows"] == 0  # the bf16 path decided every row
+    assert stats["candidates"] < n * m / 16
+
+
+def test_threshold_entries_within_the_bf16_margin_of_their_cutoff():
+    """Row 0 (scaled up) is above the 99th-percentile cutoff of about a quarter of the latents;
+    those latents' cutoffs are moved to 1e-4 above or below row 0's pre-activation: far inside
+    bf16's error, far outside fp32's, so the rescoring alone decides them."""
+    n, d, m = 64, 48, 2048
+    x, W, b, b_dec = encoder(n, d, m, seed=20)
+    x[0] *= 4
+    cutoff = quantile_cutoffs(W, b, b_dec, 0.99)
+    pre0 = ((x[:1] - b_dec) @ W.t() + b)[0]
+    close = pre0 > cutoff
+    above = close & (torch.arange(m) % 2 == 0)
+    cutoff = torch.where(close, pre0 + torch.where(above, -1e-4, 1e-4), cutoff)
+    values, indices, row_offsets = assert_threshold_exact(x, W, b, b_dec, cutoff)
+    assert close.sum() > 300
+    assert torch.equal(indices[:row_offsets[1]], above.nonzero().squeeze(1))  # the ones just above, only
+    assert torch_backend.THRESHOLD_STATS["fp32_rows"] == 0
+
+
+def test_threshold_at_exact_ties_is_strict():
+    """Small integers are exact in every precision: pre == cutoff is left out, as in the reference."""
+    n, d, m = 40, 16, 1536
+    g = torch.Generator().manual_seed(21)
+    x = torch.randint(-2, 3, (n, d), generator=g).float()
+    W = torch.randint(-1, 2, (m, d), generator=g).float()
+    b, b_dec = torch.zeros(m), torch.zeros(d)
+    cutoff = torch.full((m,), 9.0)  # 2% of the entries above, 1% at it
+    values, indices, row_offsets = torch_backend.threshold_encode(x, W, b, b_dec, cutoff)
+    want_values, want_indices, want_offsets = ops.threshold_encode(x, W, b, cutoff, b_dec, backend="reference")
+    assert torch.equal(indices, want_indices) and torch.equal(row_offsets, want_offsets)
+    assert torch.equal(values, want_values)
+    assert torch_backend.THRESHOLD_STATS["rows"] == n
+
+
+def test_a_dense_threshold_code_falls_back_to_the_fp32_gemm(monkeypatch):
+    """A ReLU code with half its entries open: the first row block finds too many candidates and
+    the batch runs the fp32 GEMM, with the fp32 path's exact answer."""
+    monkeypatch.setattr(torch_backend, "CPU_BLOCK_BYTES", 64 * 2048 * 4)  # 64-row blocks
+    x, W, b, b_dec = encoder(200, 32, 2048, seed=22)
+    zero = torch.zeros(2048)
+    got = torch_backend.threshold_encode(x, W, b, b_dec, zero)
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp32")
+    want = torch_backend.threshold_encode(x, W, b, b_dec, zero)
+    assert all(torch.equal(a, w) for a, w in zip(got, want))
+    assert torch_backend.THRESHOLD_STATS["fp32_rows"] == 200 and torch_backend.THRESHOLD_STATS["rows"] == 0
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_threshold_huge_and_tiny_norms(scale):
+    x, W, b, b_dec = encoder(50, 48, 2048, seed=23, scale=scale)
+    assert_threshold_exact(x, W, b, b_dec, quantile_cutoffs(W, b, b_dec, 0.99, scale=scale))
+    assert torch_backend.THRESHOLD_STATS["rows"] == 50
+
+
+def test_threshold_real_activations(tmp_path):
+    """MiniLM activations, cutoffs at each latent's 99th percentile (a JumpReLU SAE's sparsity)."""
+    pytest.importorskip("transformers")
+    from fastsae.corpus import default_corpus
+    from fastsae.sources import load_default_model
+    from fastsae.store import collect_to_store
+    model, tokenizer, info = load_default_model()
+    store = collect_to_store(model, tokenizer, default_corpus(), "blocks.3.hook_resid_post", tmp_path, 1024,
+                             batch_size=16, context_length=64, shard_tokens=1024, progress=False)
+    acts = store.read_shard(0)["activations"].float()
+    d = acts.shape[1]
+    W = torch.randn(8 * d, d, generator=torch.Generator().manual_seed(24)) / d ** 0.5
+    W[: d] = acts[:d] / acts[:d].norm(dim=1, keepdim=True)
+    b, b_dec = torch.zeros(8 * d), acts.mean(0)
+    cutoff = torch.quantile((acts - b_dec) @ W.t() + b, 0.99, dim=0)
+    assert_threshold_exact(acts, W, b, b_dec, cutoff)
+    assert torch_backend.THRESHOLD_STATS["fp32_rows"] == 0
+
+
+@pytest.mark.parametrize("kind", ["relu", "jumprelu", "gated"])
+def test_threshold_kinds_through_ops_match_the_reference(kind):
+    """The autograd ops on the bf16 path: forward and gradients against fastsae.reference."""
+    n, d, m = 48, 40, 1200
+    x, W, b, b_dec = encoder(n, d, m, seed=25)
+    b = b - 2.0  # a sparse code (2% open), so the bf16 path keeps it
+    params = [t.clone().requires_grad_(True) for t in (W, b, b_dec)]
+    results = {}
+    for backend in ("torch", "reference"):
+        Wp, bp, bdp = (t.detach().clone().requires_grad_(True) for t in params)
+        if kind == "relu":
+            values, indices, row_offsets = ops.relu_encode(x, Wp, bp, bdp, backend=backend)
+        elif kind == "jumprelu":
+            values, indices, row_offsets, _ = ops.jumprelu_encode(x, Wp, bp, torch.full((m,), -0.5), bdp,
+                                                                  backend=backend)
+        else:
+            values, _, indices, row_offsets = ops.gated_encode(x, Wp, bp, torch.zeros(m), torch.zeros(m), bdp,
+                                                               backend=backend)
+        (values * torch.arange(values.numel())).sum().backward()
+        results[backend] = (values.detach(), indices, row_offsets, Wp.grad, bp.grad, bdp.grad)
+    got, want = results["torch"], results["reference"]
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+    for a, w in zip(got[:1] + got[3:], want[:1] + want[3:]):
+        torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-5 * float(w.abs().max()))  # sums in another order
+    assert torch_backend.THRESHOLD_STATS["rows"] > 0 and torch_backend.THRESHOLD_STATS["fp32_rows"] == 0
+
+
+@pytest.mark.parametrize("kind", ["topk", "threshold"])
+def test_auto_mode_keeps_small_batches_on_the_fp32_gemm(monkeypatch, kind):
+    """Below BF16_MIN_ROWS rows the per-call bf16 copy of the encoder would not pay: "auto" runs fp32."""
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "auto")
+    monkeypatch.setattr(torch_backend, "_BF16_UNIT", "AVX512-BF16")
+    monkeypatch.setattr(torch_backend, "BF16_MIN_ROWS", 64)
+    x, W, b, b_dec = encoder(64, 32, 2048, seed=26)
+    cutoff = quantile_cutoffs(W, b, b_dec, 0.99)
+    stats = torch_backend.SURVIVORS if kind == "topk" else torch_backend.THRESHOLD_STATS
+
+    def encode(rows):
+        if kind == "topk":
+            return torch_backend.topk_encode(x[:rows], W, b, b_dec, 8)
+        return torch_backend.threshold_encode(x[:rows], W, b, b_dec, cutoff)
+
+    encode(63)
+    assert stats["rows"] == 0
+    encode(64)
+    assert stats["rows"] == 64
