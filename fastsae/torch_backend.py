@@ -315,6 +315,19 @@ def _refill_straddling_tie(scores, vals, idx, k):
     return idx
 
 
+def _nonnegative_topk(scores, k):
+    """``stable_topk`` of scores >= 0 (ReLU'd, +0.0 for zero) by one top-k over unique int64
+    keys: a non-negative float's bits order as the float does, and the low half of each key
+    is (m - 1 - index), so equal values rank by ascending index without a tie pass. For rows
+    full of equal zeros (AuxK among dead latents) it is 2.3x faster than stable_topk's
+    re-ranking (3.8 vs 8.6 ms for 512 x 614, k 192); without ties it is 2x slower."""
+    m = scores.shape[1]
+    key = (scores + 0.0).view(torch.int32).to(torch.int64).mul_(1 << 32).add_(  # + 0.0: -0.0 ranks as 0.0
+        torch.arange(m - 1, -1, -1, device=scores.device))
+    top = torch.topk(key, k, dim=1, sorted=True).values
+    return (top >> 32).to(torch.int32).view(torch.float32), (m - 1) - (top & 0xFFFFFFFF)
+
+
 def _dead_topk(x, W_dead, b_dead, b_dec, dead, dead_mask, k_aux):
     """Top-k_aux among the dead latents from a GEMM on their encoder rows alone (its cost
     follows the dead count, not d_sae), with the reference's padding: when fewer than k_aux
@@ -322,7 +335,9 @@ def _dead_topk(x, W_dead, b_dead, b_dec, dead, dead_mask, k_aux):
     n = x.shape[0]
     if dead.numel():
         pre = encoder_preactivations(x, W_dead, b_dead, b_dec, relu=True)
-        values, picked = stable_topk(pre, min(k_aux, dead.numel()))  # dead ascending: ties stay index-ordered
+        # ReLU zeros tie in most rows here; dead ascending, so index order is latent order.
+        top = _nonnegative_topk if pre.dtype == torch.float32 else stable_topk
+        values, picked = top(pre, min(k_aux, dead.numel()))
         indices = dead[picked]
     else:
         values, indices = x.new_zeros(n, 0, dtype=torch.float32), torch.zeros(n, 0, dtype=torch.long, device=x.device)

@@ -199,8 +199,12 @@ def test_torch_stable_topk_with_heavy_ties_matches_reference(k):
     gen = torch.Generator().manual_seed(k)
     scores = torch.randint(0, 3, (200, 11), generator=gen).float()
     scores[:5] = 0.0
-    vals, idx = torch_backend.stable_topk(scores, k)
     ref_vals, ref_idx = R.stable_topk(scores, k)
+    vals, idx = torch_backend.stable_topk(scores, k)
+    assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
+    scores[5:10] = -0.0  # what a ReLU may leave: ranks as 0.0
+    ref_vals, ref_idx = R.stable_topk(scores + 0.0, k)
+    vals, idx = torch_backend._nonnegative_topk(scores, k)  # AuxK's: one top-k over unique keys
     assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
 
 
