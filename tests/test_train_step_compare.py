@@ -1,0 +1,30 @@
+"""bench/train_step_compare.py: alternated timing, its report, its argument check."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
+
+from bench.train_step_compare import alternated_times, cpu_model, main  # noqa: E402
+
+
+def test_steps_alternate_one_of_each_per_round_after_a_warm_up():
+    calls = []
+    times = alternated_times({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=3)
+    assert calls == ["a", "b"] * 4  # one warm-up each, then three rounds
+    assert [len(t) for t in times.values()] == [3, 3] and all(v >= 0 for t in times.values() for v in t)
+
+
+def test_report_names_the_cpu_and_the_ratio(capsys):
+    pytest.importorskip("sparsify")
+    main(["--shape", "256", "16", "128", "4", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert out.startswith(cpu_model()) and "N 256, d_in 16, d_sae 128, k 4; 2 rounds" in out
+    assert "fastsae / sparsify:" in out and "x (minima)" in out
+
+
+def test_rounds_must_be_positive():
+    pytest.importorskip("sparsify")
+    with pytest.raises(SystemExit, match="--rounds must be >= 1, got 0"):
+        main(["--rounds", "0"])
