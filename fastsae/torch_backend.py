@@ -306,7 +306,7 @@ def _refill_straddling_tie(scores, vals, idx, k):
     keep their (already ranked) slots; the remaining slots take the entries equal to t in
     ascending index order, which is the rule's order. (Values need no change: they are all t.)"""
     t = vals[:, k - 1:k]
-    above = (vals > t).sum(1, keepdim=True)
+    above = ((vals > t) | vals.isnan()).sum(1, keepdim=True)  # NaN ranks above every number, as in topk
     equal = scores == t
     rank = equal.cumsum(1) - 1  # each equal entry's place among its row's equal entries
     row, col = (equal & (rank < k - above)).nonzero(as_tuple=True)  # row-major: ascending index
