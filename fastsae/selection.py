@@ -23,6 +23,8 @@ report them as ``candidates_per_row``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Unit roundoffs (half an ulp at 1.0) of bfloat16 and float32.
@@ -49,6 +51,8 @@ class RoundingResiduals:
             wl.append((W[start:start + self.ROWS].float() - Wh).norm(dim=1).max())
         self.wh_max, self.wl_max = float(torch.stack(wh).max()), float(torch.stack(wl).max())
         self.bl_max = float((b.float() - b_bf16.float()).abs().max()) if b.numel() else 0.0
+        # A NaN or Inf weight gives no bound: such an encoder takes the fp32 path whole.
+        self.finite = all(math.isfinite(v) for v in (self.wh_max, self.wl_max, self.bl_max))
 
 
 def input_error(xc, xc_bf16, res: RoundingResiduals):

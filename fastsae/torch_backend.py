@@ -457,7 +457,7 @@ def _bf16_survivors(xc, lp, k, buffer):
     cut, gmax = selection.cutoffs(pre_lp, k, selection.input_error(xc, xc_bf16, lp.residuals))
     # Undecidable: ReLU zeros in the top-k (cut <= 0), or so many survivors that the exact
     # fp32 GEMM is cheaper.
-    hard = (cut <= 0) | ((gmax >= cut[:, None]).sum(1) * 4 > gmax.shape[1] * 3)
+    hard = ~(cut > 0) | ((gmax >= cut[:, None]).sum(1) * 4 > gmax.shape[1] * 3)  # ~(> 0): a NaN cut too
     rows, cols = selection.survivors(pre_lp, cut.masked_fill(hard, float("inf")), gmax)
     return rows, cols, hard
 
@@ -519,7 +519,9 @@ def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0, low_precision=None):
     values = None
     if uses_bf16_gemm(x, W) and selection.usable(W.shape[0], k) and x.shape[0]:
         try:
-            values, indices = _topk_bf16(x, W, b, b_dec, k, low_precision or LowPrecisionWeights(W, b), blocks)
+            lp = low_precision or LowPrecisionWeights(W, b)
+            if lp.residuals.finite:
+                values, indices = _topk_bf16(x, W, b, b_dec, k, lp, blocks)
         except RuntimeError:  # a oneDNN build without bf16 kernels: the fp32 path
             values = None
     if values is None:
@@ -572,6 +574,9 @@ def threshold_encode(x, W, b, b_dec, cutoff):
     if bf16:
         shifted_bias = b - cutoff
         lp = LowPrecisionWeights(W, shifted_bias)
+        if not lp.residuals.finite:
+            lp = None
+    if lp is not None:
         bias_rounding = selection.FP32_UNIT * float(shifted_bias.abs().max())
         xc = (x if b_dec is None else x - b_dec).contiguous()
         buffer = torch.empty(blocks[0].stop - blocks[0].start, W.shape[0])

@@ -330,3 +330,23 @@ def test_auto_mode_keeps_small_batches_on_the_fp32_gemm(monkeypatch, kind):
     assert stats["rows"] == 0
     encode(64)
     assert stats["rows"] == 64
+
+
+@pytest.mark.parametrize("kind", ["topk", "threshold"])
+def test_a_nan_weight_row_gives_the_fp32_paths_answer(monkeypatch, kind):
+    """A NaN encoder row leaves the bf16 error bound undefined: the encode is the fp32 path's
+    (not rows of -inf, or an empty code, from a NaN cut)."""
+    x, W, b, b_dec = encoder(40, 32, 2048, seed=27)
+    W[7] = float("nan")
+    cutoff = quantile_cutoffs(W.nan_to_num(), b, b_dec, 0.99)
+
+    def encode():
+        if kind == "topk":
+            return torch_backend.topk_encode(x, W, b, b_dec, 8)[:2]
+        return torch_backend.threshold_encode(x, W, b, b_dec, cutoff)
+
+    got = encode()
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp32")
+    want = encode()
+    assert all(torch.equal(a, w) for a, w in zip(got, want))
+    assert bool(torch.isfinite(got[0]).all()) and got[0].numel() > 0
