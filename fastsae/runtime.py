@@ -115,16 +115,20 @@ GEMV_ROWS = 2
 
 
 class _TrackingEncoder:
-    """A TopK SAE's code for the hooks on the torch backend: the GEMM + ReLU (oneDNN's, or for a
-    decode step's row or two an addmm on a transposed copy of W_enc), then torch.topk. Values
-    equal ``encode_sparse``'s up to the rounding of the dot products' summation order; only the
-    order among exactly equal values may differ. (The backend's stable tie rule looks for ties
-    on the host, a read-back inside every hook that costs the per-token decode budget about two
-    points.)"""
+    """A TopK SAE's code for the hooks on the torch backend. A decode step's row or two: an
+    addmm on a transposed copy of W_enc, then torch.topk. Larger calls (prefill): where the CPU
+    has a bf16 unit and the dictionary is wide enough (``bf16_topk_pays_with_cached_weights``),
+    the backend's exact bf16 encode on a bf16 copy of the encoder kept here (half the fp32
+    encoder's bytes more memory); else oneDNN's fp32 GEMM + ReLU, then torch.topk. Values equal
+    ``encode_sparse``'s up to the rounding of the dot products' summation order; only the order
+    among exactly equal values may differ on the torch.topk paths. (The backend's stable tie
+    rule looks for ties on the host, a read-back inside every hook that costs the per-token
+    decode budget about two points.)"""
 
     def __init__(self, sae):
         self.sae = sae
         self._transposed, self._made_from = None, None
+        self._low_precision, self._low_precision_from = None, None
 
     def _encoder_transposed(self) -> torch.Tensor:
         """W_enc as [d_in, d_sae], remade whenever the SAE's weight changes (its version counter)."""
@@ -134,14 +138,27 @@ class _TrackingEncoder:
             self._transposed, self._made_from = W.detach().t().contiguous(), key
         return self._transposed
 
+    def _encoder_bf16(self) -> torch_backend.LowPrecisionWeights:
+        """The bf16 copy of (W_enc, b_enc), remade whenever either changes."""
+        W, b = self.sae.enc_weight, self.sae.b_enc
+        key = (W.data_ptr(), W._version, b.data_ptr(), b._version)
+        if key != self._low_precision_from:
+            self._low_precision, self._low_precision_from = torch_backend.LowPrecisionWeights(W, b), key
+        return self._low_precision
+
     def __call__(self, x: torch.Tensor) -> SparseCode:
         sae = self.sae
-        bias = sae.input_bias
+        bias, k = sae.input_bias, sae.config.k
         if x.shape[0] <= GEMV_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
             pre = torch.addmm(sae.b_enc, x if bias is None else x - bias, self._encoder_transposed()).relu_()
+        elif (torch_backend.uses_bf16_gemm(x, sae.enc_weight, weights_cached=True)
+              and torch_backend.bf16_topk_pays_with_cached_weights(sae.d_sae, k)):
+            values, indices, _, _ = torch_backend.topk_encode(x, sae.enc_weight, sae.b_enc, bias, k,
+                                                              low_precision=self._encoder_bf16())
+            return SparseCode(values, indices, sae.d_sae)
         else:
             pre = torch_backend.encoder_preactivations(x, sae.enc_weight, sae.b_enc, bias, relu=True)
-        values, indices = pre.topk(sae.config.k, dim=1)
+        values, indices = pre.topk(k, dim=1)
         return SparseCode(values, indices, sae.d_sae)
 
 
