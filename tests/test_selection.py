@@ -116,20 +116,28 @@ def test_rows_differing_in_scale_within_one_batch():
     assert_exact(x, W, b, b_dec, 16)
 
 
-def test_real_activations(tmp_path):
-    """MiniLM residual-stream activations of the default corpus (what the demo trains on)."""
+@pytest.fixture(scope="module")
+def minilm_encoder(tmp_path_factory):
+    """(activations, W): 1024 MiniLM block-3 residual-stream rows of the default corpus (what the
+    demo trains on), and an 8x random encoder whose first d_in latents align with real rows."""
     pytest.importorskip("transformers")
     from fastsae.corpus import default_corpus
     from fastsae.sources import load_default_model
     from fastsae.store import collect_to_store
     model, tokenizer, info = load_default_model()
-    store = collect_to_store(model, tokenizer, default_corpus(), "blocks.3.hook_resid_post", tmp_path, 1024,
-                             batch_size=16, context_length=64, shard_tokens=1024, progress=False)
+    store = collect_to_store(model, tokenizer, default_corpus(), "blocks.3.hook_resid_post",
+                             tmp_path_factory.mktemp("minilm"), 1024, batch_size=16, context_length=64,
+                             shard_tokens=1024, progress=False)
     acts = store.read_shard(0)["activations"].float()
     d = acts.shape[1]
     W = torch.randn(8 * d, d, generator=torch.Generator().manual_seed(6)) / d ** 0.5
     W[: d] = acts[:d] / acts[:d].norm(dim=1, keepdim=True)  # latents aligned with real directions
-    assert_exact(acts, W, torch.zeros(8 * d), acts.mean(0), 32)
+    return acts, W
+
+
+def test_real_activations(minilm_encoder):
+    acts, W = minilm_encoder
+    assert_exact(acts, W, torch.zeros(W.shape[0]), acts.mean(0), 32)
 
 
 def test_error_bound_holds_on_the_gemm():
@@ -265,20 +273,10 @@ def test_threshold_huge_and_tiny_norms(scale):
     assert torch_backend.THRESHOLD_STATS["rows"] == 50
 
 
-def test_threshold_real_activations(tmp_path):
-    """MiniLM activations, cutoffs at each latent's 99th percentile (a JumpReLU SAE's sparsity)."""
-    pytest.importorskip("transformers")
-    from fastsae.corpus import default_corpus
-    from fastsae.sources import load_default_model
-    from fastsae.store import collect_to_store
-    model, tokenizer, info = load_default_model()
-    store = collect_to_store(model, tokenizer, default_corpus(), "blocks.3.hook_resid_post", tmp_path, 1024,
-                             batch_size=16, context_length=64, shard_tokens=1024, progress=False)
-    acts = store.read_shard(0)["activations"].float()
-    d = acts.shape[1]
-    W = torch.randn(8 * d, d, generator=torch.Generator().manual_seed(24)) / d ** 0.5
-    W[: d] = acts[:d] / acts[:d].norm(dim=1, keepdim=True)
-    b, b_dec = torch.zeros(8 * d), acts.mean(0)
+def test_threshold_real_activations(minilm_encoder):
+    """Cutoffs at each latent's 99th percentile (a JumpReLU SAE's sparsity)."""
+    acts, W = minilm_encoder
+    b, b_dec = torch.zeros(W.shape[0]), acts.mean(0)
     cutoff = torch.quantile((acts - b_dec) @ W.t() + b, 0.99, dim=0)
     assert_threshold_exact(acts, W, b, b_dec, cutoff)
     assert torch_backend.THRESHOLD_STATS["fp32_rows"] == 0
