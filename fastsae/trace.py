@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastsae.selection import group_then_descending_key
+
 # Columns of the per-row "where" record: the forward call (step), the batch row, the position.
 WHERE_FIELDS = ("step", "batch", "position")
 # The max-activating record packs them into one int64 (a third of the memory traffic):
@@ -88,11 +90,9 @@ class MaxExamples:
             return
         n = self.n
         v = values.float()
-        v = torch.where(v > 0, v, 0.0)  # +0.0 for zeros, -0.0 and NaN: their bits must sort last
-        # One sort groups entries by feature, strongest first: for non-negative floats the bit
-        # pattern orders like the value, so (feature, -value) packs into one int64 key.
-        key = features * (1 << 31) + ((1 << 31) - 1 - v.view(torch.int32).long())
-        perm = torch.argsort(key)
+        v = torch.where(v > 0, v, 0.0)  # +0.0 for zeros, -0.0 and NaN: they must sort last
+        # One sort groups entries by feature, strongest first.
+        perm = torch.argsort(group_then_descending_key(features, v))
         f, v, w = features[perm], v[perm], where[perm]
         v = torch.where(v > 0, v, float("-inf"))  # a zero is no activation
         # scatter_add, not bincount: bincount reads the maximum back to the host on CUDA.
