@@ -114,6 +114,11 @@ def _token_entry(model: nn.Module) -> nn.Module:
 GEMV_ROWS = 2
 
 
+def _transposed(W: torch.Tensor) -> torch.Tensor:
+    """W_enc as [d_in, d_sae], contiguous (the layout the decode step's addmm streams fastest)."""
+    return W.detach().t().contiguous()
+
+
 class _TrackingEncoder:
     """A TopK SAE's code for the hooks on the torch backend. A decode step's row or two: an
     addmm on a transposed copy of W_enc, then torch.topk. Larger calls (prefill): where the CPU
@@ -127,34 +132,27 @@ class _TrackingEncoder:
 
     def __init__(self, sae):
         self.sae = sae
-        self._transposed, self._made_from = None, None
-        self._low_precision, self._low_precision_from = None, None
+        self._copies: dict[str, tuple] = {}  # name -> (what its tensors were when made, the copy)
 
-    def _encoder_transposed(self) -> torch.Tensor:
-        """W_enc as [d_in, d_sae], remade whenever the SAE's weight changes (its version counter)."""
-        W = self.sae.enc_weight
-        key = (W.data_ptr(), W._version)
-        if key != self._made_from:
-            self._transposed, self._made_from = W.detach().t().contiguous(), key
-        return self._transposed
-
-    def _encoder_bf16(self) -> torch_backend.LowPrecisionWeights:
-        """The bf16 copy of (W_enc, b_enc), remade whenever either changes."""
-        W, b = self.sae.enc_weight, self.sae.b_enc
-        key = (W.data_ptr(), W._version, b.data_ptr(), b._version)
-        if key != self._low_precision_from:
-            self._low_precision, self._low_precision_from = torch_backend.LowPrecisionWeights(W, b), key
-        return self._low_precision
+    def _copy(self, name: str, make, *tensors):
+        """make(*tensors), kept and made again whenever one of the tensors changes (its storage
+        or its version counter: the SAE trained on in place)."""
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        kept = self._copies.get(name)
+        if kept is None or kept[0] != key:
+            kept = self._copies[name] = (key, make(*tensors))
+        return kept[1]
 
     def __call__(self, x: torch.Tensor) -> SparseCode:
         sae = self.sae
         bias, k = sae.input_bias, sae.config.k
         if x.shape[0] <= GEMV_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
-            pre = torch.addmm(sae.b_enc, x if bias is None else x - bias, self._encoder_transposed()).relu_()
+            W_t = self._copy("transposed", _transposed, sae.enc_weight)
+            pre = torch.addmm(sae.b_enc, x if bias is None else x - bias, W_t).relu_()
         elif (torch_backend.uses_bf16_gemm(x, sae.enc_weight, weights_cached=True)
               and torch_backend.bf16_topk_pays_with_cached_weights(sae.d_sae, k)):
-            values, indices, _, _ = torch_backend.topk_encode(x, sae.enc_weight, sae.b_enc, bias, k,
-                                                              low_precision=self._encoder_bf16())
+            bf16 = self._copy("bf16", torch_backend.LowPrecisionWeights, sae.enc_weight, sae.b_enc)
+            values, indices, _, _ = torch_backend.topk_encode(x, sae.enc_weight, sae.b_enc, bias, k, low_precision=bf16)
             return SparseCode(values, indices, sae.d_sae)
         else:
             pre = torch_backend.encoder_preactivations(x, sae.enc_weight, sae.b_enc, bias, relu=True)

@@ -247,7 +247,7 @@ def test_prefill_tracking_on_a_kept_bf16_encoder_equals_the_saes_code(model, mon
             with im.interpretation_enabled():
                 model(ids)
             assert torch_backend.SURVIVORS["rows"] > 0  # the bf16 path ran
-            copies.append(encoder._low_precision)
+            copies.append(encoder._copies["bf16"][1])
             rows = im.trace[HP].rows()
             code = sae.encode_sparse(seen.pop().reshape(-1, D))
             assert torch.equal(rows["indices"], code.indices)
