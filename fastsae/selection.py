@@ -82,31 +82,61 @@ def usable(d_sae: int, k: int) -> bool:
     return -(-d_sae // GROUP) >= 2 * k
 
 
-def cutoffs(pre_lp, k, e):
-    """(cut[n], group maxima): keep entries >= cut (see the module docstring)."""
-    gmax = group_maxima(pre_lp)
-    c = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+def bf16_bits(p):
+    """The int16 view of a ReLU'd bfloat16 tensor: a value >= 0 orders as its bit pattern does
+    (-0.0 views as the least int16), so maxima and comparisons run on integers, with no float32
+    copy of the GEMM's output."""
+    return p.view(torch.int16)
+
+
+def bits_to_float(bits):
+    """float32 values of bfloat16 bit patterns (int16)."""
+    return (bits.to(torch.int32) << 16).view(torch.float32)
+
+
+def bf16_ceil_bits(values):
+    """int16 bit pattern of the least bfloat16 >= each float32 in ``values`` (> 0 or +inf):
+    for a bf16 p >= 0, ``p >= v`` exactly when ``bits(p) >= bf16_ceil_bits(v)``."""
+    return ((values.view(torch.int32) + 0xFFFF) >> 16).to(torch.int16)
+
+
+# A cut in bits that no ReLU'd bf16 value reaches (0x7FFF is a NaN pattern; oneDNN's ReLU
+# maps NaN to 0).
+NO_BITS_SURVIVE = torch.iinfo(torch.int16).max
+
+
+def cutoffs(bits, k, e):
+    """(cut[n] as float32, group maxima as bits) for the ReLU'd bf16 GEMM output viewed by
+    ``bf16_bits``: keep entries >= cut (see the module docstring)."""
+    gmax = group_maxima(bits)
+    c = bits_to_float(torch.topk(gmax, k, dim=1, sorted=False).values.amin(1))
     u = BF16_UNIT
     return (1 - u) * (c / (1 + u) - 2 * e), gmax
 
 
-def survivors(pre_lp, cut, gmax):
-    """(rows, cols) of the entries >= cut, row-major with ascending columns. Only the groups
-    whose maximum reaches the cut are read: about k of them per row."""
-    n, m = pre_lp.shape
-    whole_groups = m // GROUP
-    flat = (gmax[:, :whole_groups] >= cut[:, None]).view(-1).nonzero().squeeze(1)  # row * groups + group
-    grows = flat // whole_groups
-    vals = pre_lp[:, :whole_groups * GROUP].reshape(n * whole_groups, GROUP).index_select(0, flat)
-    hits = (vals >= cut.index_select(0, grows)[:, None]).view(-1).nonzero().squeeze(1)
-    rows = grows.index_select(0, hits // GROUP)
-    cols = (flat.index_select(0, hits // GROUP) - rows * whole_groups) * GROUP + hits % GROUP
-    if whole_groups * GROUP < m:  # the short last group, read directly
-        trows, tcols = (pre_lp[:, whole_groups * GROUP:] >= cut[:, None]).nonzero(as_tuple=True)
-        rows, cols = torch.cat([rows, trows]), torch.cat([cols, tcols + whole_groups * GROUP])
-        order = torch.argsort(rows * m + cols)
-        rows, cols = rows[order], cols[order]
-    return rows, cols
+# Masks of at least this many entries are compacted word by word (sparse_nonzero).
+SPARSE_NONZERO_MIN = 1 << 14
+
+
+def sparse_nonzero(mask):
+    """(rows, cols) of a 2-D bool mask's True entries, row-major: torch.nonzero's answer.
+
+    For a large mask with few True entries, it reads the mask as int64 words (8 entries each)
+    and expands only the non-zero words: 2.2-2.6x faster than nonzero on [512, 6144] with 62
+    per row, and [64, 4096] with 45 per row (2-core AMD EPYC)."""
+    n, m = mask.shape
+    if mask.numel() < SPARSE_NONZERO_MIN or m % 8 or not mask.is_contiguous():
+        return mask.nonzero(as_tuple=True)
+    words = mask.view(torch.int64).view(-1).nonzero().squeeze(1)
+    hit = mask.view(-1, 8).index_select(0, words).view(-1).nonzero().squeeze(1)
+    flat = words.index_select(0, hit >> 3) * 8 + (hit & 7)
+    return flat // m, flat % m
+
+
+def survivors(values, cut):
+    """(rows, cols) of the entries >= cut[row], row-major with ascending columns (``values``
+    and ``cut`` of one dtype: float, or bits from ``bf16_bits`` / ``bf16_ceil_bits``)."""
+    return sparse_nonzero(values >= cut[:, None])
 
 
 def group_then_descending_key(groups, values):

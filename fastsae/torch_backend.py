@@ -458,17 +458,19 @@ class LowPrecisionWeights:
         self.residuals = selection.RoundingResiduals(W, self.W, b, self.b)
 
 
-def _bf16_survivors(xc, lp, k, buffer):
+def _bf16_survivors(xc, lp, k):
     """One row block of the bf16 GEMM: (rows, cols) of the entries that survive the cut, and
-    the rows the cut cannot decide (see fastsae.selection)."""
+    the rows the cut cannot decide (see fastsae.selection). The ReLU'd bf16 output is read
+    through its int16 bits: no float32 copy of it is made."""
     xc_bf16 = xc.to(torch.bfloat16)
-    # Into a reused fp32 buffer: a fresh 12 MB tensor per block pays its page faults each time.
-    pre_lp = buffer[:xc.shape[0]].copy_(_ONEDNN_LINEAR(xc_bf16, lp.W, lp.b, "relu", [], ""))
-    cut, gmax = selection.cutoffs(pre_lp, k, selection.input_error(xc, xc_bf16, lp.residuals))
+    bits = selection.bf16_bits(_ONEDNN_LINEAR(xc_bf16, lp.W, lp.b, "relu", [], ""))
+    cut, gmax = selection.cutoffs(bits, k, selection.input_error(xc, xc_bf16, lp.residuals))
     # Undecidable: ReLU zeros in the top-k (cut <= 0), or so many survivors that the exact
     # fp32 GEMM is cheaper.
-    hard = ~(cut > 0) | ((gmax >= cut[:, None]).sum(1) * 4 > gmax.shape[1] * 3)  # ~(> 0): a NaN cut too
-    rows, cols = selection.survivors(pre_lp, cut.masked_fill(hard, float("inf")), gmax)
+    hard = ~(cut > 0)  # a NaN cut too
+    cut_bits = selection.bf16_ceil_bits(cut.masked_fill(hard, float("inf")))
+    hard |= (gmax >= cut_bits[:, None]).sum(1) * 4 > gmax.shape[1] * 3
+    rows, cols = selection.survivors(bits, cut_bits.masked_fill(hard, selection.NO_BITS_SURVIVE))
     return rows, cols, hard
 
 
@@ -491,8 +493,7 @@ def _rescore(xc, W, b, rows, cols):
 def _topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks):
     """(rows, cols, undecided rows, xc) of the whole batch, block by block."""
     xc = (x if b_dec is None else x - b_dec).contiguous()
-    buffer = torch.empty(blocks[0].stop - blocks[0].start, W.shape[0])
-    parts = [_bf16_survivors(xc[rows], lp, k, buffer) for rows in blocks]
+    parts = [_bf16_survivors(xc[rows], lp, k) for rows in blocks]
     rows = torch.cat([p[0] + blocks[i].start for i, p in enumerate(parts)])
     cols = torch.cat([p[1] for p in parts])
     hard_rows = torch.cat([p[2] for p in parts]).nonzero().squeeze(1)
@@ -567,7 +568,7 @@ def _threshold_bf16(xc, W, b, cutoff, lp, bias_rounding, buffer):
     xc_bf16 = xc.to(torch.bfloat16)
     shifted = buffer[:xc.shape[0]].copy_(_ONEDNN_LINEAR(xc_bf16, lp.W, lp.b, "none", [], ""))
     margin = (2 + 2 * selection.BF16_UNIT) * (selection.input_error(xc, xc_bf16, lp.residuals) + bias_rounding)
-    rows, cols = selection.survivors(shifted, -margin, selection.group_maxima(shifted))  # group by group
+    rows, cols = selection.survivors(shifted, -margin)
     if rows.numel() > THRESHOLD_BF16_MAX_DENSITY * shifted.numel():
         return None
     exact = _rescore(xc, W, b, rows, cols)
