@@ -348,3 +348,36 @@ def test_a_nan_weight_row_gives_the_fp32_paths_answer(monkeypatch, kind):
     want = encode()
     assert all(torch.equal(a, w) for a, w in zip(got, want))
     assert bool(torch.isfinite(got[0]).all()) and got[0].numel() > 0
+
+
+def test_bf16_bits_compare_as_the_values_do():
+    """The selection reads the ReLU'd bf16 GEMM output as int16 bits: for every bf16 p >= 0
+    (+0.0, -0.0, subnormals, the largest finite, inf) and every cut v > 0 (bf16 values
+    themselves, values between two of them, inf), p >= v exactly when bits(p) >=
+    bf16_ceil_bits(v); the group maxima of the bits are the bits of the maxima."""
+    g = torch.Generator().manual_seed(3)
+    every_bf16 = torch.arange(0, 0x7F81, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)  # 0 .. inf
+    p = torch.cat([every_bf16, torch.tensor([-0.0], dtype=torch.bfloat16)])
+    between = every_bf16[1:-1].float() * (1 + torch.rand(every_bf16.numel() - 2, generator=g) * 2 ** -9)
+    cuts = torch.cat([every_bf16[1:].float(), between, torch.tensor([1e-45, 3.4e38, float("inf")])])
+    for v in cuts[torch.randperm(cuts.numel(), generator=g)[:300]].tolist() + [float("inf"), 1e-45]:
+        v = torch.tensor([v])
+        want = p.float() >= v
+        got = selection.bf16_bits(p) >= selection.bf16_ceil_bits(v)
+        assert torch.equal(got, want), v
+    assert not bool((selection.bf16_bits(p) >= selection.NO_BITS_SURVIVE).any())
+    rows = p[torch.randint(0, p.numel(), (7, 640), generator=g)]
+    assert torch.equal(selection.bits_to_float(selection.group_maxima(selection.bf16_bits(rows))),
+                       selection.group_maxima(rows.float()))
+
+
+@pytest.mark.parametrize("shape", [(64, 4096), (512, 640), (3, 9), (300, 100), (1, 1 << 15)])
+@pytest.mark.parametrize("density", [0.0, 0.004, 0.3, 1.0])
+def test_sparse_nonzero_equals_nonzero(shape, density):
+    """Word-wise compaction (masks of at least SPARSE_NONZERO_MIN entries, rows a multiple
+    of 8 wide) and the plain fallback both give torch.nonzero's rows and columns, in order."""
+    g = torch.Generator().manual_seed(shape[0] + int(density * 1000))
+    mask = torch.rand(shape, generator=g) < density
+    rows, cols = selection.sparse_nonzero(mask)
+    want_rows, want_cols = mask.nonzero(as_tuple=True)
+    assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
