@@ -203,8 +203,8 @@ def _latent_sums(p, values, indices, row_offsets, num_rows):
     """Per-latent sums of per-entry values (deterministic, via the scatter-add primitive)."""
     if values.device.type == "cpu":
         # index_add_ into a vector runs serially in entry order on CPU (deterministic), and
-        # 35x faster than the scatter primitive with a width-1 operand (0.26 vs 9.2 ms at
-        # 4096 rows of k 32, 2-core AMD EPYC).
+        # about 10x faster than the scatter primitive with a width-1 operand (0.16 vs 1.7 ms at
+        # 4096 rows of k 32, d_sae 6144, 2-core AMD EPYC).
         acc = torch.promote_types(values.dtype, torch.float32)
         sums = torch.zeros(num_rows, dtype=acc).index_add_(0, indices.reshape(-1), values.reshape(-1).to(acc))
         return sums.to(values.dtype)
