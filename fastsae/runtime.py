@@ -12,11 +12,12 @@ steered at its output hook point: the features come from the input as it passes,
 ``f' = a * f + b``: add (a=1, b=s), clamp (a=0, b=v), scale (a=s, b=0), ablate (a=0, b=0).
 Edits that cannot change anything (scale 1, add 0) are dropped, so they leave the model's output bit-identical.
 
-Hooks never read a tensor back to the host (no .item(), .cpu() or Python branching on
-tensor values) and run with fastsae's NaN scan off, so a decode step on a GPU is not
-synchronised; what they record is merged and printed later (see ``fastsae.trace``). The
-variable-L0 encoders (ReLU, JumpReLU, Gated, BatchTopK at inference) size their output from
-the data and so do read a count back; TopK does not.
+On a GPU, hooks never read a tensor back to the host (no .item(), .cpu() or Python branching
+on tensor values) and run with fastsae's NaN scan off, so a decode step is not synchronised;
+what they record is merged and printed later (see ``fastsae.trace``). The variable-L0
+encoders (ReLU, JumpReLU, Gated, BatchTopK at inference) size their output from the data and
+so do read a count back; TopK does not. On CPU, where a read costs no synchronisation, the
+exact TopK encodes from a bf16 or fp16 product read a few numbers per call (cuts, counts).
 """
 from __future__ import annotations
 
@@ -120,7 +121,9 @@ def _transposed(W: torch.Tensor) -> torch.Tensor:
 
 
 class _TrackingEncoder:
-    """A TopK SAE's code for the hooks on the torch backend. A decode step's row or two: an
+    """A TopK SAE's code for the hooks on the torch backend. A decode step's row or two: where
+    the fp32 encoder is too big to stay cached between steps (``fp16_rows_pay``), the backend's
+    exact one-row encode from a float16 copy kept here (half the bytes read per step); else an
     addmm on a transposed copy of W_enc, then torch.topk. Larger calls (prefill): where the CPU
     has a bf16 unit and the dictionary is wide enough (``bf16_topk_pays_with_cached_weights``),
     the backend's exact bf16 encode on a bf16 copy of the encoder kept here (half the fp32
@@ -147,6 +150,10 @@ class _TrackingEncoder:
         sae = self.sae
         bias, k = sae.input_bias, sae.config.k
         if x.shape[0] <= GEMV_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+            if torch_backend.fp16_rows_pay(sae.enc_weight):
+                half = self._copy("fp16", torch_backend.HalfPrecisionEncoder, sae.enc_weight, sae.b_enc)
+                values, indices = torch_backend.topk_rows_fp16(x, sae.enc_weight, sae.b_enc, bias, k, half)
+                return SparseCode(values, indices, sae.d_sae)
             W_t = self._copy("transposed", _transposed, sae.enc_weight)
             pre = torch.addmm(sae.b_enc, x if bias is None else x - bias, W_t).relu_()
         elif (torch_backend.uses_bf16_gemm(x, sae.enc_weight, weights_cached=True)

@@ -30,6 +30,9 @@ import torch
 # Unit roundoffs (half an ulp at 1.0) of bfloat16 and float32.
 BF16_UNIT = 2.0 ** -8
 FP32_UNIT = 2.0 ** -24
+FP16_UNIT = 2.0 ** -11
+# float16's largest rounding error below its normal range (half the subnormal spacing).
+FP16_TINY = 2.0 ** -25
 
 # Latents per group for the group maxima: a multiple of 64 keeps the max-reduction
 # vectorised on CPU (3-4x faster than 48- or 32-wide groups, measured).
@@ -137,6 +140,29 @@ def survivors(values, cut):
     """(rows, cols) of the entries >= cut[row], row-major with ascending columns (``values``
     and ``cut`` of one dtype: float, or bits from ``bf16_bits`` / ``bf16_ceil_bits``)."""
     return sparse_nonzero(values >= cut[:, None])
+
+
+def fp16_product_error(e, q_absmax, b_absmax):
+    """Per row: a bound on |q - pre| for every latent of a float16 one-row product, where
+    ``q = fl32(fp16(s) + b)``: s accumulated in float32 from float16 copies of xc and W (within
+    ``e`` of pre - b, see ``input_error``, the bias left out of it), its output rounded to
+    float16 (relative FP16_UNIT, or FP16_TINY below the normal range), the exact float32 bias
+    added in float32. ``q_absmax``, ``b_absmax``: the row's max |q| and max |b| (they bound
+    |fp16(s)| <= |q| / (1 - FP32_UNIT) + |b|). Python floats; inf or nan where q overflowed."""
+    q_sum = q_absmax / (1 - FP32_UNIT)
+    s_max = (q_sum + b_absmax + FP16_TINY) / (1 - FP16_UNIT)
+    return 1.001 * (e + FP16_UNIT * s_max + FP16_TINY + FP32_UNIT * q_sum)
+
+
+def fp16_row_cut(q, k, error):
+    """The cut for one row of q (float32, [d_sae]) within ``error`` of the exact pre-activations:
+    every top-k member of relu(pre) has q >= cut. Its c is the k-th largest of the group
+    maxima (k distinct latents with q >= c, so pre >= c - error for each, and the k-th largest
+    relu(pre) is at least c - error); a member m then has q[m] >= pre[m] - error >= c - 2 error.
+    A cut that is not positive (ReLU zeros could be in the top-k) or not a number decides
+    nothing: the caller takes the exact float32 path."""
+    c = float(torch.topk(group_maxima(q[None]), k, dim=1, sorted=False).values.min())
+    return c - 2 * error
 
 
 def group_then_descending_key(groups, values):

@@ -102,16 +102,21 @@ class _LatentMajor:
         return out.to(g.dtype)
 
 
-# The last code transposed: a training step scatters along the same indices twice (the
-# decoder's and the encoder's weight gradients), so they are sorted once. Reused only for the
-# same storage at the same version (a live reference is kept, so its memory cannot be reused
-# by another tensor meanwhile).
-_last_latent_major: tuple | None = None
+# What a training step's backward derives from a code's indices, kept for the next call on the
+# same code: it scatters and gathers along the same indices three times (the decoder's
+# gradients, then the encoder's). Reused only for the same storage at the same version (a live
+# reference is kept, so its memory cannot be reused by another tensor meanwhile).
+
+def _code_key(indices, num_rows):
+    return (indices.data_ptr(), indices.shape, indices.stride(), indices._version, num_rows)
+
+
+_last_latent_major: tuple | None = None  # the last code transposed
 
 
 def _latent_major(indices, num_rows) -> _LatentMajor:
     global _last_latent_major
-    key = (indices.data_ptr(), indices.shape, indices.stride(), indices._version, num_rows)
+    key = _code_key(indices, num_rows)
     if _last_latent_major is None or _last_latent_major[0] != key:
         _last_latent_major = (key, indices, _LatentMajor(indices, num_rows))
     return _last_latent_major[2]
@@ -163,9 +168,23 @@ def _fixed_bags(n, k, device):
 DENSE_CODE_FACTOR = 8
 
 
+# The last two codes' answers: a step with AuxK alternates between its main and AuxK codes.
+_narrow_codes: list[tuple] = []
+
+
 def _narrow_code(indices, num_rows):
     """(used latent ids, [N, k] column of every entry among them) when the code touches at
     most DENSE_CODE_FACTOR x k distinct latents, else None."""
+    key = _code_key(indices, num_rows)
+    for kept in _narrow_codes:
+        if kept[0] == key:
+            return kept[2]
+    answer = _find_narrow_code(indices, num_rows)
+    _narrow_codes[:] = [(key, indices, answer)] + _narrow_codes[:1]
+    return answer
+
+
+def _find_narrow_code(indices, num_rows):
     n, k = indices.shape
     if n * k == 0:
         return None
@@ -434,8 +453,8 @@ def bf16_topk_pays_with_cached_weights(d_sae: int, k: int) -> bool:
 
 
 def cpu_encoder_gemms() -> dict[str, str]:
-    """Which GEMM, in which precision, each encoder uses on this CPU, and the fallback (for
-    ``fastsae info``)."""
+    """Which GEMM, in which precision, each encoder uses on this CPU, and the fallback; and
+    the product of a runtime decode step's row (for ``fastsae info``)."""
     fp32 = "oneDNN fused linear (bias, ReLU in its epilogue), float32" if _ONEDNN_LINEAR is not None else \
         "BLAS addmm, float32"
     mode = encode_gemm_mode()
@@ -454,7 +473,14 @@ def cpu_encoder_gemms() -> dict[str, str]:
                      f"block has candidates in more than 1/{round(1 / THRESHOLD_BF16_MAX_DENSITY)} of its entries)")
     else:
         threshold = topk
-    return {"topk, batchtopk": topk, "relu, jumprelu, gated": threshold}
+    fp32_gemv = "float32 addmm on a transposed copy of the encoder, then top-k"
+    if _fp16_reduced_precision_allowed():
+        decode = f"{fp32_gemv} (float16 reductions are allowed in this process: no exact float16 product)"
+    else:
+        decode = (f"float16 torch.mv (float32 accumulation, checked on each kept copy), cut, survivors rescored in "
+                  f"float32: equal to the float32 path, for encoders over {CACHE_RESIDENT_BYTES / 2**20:.0f} MiB in "
+                  f"float32 (not cached between steps); smaller ones: {fp32_gemv}")
+    return {"topk, batchtopk": topk, "relu, jumprelu, gated": threshold, "topk runtime decode": decode}
 
 
 class LowPrecisionWeights:
@@ -466,6 +492,86 @@ class LowPrecisionWeights:
         self.W = W.to(torch.bfloat16).contiguous()
         self.b = b.to(torch.bfloat16)
         self.residuals = selection.RoundingResiduals(W, self.W, b, self.b)
+
+
+# ----------------------------------------------------------------------------- fp16 one-row encode
+
+# A decode step multiplies one row by the encoder: it reads every weight once and does two
+# flops per weight read, so it runs at memory speed, and a float16 copy (half the bytes) halves
+# it. torch.mv's float16 kernel on CPU reads float16 and multiplies and accumulates in float32
+# (unless torch._C._set_cpu_allow_fp16_reduced_precision_reduction(True) was called), which the
+# error bound needs; bfloat16 has no such kernel here (torch.mv in bf16: 6.1 ms against
+# 4.5 ms for the fp32 addmm at d_in 1280, d_sae 20480; fp16 2.5 ms; one thread, cold cache,
+# 2-core AMD EPYC).
+
+def _fp16_reduced_precision_allowed() -> bool:
+    flag = getattr(torch._C, "_get_cpu_allow_fp16_reduced_precision_reduction", None)
+    return bool(flag()) if flag is not None else False
+
+
+def fp16_rows_pay(W) -> bool:
+    """Whether the float16 one-row encode beats the fp32 product for this encoder: only once the
+    fp32 weights do not stay cached between decode steps (past half the last-level cache), so
+    that halving the bytes read saves more than the cut and the rescoring cost (about 0.2 ms).
+    One thread, cache flushed between steps, k 32, fp32 addmm + top-k against this path, on a
+    2-core AMD EPYC (32 MiB L3): d_in 512, d_sae 8192 (16 MiB) 1.4 vs 1.9 ms; d_in 768,
+    d_sae 12288 (36 MiB) 2.7 vs 2.0 ms; d_in 1280, d_sae 20480 (100 MiB) 5.3-6.1 vs 3.4-3.7 ms."""
+    return W.device.type == "cpu" and W.dtype == torch.float32 and not _cache_resident(W.device, *W.shape)
+
+
+def _accumulates_in_fp32(W16) -> bool:
+    """Whether torch.mv on these float16 weights sums in float32: its answer for a random row
+    is within the float32 accumulation bound of the float32 product of the same float16
+    numbers (a float16 accumulation misses it by orders of magnitude)."""
+    x16 = torch.randn(W16.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    got = torch.mv(W16, x16).float()
+    want = W16.float() @ x16.float()
+    magnitude = W16.float().abs() @ x16.float().abs()
+    gamma = 1.01 * (W16.shape[1] + 2) * selection.FP32_UNIT
+    bound = selection.FP16_UNIT * want.abs() + selection.FP16_TINY + 2 * gamma * magnitude
+    return bool(((got - want).abs() <= bound).all())
+
+
+class HalfPrecisionEncoder:
+    """A float16 copy of an encoder for one-row products, kept across decode steps, with what
+    the error bound needs. ``usable`` is False where the bound cannot hold: a weight outside
+    float16's range, or a torch.mv that does not accumulate in float32."""
+
+    def __init__(self, W, b):
+        W, b = W.detach(), b.detach()
+        self.W = W.to(torch.float16).contiguous()
+        self.residuals = selection.RoundingResiduals(W, self.W, b, b)  # the bias is added in fp32: exact
+        self.b_absmax = float(b.abs().max()) if b.numel() else 0.0
+        self.usable = self.residuals.finite and _accumulates_in_fp32(self.W)
+
+
+def topk_rows_fp16(x, W, b, b_dec, k, half):
+    """Top-k of relu((x - b_dec) W^T + b) for a few rows, each from a float16 torch.mv, a cut
+    (``selection.fp16_row_cut``) and its survivors rescored in fp32: the fp32 answer. A row the
+    cut cannot decide (or every row, where float16 reductions were allowed) takes the fp32
+    GEMM. Returns (values [n, k], indices [n, k])."""
+    if not half.usable or _fp16_reduced_precision_allowed() or not selection.usable(W.shape[0], k):
+        return stable_topk(encoder_preactivations(x, W, b, b_dec, relu=True), k)
+    xc = x if b_dec is None else x - b_dec
+    xh = xc.to(torch.float16)
+    errors = selection.input_error(xc, xh, half.residuals).tolist()
+    values, indices = [], []
+    for row, error in enumerate(errors):
+        q = torch.mv(half.W, xh[row]).float().add_(b)
+        bound = selection.fp16_product_error(error, float(q.abs().max()), half.b_absmax)
+        cut = selection.fp16_row_cut(q, k, bound)
+        cols = (q >= cut).nonzero().squeeze(1) if cut > 0 else None  # not for a nan cut either
+        if cols is None or cols.numel() * 4 > W.shape[0]:
+            v, i = stable_topk(encoder_preactivations(x[row:row + 1], W, b, b_dec, relu=True), k)
+            SURVIVORS["hard_rows"] += 1
+        else:
+            exact = torch.mv(W.index_select(0, cols), xc[row]).add_(b[cols]).relu_().add_(0.0)
+            v, i = stable_topk(exact[None], k)
+            i = cols[i]
+            SURVIVORS.update(rows=SURVIVORS["rows"] + 1, survivors=SURVIVORS["survivors"] + cols.numel())
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values), torch.cat(indices)
 
 
 def _bf16_survivors(xc, lp, k):

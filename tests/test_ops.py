@@ -187,11 +187,15 @@ def test_torch_fixed_k_backward_primitives_match_reference(spread, dtype):
     again = torch_backend.scatter_add(values, indices, g, m)
     assert torch.equal(again, torch_backend.scatter_add(values, indices, g, m))  # deterministic
     torch_backend._last_latent_major = None  # grouped afresh: the same answer
+    torch_backend._narrow_codes.clear()
     assert torch.equal(again, torch_backend.scatter_add(values, indices, g, m))
     indices[1:] = indices[1:].flip(0)  # changed in place: grouped again, not the stale grouping
+    indices[0, 0] = m - 1  # and a narrow code no longer narrow in the same way
+    expected_dot = torch.einsum("nd,nkd->nk", g.double(), W.double()[indices])
     expected_scatter = torch.zeros(m, d, dtype=torch.float64).index_add_(
         0, indices.reshape(-1), values.double().reshape(-1, 1) * g.double().repeat_interleave(k, 0))
     torch.testing.assert_close(torch_backend.scatter_add(values, indices, g, m).double(), expected_scatter, **tol)
+    torch.testing.assert_close(torch_backend.gather_dot(g, indices, W).double(), expected_dot, **tol)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 9, 10])

@@ -227,6 +227,39 @@ def test_decode_step_tracking_equals_the_saes_code_and_follows_weight_updates(mo
         handle.remove()
 
 
+def test_decode_step_on_a_kept_fp16_encoder_equals_the_saes_code(model, monkeypatch):
+    # An encoder too big to stay cached (here: every encoder, by a zero cache) is read by a decode
+    # step from a float16 copy the hook keeps, cut and rescored in fp32: the same code as
+    # encode_sparse, the copy made once and again after W_enc changes in place, no fp32 copy.
+    from fastsae import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CACHE_RESIDENT_BYTES", 0)
+    sae = make_sae(d_sae=1100, k=4)
+    im = InterpretableModel(model, {HP: sae})
+    encoder = im._topk_encoders[HP]
+    seen, handle = capture(model.transformer.h[1])
+    ids = torch.randint(0, VOCAB, (2, 1), generator=torch.Generator().manual_seed(5))
+    copies = []
+    try:
+        for step in range(3):  # twice as made, then after W_enc changes in place
+            torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+            with im.interpretation_enabled():
+                model(ids)
+            assert torch_backend.SURVIVORS["rows"] == 2  # the cut decided both rows
+            copies.append(encoder._copies["fp16"][1])
+            rows = im.trace[HP].rows()
+            code = sae.encode_sparse(seen.pop().reshape(-1, D))
+            assert torch.equal(rows["indices"], code.indices)
+            torch.testing.assert_close(rows["values"], code.values, rtol=1e-5, atol=1e-5)
+            if step == 1:
+                with torch.no_grad():
+                    sae.enc_weight.mul_(-1.5)
+    finally:
+        handle.remove()
+    assert copies[0] is copies[1] and copies[2] is not copies[1]
+    assert "transposed" not in encoder._copies
+
+
 def test_prefill_tracking_on_a_kept_bf16_encoder_equals_the_saes_code(model, monkeypatch):
     # A prefill-size call on a wide-enough dictionary runs the exact bf16 encode on a bf16 copy
     # of the encoder the hook keeps: the same code as encode_sparse, the copy made once and made
