@@ -38,6 +38,7 @@ import torch
 
 from bench.common import DEVICE, ON_GPU, shapes
 from bench.toy_transformer import D20, KVCache, ToyConfig, ToyGPT
+from fastsae import torch_backend
 from fastsae.config import SAEConfig
 from fastsae.models import create_sae
 from fastsae.runtime import InterpretableModel
@@ -159,12 +160,18 @@ def test_tracking_overhead(benchmark, workload, phase):
 
     benchmark.group = f"runtime-overhead-{phase}"
     benchmark.name = f"{phase}[{_label()}]"
+    torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
     benchmark.pedantic(one_round, rounds=CASE["rounds"][phase], iterations=1)
     ratio = overhead(plain, tracked)
+    # Rows of the tracked runs (prompt and new tokens) the cut encoded from a bf16 or fp16
+    # product, and their candidates; 0 where the hooks ran the fp32 GEMM.
+    cut = torch_backend.SURVIVORS
     benchmark.extra_info.update({"plain_median_s": statistics.median(plain),
                                  "tracked_median_s": statistics.median(tracked),
                                  "overhead": ratio, "budget": BUDGET,
-                                 "per": "token" if phase == "decode" else "prompt"})
+                                 "per": "token" if phase == "decode" else "prompt",
+                                 "cut_rows": cut["rows"], "undecided_rows": cut["hard_rows"],
+                                 "candidates_per_row": cut["survivors"] / max(1, cut["rows"])})
     print(f"\n{phase} [{_label()}]: plain {statistics.median(plain) * 1e3:.2f} ms, tracked "
           f"{statistics.median(tracked) * 1e3:.2f} ms, overhead {ratio:+.1%}")
     check_overhead_budget(plain, tracked, what=f"{phase} tracking")

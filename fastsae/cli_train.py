@@ -271,10 +271,13 @@ def _train(args, created: list[Path]) -> int:
     for w in caught:
         print(f"fastsae train: note: {w.message}", file=sys.stderr)
     if args.activations:
-        return _train_on_stores(args, hook_point_folders(args), None, device, rank, world_size, created)
-    model, tokenizer, info = load_model(args, device)  # on every rank: each collects its share
-    folders = hook_point_folders(args, model, info.n_layers)
-    return _train_on_stores(args, folders, (model, tokenizer, info), device, rank, world_size, created)
+        code = _train_on_stores(args, hook_point_folders(args), None, device, rank, world_size, created)
+    else:
+        model, tokenizer, info = load_model(args, device)  # on every rank: each collects its share
+        folders = hook_point_folders(args, model, info.n_layers)
+        code = _train_on_stores(args, folders, (model, tokenizer, info), device, rank, world_size, created)
+    _leave_process_group(world_size)
+    return code
 
 
 def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, world_size: int,
@@ -413,6 +416,17 @@ def _init_distributed() -> tuple[int, int]:
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _leave_process_group(world_size: int) -> None:
+    """Every rank has finished: leave the process group together. A rank that exits while
+    another still works (rank 0 writing its reports) tears gloo down under it, which can abort
+    one of them."""
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def load_model(args, device):

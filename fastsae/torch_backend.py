@@ -528,7 +528,8 @@ def _accumulates_in_fp32(W16) -> bool:
     want = W16.float() @ x16.float()
     magnitude = W16.float().abs() @ x16.float().abs()
     gamma = 1.01 * (W16.shape[1] + 2) * selection.FP32_UNIT
-    bound = selection.FP16_UNIT * want.abs() + selection.FP16_TINY + 2 * gamma * magnitude
+    accumulation = 2 * gamma * magnitude  # the kernel's float32 sum and this reference's
+    bound = 1.01 * (selection.FP16_UNIT * (want.abs() + accumulation) + selection.FP16_TINY + accumulation)
     return bool(((got - want).abs() <= bound).all())
 
 
@@ -548,8 +549,8 @@ class HalfPrecisionEncoder:
 def topk_rows_fp16(x, W, b, b_dec, k, half):
     """Top-k of relu((x - b_dec) W^T + b) for a few rows, each from a float16 torch.mv, a cut
     (``selection.fp16_row_cut``) and its survivors rescored in fp32: the fp32 answer. A row the
-    cut cannot decide (or every row, where float16 reductions were allowed) takes the fp32
-    GEMM. Returns (values [n, k], indices [n, k])."""
+    cut cannot decide or leaves more than a quarter of the latents (and every row, where the
+    float16 product cannot be bounded) takes the fp32 GEMM. Returns (values [n, k], indices [n, k])."""
     if not half.usable or _fp16_reduced_precision_allowed() or not selection.usable(W.shape[0], k):
         return stable_topk(encoder_preactivations(x, W, b, b_dec, relu=True), k)
     xc = x if b_dec is None else x - b_dec

@@ -95,6 +95,18 @@ def test_normalize_decoder_and_remove_parallel_grad():
     sae.W_dec.grad = torch.randn(37, 10)
     sae.remove_parallel_decoder_grad()
     torch.testing.assert_close((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(37), atol=1e-6, rtol=0)
+    # Rows of any norm (a zero row keeps its gradient): g - (g . w) w with w the unit row, in float64.
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.1, 5.0, 37)[:, None])
+        sae.W_dec[4] = 0.0
+    g = torch.randn(37, 10)
+    sae.W_dec.grad = g.clone()
+    sae.remove_parallel_decoder_grad()
+    w = sae.W_dec.detach().double()
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    expected = g.double() - (g.double() * w).sum(1, keepdim=True) * w
+    torch.testing.assert_close(sae.W_dec.grad.double(), expected, atol=1e-6, rtol=1e-6)
+    assert torch.equal(sae.W_dec.grad[4], g[4])
 
 
 def test_relu_l1_weighted_by_decoder_norms():

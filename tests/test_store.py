@@ -316,6 +316,7 @@ def _rank_worker(rank, world_size, init_file, root, max_tokens, stop_after_shard
                           max_tokens, batch_size=4, context_length=24, shard_tokens=200, progress=False,
                           on_shard=on_shard, distributed=True)
         (Path(root) / f"forwards_{rank}.json").write_text(json.dumps({"forwards": len(calls), "shards": written}))
+        dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early can abort its peer)
     finally:
         handle.remove()
         if stop_after_shards is None:

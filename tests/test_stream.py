@@ -217,6 +217,7 @@ def _stream_rank(rank, world_size, init_file, root, columns):
         batches = torch.cat(list(stream.epoch_batches(0, 0, 3, 5, 400, rank, world_size)))
         save_file({"rows": rows, "sample": sample, "batches": batches}, str(Path(root) / f"rank{rank}.safetensors"))
         (Path(root) / f"rank{rank}.json").write_text(json.dumps({"forwards": ran}))
+        dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early can abort its peer)
     finally:
         dist.destroy_process_group()
 

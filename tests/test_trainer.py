@@ -130,6 +130,7 @@ def _ddp_worker(rank, world_size, init_file, out_file, cfg_dict, steps):
         if rank == 0:
             torch.save({"params": trainer.sae.state_dict(), "losses": losses(trainer.history),
                         "dead": trainer.tokens_since_fired}, out_file)
+        dist.barrier()  # both ranks done before either tears gloo down (a rank leaving early can abort its peer)
     finally:
         dist.destroy_process_group()
 
