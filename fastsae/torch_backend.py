@@ -203,8 +203,13 @@ def gather_dot(g, indices, W):
     narrow = _narrow_code(indices, W.shape[0])
     if narrow is not None:
         used, columns = narrow
-        acc = _acc_dtype(W.dtype)
-        return (g.to(acc) @ W[used].to(acc).t()).gather(1, columns).to(g.dtype)
+        if g.device.type == "cpu" and g.dtype == W.dtype == torch.float32 and _ONEDNN_LINEAR is not None:
+            # oneDNN's linear: 10.7 vs 15.5 ms with torch.mm (N 4096, d 384, 615 latents, k 192; 2-core AMD EPYC)
+            dots = _ONEDNN_LINEAR(g.contiguous(), W[used], None, "none", [], "")
+        else:
+            acc = _acc_dtype(W.dtype)
+            dots = g.to(acc) @ W[used].to(acc).t()
+        return dots.gather(1, columns).to(g.dtype)
     if g.device.type == "cpu" and g.dtype == W.dtype == torch.float32:
         # sampled_addmm: 25-30% faster than the embedding-bag backward at every shape measured
         # (12 vs 16 ms at 4096 x 6144, k 32; 84 vs 114 ms at 4096 x 24576, k 64; 2-core AMD EPYC).
@@ -524,13 +529,18 @@ def _accumulates_in_fp32(W16) -> bool:
     is within the float32 accumulation bound of the float32 product of the same float16
     numbers (a float16 accumulation misses it by orders of magnitude)."""
     x16 = torch.randn(W16.shape[1], generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    x32 = x16.float()
     got = torch.mv(W16, x16).float()
-    want = W16.float() @ x16.float()
-    magnitude = W16.float().abs() @ x16.float().abs()
     gamma = 1.01 * (W16.shape[1] + 2) * selection.FP32_UNIT
-    accumulation = 2 * gamma * magnitude  # the kernel's float32 sum and this reference's
-    bound = 1.01 * (selection.FP16_UNIT * (want.abs() + accumulation) + selection.FP16_TINY + accumulation)
-    return bool(((got - want).abs() <= bound).all())
+    start = 0
+    for rows in W16.split(4096):  # float32 copies of a few rows at a time, not of the whole encoder
+        rows = rows.float()
+        want, accumulation = rows @ x32, 2 * gamma * (rows.abs() @ x32.abs())  # its sum's error and this one's
+        bound = 1.01 * (selection.FP16_UNIT * (want.abs() + accumulation) + selection.FP16_TINY + accumulation)
+        if not bool(((got[start:start + rows.shape[0]] - want).abs() <= bound).all()):
+            return False
+        start += rows.shape[0]
+    return True
 
 
 class HalfPrecisionEncoder:
