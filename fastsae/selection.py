@@ -19,7 +19,9 @@ answer (values and indices, tie rule included). The argument, for one row of
   many goes to the caller's exact fp32 path.
 
 The survivors are about k plus the entries within the margin of the k-th value (benchmarks
-report them as ``candidates_per_row``).
+report them as ``candidates_per_row``). A runtime decode step's one-row product from a float16
+copy of the encoder rests on the same argument with float16's rounding and an fp32 bias add
+(``fp16_product_error``, ``fp16_row_cut``).
 """
 from __future__ import annotations
 
