@@ -329,10 +329,12 @@ def _train_on_stores(args, folders: dict[str, Path], loaded, device, rank: int, 
                 trainer.train(verbose=not args.quiet, resume=args.resume, max_steps=args.max_steps)
                 if reports:
                     _report(args, folders[hp], hp, trainer, mine[hp][1] is not None)
-        if args.distribute_modules and world_size > 1:
+        if world_size > 1:
             import torch.distributed as dist
 
-            dist.barrier()  # the folder locks (rank 0's) stay until every rank has finished
+            # Every rank finished before rank 0 frees the folder locks it holds for all, and
+            # before any rank leaves the process group (_leave_process_group).
+            dist.barrier()
     return 0
 
 
@@ -419,13 +421,12 @@ def _init_distributed() -> tuple[int, int]:
 
 
 def _leave_process_group(world_size: int) -> None:
-    """Every rank has finished: leave the process group together. A rank that exits while
-    another still works (rank 0 writing its reports) tears gloo down under it, which can abort
-    one of them."""
+    """Leave the process group once every rank has finished (the barrier at the end of
+    ``_train_on_stores``). A rank that exits while another still works (rank 0 writing its
+    reports) tears gloo down under it, which can abort one of them."""
     if world_size > 1:
         import torch.distributed as dist
 
-        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -102,24 +102,26 @@ class _LatentMajor:
         return out.to(g.dtype)
 
 
-# What a training step's backward derives from a code's indices, kept for the next call on the
-# same code: it scatters and gathers along the same indices three times (the decoder's
-# gradients, then the encoder's). Reused only for the same storage at the same version (a live
-# reference is kept, so its memory cannot be reused by another tensor meanwhile).
+def _kept_for_code(kept: list, make, indices, num_rows):
+    """make(indices, num_rows), kept in ``kept`` for the last two codes: a training step's
+    backward scatters and gathers along the same indices three times (the decoder's gradients,
+    then the encoder's), alternating between its main and AuxK codes. Reused only for the same
+    storage at the same version (a live reference is kept, so its memory cannot be reused by
+    another tensor meanwhile)."""
+    key = (indices.data_ptr(), indices.shape, indices.stride(), indices._version, num_rows)
+    for entry in kept:
+        if entry[0] == key:
+            return entry[2]
+    answer = make(indices, num_rows)
+    kept[:] = [(key, indices, answer)] + kept[:1]
+    return answer
 
-def _code_key(indices, num_rows):
-    return (indices.data_ptr(), indices.shape, indices.stride(), indices._version, num_rows)
 
-
-_last_latent_major: tuple | None = None  # the last code transposed
+_latent_majors: list = []  # the last codes transposed
 
 
 def _latent_major(indices, num_rows) -> _LatentMajor:
-    global _last_latent_major
-    key = _code_key(indices, num_rows)
-    if _last_latent_major is None or _last_latent_major[0] != key:
-        _last_latent_major = (key, indices, _LatentMajor(indices, num_rows))
-    return _last_latent_major[2]
+    return _kept_for_code(_latent_majors, _LatentMajor, indices, num_rows)
 
 
 def gather(values, indices, W, bias=None):
@@ -168,20 +170,13 @@ def _fixed_bags(n, k, device):
 DENSE_CODE_FACTOR = 8
 
 
-# The last two codes' answers: a step with AuxK alternates between its main and AuxK codes.
-_narrow_codes: list[tuple] = []
+_narrow_codes: list = []  # the last codes' answers
 
 
 def _narrow_code(indices, num_rows):
     """(used latent ids, [N, k] column of every entry among them) when the code touches at
     most DENSE_CODE_FACTOR x k distinct latents, else None."""
-    key = _code_key(indices, num_rows)
-    for kept in _narrow_codes:
-        if kept[0] == key:
-            return kept[2]
-    answer = _find_narrow_code(indices, num_rows)
-    _narrow_codes[:] = [(key, indices, answer)] + _narrow_codes[:1]
-    return answer
+    return _kept_for_code(_narrow_codes, _find_narrow_code, indices, num_rows)
 
 
 def _find_narrow_code(indices, num_rows):
@@ -532,14 +527,13 @@ def _accumulates_in_fp32(W16) -> bool:
     x32 = x16.float()
     got = torch.mv(W16, x16).float()
     gamma = 1.01 * (W16.shape[1] + 2) * selection.FP32_UNIT
-    start = 0
-    for rows in W16.split(4096):  # float32 copies of a few rows at a time, not of the whole encoder
+    # float32 copies of a few rows at a time, not of the whole encoder
+    for rows, got_rows in zip(W16.split(4096), got.split(4096)):
         rows = rows.float()
         want, accumulation = rows @ x32, 2 * gamma * (rows.abs() @ x32.abs())  # its sum's error and this one's
         bound = 1.01 * (selection.FP16_UNIT * (want.abs() + accumulation) + selection.FP16_TINY + accumulation)
-        if not bool(((got[start:start + rows.shape[0]] - want).abs() <= bound).all()):
+        if not bool(((got_rows - want).abs() <= bound).all()):
             return False
-        start += rows.shape[0]
     return True
 
 

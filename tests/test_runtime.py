@@ -227,26 +227,23 @@ def test_decode_step_tracking_equals_the_saes_code_and_follows_weight_updates(mo
         handle.remove()
 
 
-def test_decode_step_on_a_kept_fp16_encoder_equals_the_saes_code(model, monkeypatch):
-    # An encoder too big to stay cached (here: every encoder, by a zero cache) is read by a decode
-    # step from a float16 copy the hook keeps, cut and rescored in fp32: the same code as
-    # encode_sparse, the copy made once and again after W_enc changes in place, no fp32 copy.
+def _track_on_a_kept_copy(model, sae, ids, copy_name):
+    """Track ids three times (twice as made, then after W_enc changes in place), checking each
+    trace against encode_sparse: (the hook's encoder, the rows the cut encoded per run), after
+    asserting that the kept copy was made once and made again after the change."""
     from fastsae import torch_backend
 
-    monkeypatch.setattr(torch_backend, "CACHE_RESIDENT_BYTES", 0)
-    sae = make_sae(d_sae=1100, k=4)
     im = InterpretableModel(model, {HP: sae})
     encoder = im._topk_encoders[HP]
     seen, handle = capture(model.transformer.h[1])
-    ids = torch.randint(0, VOCAB, (2, 1), generator=torch.Generator().manual_seed(5))
-    copies = []
+    copies, cut_rows = [], []
     try:
-        for step in range(3):  # twice as made, then after W_enc changes in place
+        for step in range(3):
             torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
             with im.interpretation_enabled():
                 model(ids)
-            assert torch_backend.SURVIVORS["rows"] == 2  # the cut decided both rows
-            copies.append(encoder._copies["fp16"][1])
+            cut_rows.append(torch_backend.SURVIVORS["rows"])
+            copies.append(encoder._copies[copy_name][1])
             rows = im.trace[HP].rows()
             code = sae.encode_sparse(seen.pop().reshape(-1, D))
             assert torch.equal(rows["indices"], code.indices)
@@ -257,6 +254,19 @@ def test_decode_step_on_a_kept_fp16_encoder_equals_the_saes_code(model, monkeypa
     finally:
         handle.remove()
     assert copies[0] is copies[1] and copies[2] is not copies[1]
+    return encoder, cut_rows
+
+
+def test_decode_step_on_a_kept_fp16_encoder_equals_the_saes_code(model, monkeypatch):
+    # An encoder too big to stay cached (here: every encoder, by a zero cache) is read by a decode
+    # step from a float16 copy the hook keeps, cut and rescored in fp32: the same code as
+    # encode_sparse, the copy made once and again after W_enc changes in place, no fp32 copy.
+    from fastsae import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CACHE_RESIDENT_BYTES", 0)
+    ids = torch.randint(0, VOCAB, (2, 1), generator=torch.Generator().manual_seed(5))
+    encoder, cut_rows = _track_on_a_kept_copy(model, make_sae(d_sae=1100, k=4), ids, "fp16")
+    assert cut_rows == [2, 2, 2]  # the cut decided both rows every time
     assert "transposed" not in encoder._copies
 
 
@@ -269,28 +279,9 @@ def test_prefill_tracking_on_a_kept_bf16_encoder_equals_the_saes_code(model, mon
     monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
     sae = make_sae(d_sae=1100, k=4)  # 18 groups of 64 >= 4k; not a multiple of 64
     assert torch_backend.bf16_topk_pays_with_cached_weights(sae.d_sae, sae.config.k)
-    im = InterpretableModel(model, {HP: sae})
-    encoder = im._topk_encoders[HP]
-    seen, handle = capture(model.transformer.h[1])
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
-    copies = []
-    try:
-        for step in range(3):  # twice as made, then after W_enc changes in place
-            torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
-            with im.interpretation_enabled():
-                model(ids)
-            assert torch_backend.SURVIVORS["rows"] > 0  # the bf16 path ran
-            copies.append(encoder._copies["bf16"][1])
-            rows = im.trace[HP].rows()
-            code = sae.encode_sparse(seen.pop().reshape(-1, D))
-            assert torch.equal(rows["indices"], code.indices)
-            torch.testing.assert_close(rows["values"], code.values, rtol=1e-5, atol=1e-5)
-            if step == 1:
-                with torch.no_grad():
-                    sae.enc_weight.mul_(-1.5)
-    finally:
-        handle.remove()
-    assert copies[0] is copies[1] and copies[2] is not copies[1]
+    _, cut_rows = _track_on_a_kept_copy(model, sae, ids, "bf16")
+    assert all(n > 0 for n in cut_rows)  # the bf16 path ran
 
 
 def test_tracking_records_every_step_not_just_the_last(im, model, ids):
