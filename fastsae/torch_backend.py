@@ -591,7 +591,8 @@ def _bf16_survivors(xc, lp, k):
     hard = ~(cut > 0)  # a NaN cut too
     cut_bits = selection.bf16_ceil_bits(cut.masked_fill(hard, float("inf")))
     hard |= (gmax >= cut_bits[:, None]).sum(1) * 4 > gmax.shape[1] * 3
-    rows, cols = selection.survivors(bits, cut_bits.masked_fill(hard, selection.NO_BITS_SURVIVE))
+    mask = selection.bits_at_least_(bits, cut_bits.masked_fill(hard, selection.NO_BITS_SURVIVE))
+    rows, cols = selection.sparse_nonzero(mask)
     return rows, cols, hard
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fastsae
+from fastsae import models
 from fastsae import reference as R
 from fastsae.config import ACTIVATIONS, SAEConfig  # every kind the library has
 from fastsae.models import (
@@ -86,7 +87,9 @@ def test_initialisation_unit_decoder_rows_and_tied_encoder():
     torch.testing.assert_close(sae.W_enc, sae.W_dec.t())
 
 
-def test_normalize_decoder_and_remove_parallel_grad():
+@pytest.mark.parametrize("block_rows", [512, 8])  # one block; five, the last one partial
+def test_normalize_decoder_and_remove_parallel_grad(monkeypatch, block_rows):
+    monkeypatch.setattr(models.BaseSAE, "PROJECTION_ROWS", block_rows)
     sae = make("topk")
     with torch.no_grad():
         sae.W_dec.mul_(3.0)

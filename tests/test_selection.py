@@ -366,6 +366,16 @@ def test_bf16_bits_compare_as_the_values_do():
         got = selection.bf16_bits(p) >= selection.bf16_ceil_bits(v)
         assert torch.equal(got, want), v
     assert not bool((selection.bf16_bits(p) >= selection.NO_BITS_SURVIVE).any())
+    # The in-place mask the encode uses: the comparison's answer, but for -0.0, which may survive.
+    cut_bits = selection.bf16_ceil_bits(cuts[torch.randperm(cuts.numel(), generator=g)[:64]])
+    cut_bits = torch.cat([cut_bits, torch.tensor([selection.NO_BITS_SURVIVE, 1], dtype=torch.int16)])
+    bits = selection.bf16_bits(p).expand(cut_bits.numel(), -1)
+    got = selection.bits_at_least_(bits.clone(), cut_bits)
+    want = bits >= cut_bits[:, None]
+    negative_zero = bits == selection.bf16_bits(torch.tensor([-0.0], dtype=torch.bfloat16))
+    wraps = negative_zero & (cut_bits >= 2)[:, None]  # -32768 - (cut - 1) overflows to > 0
+    assert torch.equal(got, want | wraps)
+    assert not bool(got[-2, :-1].any()) and bool(got[-1, 1:-1].all()) and not bool(got[-1, 0])
     rows = p[torch.randint(0, p.numel(), (7, 640), generator=g)]
     assert torch.equal(selection.bits_to_float(selection.group_maxima(selection.bf16_bits(rows))),
                        selection.group_maxima(rows.float()))
