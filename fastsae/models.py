@@ -166,8 +166,8 @@ class BaseSAE(nn.Module):
         return self._metrics(target, self.output(x, code), code, {})
 
     def _metrics(self, target, recon, code, extra) -> dict:
-        mse = reference.mse(recon, target)
-        out = {"mse_loss": mse, "fvu": reference.fvu(recon.detach(), target), "l0": code.l0().mean(),
+        mse, fvu = reference.mse_and_fvu(recon, target)
+        out = {"mse_loss": mse, "fvu": fvu, "l0": code.l0().mean(),
                "reconstruction": recon, "code": code}
         out.update(extra)
         out["total_loss"] = mse + sum(v for k, v in extra.items() if k.endswith("_term"))
@@ -339,8 +339,7 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         recon = prefixes[:, -1]
         extra = self._auxk_terms(target, recon, aux_values, aux_indices, dead_mask) if k_aux else {}
         for size, inner in zip(self.config.matryoshka_sizes[:-1], prefixes.unbind(1)):
-            extra[f"prefix_{size}_term"] = reference.mse(inner, target)
-            extra[f"prefix_{size}_fvu"] = reference.fvu(inner.detach(), target)
+            extra[f"prefix_{size}_term"], extra[f"prefix_{size}_fvu"] = reference.mse_and_fvu(inner, target)
         return self._metrics(target, recon, code, extra)
 
     def prefix_reconstructions(self, code: SparseCode) -> torch.Tensor:

@@ -135,6 +135,13 @@ def fvu(x_hat, x):
     return F.mse_loss(x_hat, x, reduction="sum") / F.mse_loss(x, x.mean(0).expand_as(x), reduction="sum")
 
 
+def mse_and_fvu(x_hat, x):
+    """(mse, fvu) from one pass over the error, as a training step reports them: fvu is a
+    metric (detached). One error pass fewer than mse and fvu apart."""
+    error = F.mse_loss(x_hat, x, reduction="sum")
+    return error / x.numel(), error.detach() / F.mse_loss(x, x.mean(0).expand_as(x), reduction="sum")
+
+
 def auxk_loss(aux_recon, residual):
     """AuxK loss: how well the dead latents' reconstruction explains the residual error,
     normalised by the residual's variance (so its scale is that of an FVU)."""

@@ -163,9 +163,10 @@ def test_torch_encoder_falls_back_to_blas_when_onednn_fails(monkeypatch):
 def test_torch_fixed_k_backward_primitives_match_reference(spread, dtype):
     """gather-dot and scatter-add on every torch path: a narrow code (few distinct latents, as
     AuxK's, done as one small GEMM) and a wide one: the gather-dot in fp32 through
-    sampled_addmm, in float64 through the embedding-bag backward; the scatter-add by latent
-    through the embedding-bag forward, and through the embedding-bag backward (the path off
-    CPU). With a latent repeated inside a row and latents never used."""
+    sampled_addmm (on the code's unsorted columns), in float64 through the embedding-bag
+    backward; the scatter-add by latent through the embedding-bag forward, and through the
+    embedding-bag backward (the path off CPU). With a latent repeated inside a row and latents
+    never used."""
     n, d, m, k = 40, 6, 300, 3
     gen = torch.Generator().manual_seed(0)
     pool = torch.tensor([5, 17, 200]) if spread == "narrow" else torch.arange(m)
@@ -181,6 +182,12 @@ def test_torch_fixed_k_backward_primitives_match_reference(spread, dtype):
     tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(torch_backend.gather_dot(g, indices, W).double(), expected_dot, **tol)
     torch.testing.assert_close(torch_backend.scatter_add(values, indices, g, m).double(), expected_scatter, **tol)
+    # Each entry's dot is taken on its own: the code's columns in any order within a row give
+    # the same bits as the same code sorted (CSR order), entry for entry.
+    by_index, place = indices.sort(1)
+    sorted_dots = torch_backend.gather_dot(g, by_index, W)
+    unsorted_dots = torch_backend.gather_dot(g, indices, W)
+    assert torch.equal(unsorted_dots, torch.empty_like(sorted_dots).scatter_(1, place, sorted_dots))
     bag_of_entry, bag_sizes = torch_backend._fixed_bags(n, k, g.device)
     off_cpu = torch_backend._bag_scatter(values.reshape(-1), indices.reshape(-1), bag_of_entry, bag_sizes, g, m)
     torch.testing.assert_close(off_cpu.double(), expected_scatter, **tol)
