@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fastsae import ops
 from fastsae.config import SAEConfig
 from fastsae.models import BaseSAE, SparseCode
 
@@ -87,7 +88,7 @@ def density_histogram(density: torch.Tensor, num_tokens: int, bins: int = 40) ->
 def _check_activations(x: torch.Tensor, d_in: int) -> None:
     if x.dim() != 2 or x.shape[1] != d_in:
         raise ValueError(f"activations must have shape [N, d_in={d_in}], got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
+    if not bool(ops.all_finite(x)):
         raise ValueError("activations contain NaN or Inf")
 
 

@@ -489,10 +489,7 @@ class LowPrecisionWeights:
     bound needs. Made once per call (training changes the weights every step)."""
 
     def __init__(self, W, b):
-        W, b = W.detach(), b.detach()
-        self.W = W.to(torch.bfloat16).contiguous()
-        self.b = b.to(torch.bfloat16)
-        self.residuals = selection.RoundingResiduals(W, self.W, b, self.b)
+        self.W, self.b, self.residuals = selection.rounded_encoder(W, b, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- fp16 one-row encode
@@ -544,9 +541,8 @@ class HalfPrecisionEncoder:
     float16's range, or a torch.mv that does not accumulate in float32."""
 
     def __init__(self, W, b):
-        W, b = W.detach(), b.detach()
-        self.W = W.to(torch.float16).contiguous()
-        self.residuals = selection.RoundingResiduals(W, self.W, b, b)  # the bias is added in fp32: exact
+        b = b.detach()
+        self.W, _, self.residuals = selection.rounded_encoder(W, b, torch.float16, round_bias=False)
         self.b_absmax = float(b.abs().max()) if b.numel() else 0.0
         self.usable = self.residuals.finite and _accumulates_in_fp32(self.W)
 

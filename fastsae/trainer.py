@@ -321,7 +321,7 @@ class SAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         out["total_loss"].backward()
         fired = _fire_counts(out["code"], self.config.d_sae)
-        bad = torch.stack([~torch.isfinite(x).all(), ~torch.isfinite(out["total_loss"].detach())])
+        bad = torch.stack([~ops.all_finite(x), ~torch.isfinite(out["total_loss"].detach())])
         if self.world_size > 1:
             fired, bad = self._all_reduce(fired, bad)
         if self.config.normalize_decoder:

@@ -446,3 +446,20 @@ def test_inference_path_matches_autograd_path(backend):
     assert all(t.grad_fn is None for t in without)
     for a, b in zip(with_grad, without):
         assert torch.equal(a.detach(), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_all_finite_equals_isfinite_all(dtype):
+    """The one-pass finiteness check (min and max) answers as torch.isfinite(t).all() does: a
+    NaN, +inf or -inf anywhere, alone or together, and an empty tensor."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 11, generator=gen).to(dtype)
+    assert bool(ops.all_finite(x))
+    for bad in ([float("nan")], [float("inf")], [-float("inf")], [float("inf"), -float("inf")],
+                [float("nan"), float("inf")]):
+        y = x.clone()
+        for value in bad:
+            y.view(-1)[torch.randint(0, y.numel(), (1,), generator=gen)] = value
+        assert bool(ops.all_finite(y)) == bool(torch.isfinite(y).all()) is False
+    assert bool(ops.all_finite(x[:0]))
+    assert ops.all_finite(x).shape == () and ops.all_finite(x).dtype == torch.bool

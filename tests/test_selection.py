@@ -391,3 +391,23 @@ def test_sparse_nonzero_equals_nonzero(shape, density):
     rows, cols = selection.sparse_nonzero(mask)
     want_rows, want_cols = mask.nonzero(as_tuple=True)
     assert torch.equal(rows, want_rows) and torch.equal(cols, want_cols)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_rows", [512, 7])  # one block; several, the last one partial
+def test_rounded_encoder_equals_the_whole_matrix_formulas(monkeypatch, dtype, block_rows):
+    """The copy is W.to(dtype) and the residuals are those of the whole matrix at once, however
+    the rows are blocked; the bias is rounded (bf16 GEMM) or kept exact (float16 mv); a NaN or
+    Inf weight leaves no bound."""
+    monkeypatch.setattr(selection, "ROUNDING_ROWS", block_rows)
+    gen = torch.Generator().manual_seed(1)
+    W, b = torch.randn(45, 13, generator=gen) * 3, torch.randn(45, generator=gen)
+    low, b_low, res = selection.rounded_encoder(W, b, dtype)
+    assert torch.equal(low, W.to(dtype)) and torch.equal(b_low, b.to(dtype))
+    Wh = W.to(dtype).float()
+    assert res.wh_max == float(Wh.norm(dim=1).max()) and res.wl_max == float((W - Wh).norm(dim=1).max())
+    assert res.bl_max == float((b - b.to(dtype).float()).abs().max()) > 0 and res.finite
+    _, b_kept, res = selection.rounded_encoder(W, b, dtype, round_bias=False)
+    assert torch.equal(b_kept, b) and b_kept.dtype == torch.float32 and res.bl_max == 0.0
+    W[44, 12] = float("nan")
+    assert not selection.rounded_encoder(W, b, dtype)[2].finite
