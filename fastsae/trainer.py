@@ -139,10 +139,10 @@ def _make_optimizer(name: str, params, lr: float, device: torch.device):
     if name == "adam":
         # The fused Adam is one pass over each parameter instead of about ten (7x faster on CPU).
         return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
-    from schedulefree import AdamWScheduleFree
+    from fastsae.schedule_free import BlockedAdamWScheduleFree
 
     # Warmup comes from lr_at (the trainer sets each step's lr), so the library's is off.
-    optimizer = AdamWScheduleFree(params, lr=lr, betas=SCHEDULE_FREE_BETAS, warmup_steps=0)
+    optimizer = BlockedAdamWScheduleFree(params, lr=lr, betas=SCHEDULE_FREE_BETAS, warmup_steps=0)
     optimizer.train()
     return optimizer
 
