@@ -44,9 +44,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # A matrix of at most half the last-level cache stays cached while a sparse product reads
 # its rows in any order; a larger one is better read row by row in order. Measured on a
-# 2-core AMD EPYC (32 MiB L3), 4096 rows, rescoring by row (sampled_addmm) vs by latent
-# (embedding-bag backward): W of 9.4 MB 10-13 vs 21-23 ms, 18.9 MB about even, 37.7 MB
-# 68-78 vs 39-50 ms.
+# 2-core AMD EPYC (32 MiB L3), 4096 rows of d 384, sampled_addmm on the pattern by row vs by
+# latent: rescoring 62 survivors per row, W of 9 MiB 6.3 vs 10.3 ms, 18 MiB 10.7 vs 10.5,
+# 36 MiB 21.1 vs 10.5; the backward's gather-dot at k 32 (grouping by latent included) 3.0
+# vs 4.7, 5.8 vs 4.7, 10.8 vs 5.1.
 def _last_level_cache_bytes() -> int:
     """The CPU's largest cache (Linux sysfs), or 32 MiB where it cannot be read."""
     sizes = []
@@ -208,9 +209,15 @@ def gather_dot(g, indices, W):
     if g.device.type == "cpu" and g.dtype == W.dtype == torch.float32:
         # sampled_addmm: faster than the embedding-bag backward at every shape measured (12 vs
         # 16 ms at 4096 x 6144, k 32; 84 vs 114 ms at 4096 x 24576, k 64; 2-core AMD EPYC). Its
-        # CPU kernel takes each stored entry's dot on its own, so the code's columns need no
+        # CPU kernel takes each stored entry's dot on its own, so a pattern's columns need no
         # sorting into CSR order (3.8 vs 7.2 ms with the sort and the scatter back at 4096 x
         # 6144, k 32); tests/test_ops.py holds it to the reference on unsorted codes.
+        if not _cache_resident(W.device, *W.shape):
+            # By latent, on the transposed code the weight gradient groups anyway (kept for
+            # it): each row of W read once (14 vs 43 ms at 4096 x 24576 x 768, k 64).
+            major = _latent_major(indices, W.shape[0])
+            dots = _sampled_dots(major.offsets, major.rows, W, g, g.new_zeros(n * k))
+            return torch.empty_like(dots).index_copy_(0, major.order, dots).view(n, k)
         row_offsets = torch.arange(0, n * k + 1, k, device=g.device)
         return _sampled_dots(row_offsets, indices.reshape(-1), g, W, g.new_zeros(n * k)).view(n, k)
     offsets = torch.arange(0, n * k, k, device=g.device)

@@ -158,15 +158,17 @@ def test_torch_encoder_falls_back_to_blas_when_onednn_fails(monkeypatch):
     assert torch_backend._ONEDNN_LINEAR is None  # not tried again
 
 
+@pytest.mark.parametrize("resident", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("spread", ["narrow", "wide"])
-def test_torch_fixed_k_backward_primitives_match_reference(spread, dtype):
+def test_torch_fixed_k_backward_primitives_match_reference(monkeypatch, spread, dtype, resident):
     """gather-dot and scatter-add on every torch path: a narrow code (few distinct latents, as
     AuxK's, done as one small GEMM) and a wide one: the gather-dot in fp32 through
-    sampled_addmm (on the code's unsorted columns), in float64 through the embedding-bag
-    backward; the scatter-add by latent through the embedding-bag forward, and through the
-    embedding-bag backward (the path off CPU). With a latent repeated inside a row and latents
-    never used."""
+    sampled_addmm (on the code's unsorted columns while W counts as cached, by latent on the
+    transposed code otherwise), in float64 through the embedding-bag backward; the scatter-add
+    by latent through the embedding-bag forward, and through the embedding-bag backward (the
+    path off CPU). With a latent repeated inside a row and latents never used."""
+    monkeypatch.setattr(torch_backend, "CACHE_RESIDENT_BYTES", 2**40 if resident else 0)
     n, d, m, k = 40, 6, 300, 3
     gen = torch.Generator().manual_seed(0)
     pool = torch.tensor([5, 17, 200]) if spread == "narrow" else torch.arange(m)
