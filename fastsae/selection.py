@@ -52,7 +52,7 @@ class RoundingResiduals:
 
 
 # Rows per block of rounded_encoder: a block's fp32 temporaries stay in cache (at d_sae 24576,
-# d_in 768 the whole-matrix residuals took 90 ms, 512-row blocks 19 ms; 2-core AMD EPYC).
+# d_in 768 the whole-matrix residuals took 74 ms, 512-row blocks 13 ms; 2-core AMD EPYC).
 ROUNDING_ROWS = 512
 
 

@@ -455,14 +455,6 @@ def uses_bf16_gemm(x, W, weights_cached: bool = False) -> bool:
                               (weights_cached or x.shape[0] >= BF16_MIN_ROWS))
 
 
-def bf16_topk_pays_with_cached_weights(d_sae: int, k: int) -> bool:
-    """Whether a TopK encode with a kept bf16 encoder beats fp32 GEMM + top-k at prefill size:
-    with at least 4k groups of latents the cut decides nearly every row. One thread, N 64, on a
-    2-core AMD EPYC: d_in 1280, d_sae 20480, k 32 (320 groups) 31 vs 46 ms; d_in 256, d_sae
-    4096, k 32 (64 groups: many rows undecided, redone in fp32) 4.2 vs 3.1 ms."""
-    return -(-d_sae // selection.GROUP) >= 4 * k
-
-
 def cpu_encoder_gemms() -> dict[str, str]:
     """Which GEMM, in which precision, each encoder uses on this CPU, and the fallback; and
     the product of a runtime decode step's row (for ``fastsae info``)."""

@@ -274,14 +274,35 @@ def test_prefill_tracking_on_a_kept_bf16_encoder_equals_the_saes_code(model, mon
     # A prefill-size call on a wide-enough dictionary runs the exact bf16 encode on a bf16 copy
     # of the encoder the hook keeps: the same code as encode_sparse, the copy made once and made
     # again after W_enc changes in place.
-    from fastsae import torch_backend
+    from fastsae import selection
 
     monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
-    sae = make_sae(d_sae=1100, k=4)  # 18 groups of 64 >= 4k; not a multiple of 64
-    assert torch_backend.bf16_topk_pays_with_cached_weights(sae.d_sae, sae.config.k)
+    sae = make_sae(d_sae=1100, k=4)  # 18 groups of 64 >= 2k; not a multiple of 64
+    assert selection.usable(sae.d_sae, sae.config.k)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
     _, cut_rows = _track_on_a_kept_copy(model, sae, ids, "bf16")
     assert all(n > 0 for n in cut_rows)  # the bf16 path ran
+
+
+def test_prefill_tracking_on_a_narrow_dictionary_keeps_no_bf16_copy(model, monkeypatch):
+    # Fewer than 2k groups of latents leave the cut nothing to decide: the fp32 GEMM and top-k,
+    # with no bf16 copy made.
+    from fastsae import selection, torch_backend
+
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
+    sae = make_sae(d_sae=448, k=4)  # 7 groups of 64 < 2k
+    assert not selection.usable(sae.d_sae, sae.config.k)
+    im = InterpretableModel(model, {HP: sae})
+    seen, handle = capture(model.transformer.h[1])
+    try:
+        torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+        with im.interpretation_enabled():
+            model(torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4)))
+    finally:
+        handle.remove()
+    assert "bf16" not in im._topk_encoders[HP]._copies and torch_backend.SURVIVORS["rows"] == 0
+    code = sae.encode_sparse(seen.pop().reshape(-1, D))
+    assert torch.equal(im.trace[HP].rows()["indices"], code.indices)
 
 
 def test_tracking_records_every_step_not_just_the_last(im, model, ids):
