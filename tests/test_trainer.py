@@ -458,9 +458,13 @@ def test_checkpoint_without_a_dead_count_resumes_with_auxk_sized_by_the_dead_lat
 def test_schedule_free_saves_the_libraries_average():
     """The SAE the trainer evaluates and saves is what schedulefree's own eval() would swap in,
     and computing it leaves the training iterate untouched."""
+    from fastsae.schedule_free import BlockedAdamWScheduleFree
+
     x = torch.randn(2048, 32)
     config = small_config(num_epochs=2)
     trainer = make_trainer(x, config)
+    # The library's step run block by block (tests/test_schedule_free.py: the same bits).
+    assert isinstance(trainer.optimizer, BlockedAdamWScheduleFree)
     trainer._initialise()
     with ops.input_checks(False):
         for step in range(5):
