@@ -81,6 +81,23 @@ def test_topk_model_matches_reference_pipeline():
     torch.testing.assert_close(metrics["mse_loss"], R.mse(ref, x))
 
 
+def test_mse_and_fvu_from_one_error_pass_equal_the_two_apart():
+    """The step's loss and metric from one pass equal reference.mse and reference.fvu (float64
+    formulas as the check), the loss differentiable and the FVU detached."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(33, 7, generator=gen) * 3 + 1
+    x_hat = (x + torch.randn(33, 7, generator=gen)).requires_grad_()
+    mse, fvu = R.mse_and_fvu(x_hat, x)
+    torch.testing.assert_close(mse, R.mse(x_hat, x))
+    torch.testing.assert_close(fvu, R.fvu(x_hat.detach(), x))
+    error, variance = (x_hat - x).double().pow(2).sum(), (x - x.mean(0)).double().pow(2).sum()
+    torch.testing.assert_close(mse.double(), error / x.numel())
+    torch.testing.assert_close(fvu.double(), error / variance)
+    assert mse.requires_grad and not fvu.requires_grad
+    mse.backward()
+    torch.testing.assert_close(x_hat.grad, 2 * (x_hat - x).detach() / x.numel())
+
+
 def test_initialisation_unit_decoder_rows_and_tied_encoder():
     sae = make("topk")
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(37))
