@@ -91,3 +91,18 @@ def test_step_in_eval_mode_is_refused():
     optimizer = BlockedAdamWScheduleFree(_params(), lr=1e-3)
     with pytest.raises(RuntimeError, match=r"eval mode; call optimizer.train\(\) before step\(\)"):
         optimizer.step()
+
+
+def test_parameters_off_the_cpu_take_the_librarys_own_step(monkeypatch):
+    """Off the CPU the library's step runs (its foreach operations are fused kernels there):
+    simulated by reporting the parameters as CUDA ones."""
+    calls = []
+    monkeypatch.setattr(AdamWScheduleFree, "step", lambda self, closure=None: calls.append(closure))
+    params = _params()
+    optimizer = BlockedAdamWScheduleFree(params, lr=1e-3)
+    optimizer.train()
+    before = [p.detach().clone() for p in params]
+    monkeypatch.setattr(torch.nn.Parameter, "device", property(lambda self: torch.device("cuda")), raising=False)
+    optimizer.step()
+    monkeypatch.undo()
+    assert calls == [None] and all(torch.equal(a, b) for a, b in zip(before, params))
