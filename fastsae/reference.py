@@ -130,16 +130,21 @@ def mse(x_hat, x):
     return F.mse_loss(x_hat, x)
 
 
+def _total_variance(x):
+    """sum ||x - mean(x)||^2 over the rows of x."""
+    return F.mse_loss(x, x.mean(0).expand_as(x), reduction="sum")
+
+
 def fvu(x_hat, x):
     """Fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
-    return F.mse_loss(x_hat, x, reduction="sum") / F.mse_loss(x, x.mean(0).expand_as(x), reduction="sum")
+    return F.mse_loss(x_hat, x, reduction="sum") / _total_variance(x)
 
 
 def mse_and_fvu(x_hat, x):
     """(mse, fvu) from one pass over the error, as a training step reports them: fvu is a
     metric (detached). One error pass fewer than mse and fvu apart."""
     error = F.mse_loss(x_hat, x, reduction="sum")
-    return error / x.numel(), error.detach() / F.mse_loss(x, x.mean(0).expand_as(x), reduction="sum")
+    return error / x.numel(), error.detach() / _total_variance(x)
 
 
 def auxk_loss(aux_recon, residual):
