@@ -284,9 +284,16 @@ def csr_scatter_add(values, indices, row_offsets, g, num_rows):
 
 def _onednn_linear_op():
     """oneDNN's linear with bias and ReLU in its epilogue (what torch.compile emits for CPU
-    linear layers), or None where this torch build lacks it."""
+    linear layers), or None where this torch build lacks it or this CPU cannot run it. Decided
+    once, by one tiny call, so that a later error (out of memory, say) is raised as it is
+    instead of being taken for a missing oneDNN, which would drop the fast path (and the bf16
+    GEMM with it) for the rest of the process."""
     try:
-        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        op(torch.ones(1, 8), torch.ones(8, 8), torch.zeros(8), "relu", [], "")
+        return op
     except (AttributeError, RuntimeError):
         return None
 
@@ -304,12 +311,8 @@ def encoder_preactivations(x, W, b, b_dec, relu: bool):
     acc = _acc_dtype(x.dtype)
     xc = x.to(acc) if b_dec is None else x.to(acc) - b_dec.to(acc)
     W, b = W.to(acc), b.to(acc)
-    global _ONEDNN_LINEAR
     if _ONEDNN_LINEAR is not None and xc.device.type == "cpu" and acc == torch.float32:
-        try:
-            return _ONEDNN_LINEAR(xc, W, b, "relu" if relu else "none", [], "")
-        except RuntimeError:  # a CPU this oneDNN build cannot serve: use BLAS from now on
-            _ONEDNN_LINEAR = None
+        return _ONEDNN_LINEAR(xc, W, b, "relu" if relu else "none", [], "")
     pre = torch.addmm(b, xc, W.t())
     return torch.relu_(pre).add_(0.0) if relu else pre  # +0.0 turns -0.0 into 0.0 so ties compare equal
 

@@ -145,17 +145,35 @@ def test_torch_float32_encoders_in_row_blocks_match_reference(monkeypatch, block
     torch.testing.assert_close(R.csr_to_dense(values, indices, offsets, d_sae), R.relu_codes(*inputs))
 
 
-def test_torch_encoder_falls_back_to_blas_when_onednn_fails(monkeypatch):
+def test_onednn_linear_is_dropped_only_when_its_probe_fails(monkeypatch):
     def unsupported(*args):
         raise RuntimeError("mkldnn linear: unsupported CPU")
 
-    monkeypatch.setattr(torch_backend, "_ONEDNN_LINEAR", unsupported)
+    assert torch_backend._onednn_linear_op() is torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", unsupported)
+    assert torch_backend._onednn_linear_op() is None
+
+
+def test_torch_encoder_without_onednn_uses_blas(monkeypatch):
+    monkeypatch.setattr(torch_backend, "_ONEDNN_LINEAR", None)
     x, W, b, b_dec = make_encoder(4, 6, 10, dtype=torch.float32, grad=False)
     values, indices = ops.topk_encode(x, W, b, 3, b_dec, backend="torch")
     rv, ri = R.topk_encode(x, W, b, 3, b_dec)
     torch.testing.assert_close(values, rv)
     assert torch.equal(indices, ri)
-    assert torch_backend._ONEDNN_LINEAR is None  # not tried again
+
+
+def test_onednn_error_at_call_time_is_raised_and_the_op_kept(monkeypatch):
+    """An error in a call (memory, say) reaches the caller; it does not switch oneDNN off for
+    the rest of the process, as a missing oneDNN would."""
+    def out_of_memory(*args):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(torch_backend, "_ONEDNN_LINEAR", out_of_memory)
+    x, W, b, b_dec = make_encoder(4, 6, 10, dtype=torch.float32, grad=False)
+    with pytest.raises(RuntimeError, match="not enough memory"):
+        ops.topk_encode(x, W, b, 3, b_dec, backend="torch")
+    assert torch_backend._ONEDNN_LINEAR is out_of_memory
 
 
 @pytest.mark.parametrize("resident", [True, False])
