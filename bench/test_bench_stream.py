@@ -52,6 +52,7 @@ def _peak_mib(tokens: int) -> float:
 
 
 def test_stream_peak_memory_does_not_grow_with_the_tokens(benchmark):
+    benchmark.group = f"stream-3-hooks-{CASE['tokens']}-tokens"
     small = _peak_mib(CASE["tokens"])
     large = benchmark.pedantic(_peak_mib, args=(10 * CASE["tokens"],), rounds=1, iterations=1)
     ratio = large / small
