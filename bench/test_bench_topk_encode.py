@@ -98,7 +98,7 @@ def test_cpu_bf16_time_split(benchmark):
     the selection (cut, survivors, top-k among them) and the fp32 rescoring."""
     x, W, b, b_dec, k, _, _ = _problem(MAIN, aux=False)
     lp = torch_backend.LowPrecisionWeights(W, b)
-    blocks = torch_backend._row_blocks(x, W.shape[0], entry_bytes=2)
+    blocks = torch_backend.bf16_row_blocks(x, W.shape[0])
     xc = (x - b_dec).contiguous()
     xc16 = xc.to(torch.bfloat16)
     rows, cols = torch_backend._topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks)[:2]

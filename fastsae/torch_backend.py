@@ -409,6 +409,11 @@ def _row_blocks(x, d_sae, entry_bytes=4):
     return [slice(start, min(start + rows, n)) for start in range(0, n, rows)] or [slice(0, 0)]
 
 
+def bf16_row_blocks(x, d_sae):
+    """The row blocks the bf16 TopK encode runs its GEMM in: its output takes 2 bytes an entry."""
+    return _row_blocks(x, d_sae, entry_bytes=2)
+
+
 # ----------------------------------------------------------------------------- bf16 encoder GEMM
 
 def _cpu_flags() -> set[str]:
@@ -661,7 +666,7 @@ def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0, low_precision=None):
         try:
             lp = low_precision or LowPrecisionWeights(W, b)
             if lp.residuals.finite:
-                values, indices = _topk_bf16(x, W, b, b_dec, k, lp, _row_blocks(x, W.shape[0], entry_bytes=2))
+                values, indices = _topk_bf16(x, W, b, b_dec, k, lp, bf16_row_blocks(x, W.shape[0]))
         except RuntimeError:  # a oneDNN build without bf16 kernels: the fp32 path
             values = None
     if values is None:
