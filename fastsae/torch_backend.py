@@ -301,6 +301,22 @@ def _onednn_linear_op():
 _ONEDNN_LINEAR = _onednn_linear_op()
 
 
+def _onednn_runs_bf16() -> bool:
+    """Whether oneDNN's linear takes bfloat16 operands here (builds and CPUs without its bf16
+    kernels refuse them): one tiny call, once, for the same reason as above."""
+    if _ONEDNN_LINEAR is None:
+        return False
+    one = torch.ones(8, 8, dtype=torch.bfloat16)
+    try:
+        _ONEDNN_LINEAR(one[:1], one, one[0], "relu", [], "")
+        return True
+    except RuntimeError:
+        return False
+
+
+_ONEDNN_BF16 = _onednn_runs_bf16()
+
+
 def encoder_preactivations(x, W, b, b_dec, relu: bool):
     """The encoder's dense pre-activations in accumulation precision, ReLU applied if asked.
 
@@ -462,7 +478,7 @@ def uses_bf16_gemm(x, W, weights_cached: bool = False) -> bool:
     """Whether the encode of fp32 CPU tensors runs its GEMM in bfloat16 (then selects by
     cutoff and rescores in fp32, so results equal the fp32 path). ``weights_cached``: the
     caller keeps the bf16 copy across calls, so small batches pay too."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or _ONEDNN_LINEAR is None:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not _ONEDNN_BF16:
         return False
     mode = encode_gemm_mode()
     return mode == "bf16" or (mode == "auto" and _BF16_UNIT is not None and
@@ -475,8 +491,9 @@ def cpu_encoder_gemms() -> dict[str, str]:
     fp32 = "oneDNN fused linear (bias, ReLU in its epilogue), float32" if _ONEDNN_LINEAR is not None else \
         "BLAS addmm, float32"
     mode = encode_gemm_mode()
-    if _ONEDNN_LINEAR is None or mode == "fp32" or (mode == "auto" and _BF16_UNIT is None):
+    if not _ONEDNN_BF16 or mode == "fp32" or (mode == "auto" and _BF16_UNIT is None):
         why = ("no oneDNN in this torch build" if _ONEDNN_LINEAR is None else
+               "this oneDNN runs no bfloat16 linear here" if not _ONEDNN_BF16 else
                "forced by FASTSAE_CPU_ENCODE_GEMM" if mode == "fp32" else "no bf16 unit on this CPU")
         topk = f"{fp32} ({why})"
     else:
@@ -663,12 +680,9 @@ def topk_encode(x, W, b, b_dec, k, dead_mask=None, k_aux=0, low_precision=None):
     values = None
     if uses_bf16_gemm(x, W, weights_cached=low_precision is not None) and selection.usable(W.shape[0], k) \
             and x.shape[0]:
-        try:
-            lp = low_precision or LowPrecisionWeights(W, b)
-            if lp.residuals.finite:
-                values, indices = _topk_bf16(x, W, b, b_dec, k, lp, bf16_row_blocks(x, W.shape[0]))
-        except RuntimeError:  # a oneDNN build without bf16 kernels: the fp32 path
-            values = None
+        lp = low_precision or LowPrecisionWeights(W, b)
+        if lp.residuals.finite:
+            values, indices = _topk_bf16(x, W, b, b_dec, k, lp, bf16_row_blocks(x, W.shape[0]))
     if values is None:
         values, indices = _topk_fp32(x, W, b, b_dec, k, blocks)
     n = x.shape[0]

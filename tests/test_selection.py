@@ -163,6 +163,29 @@ def test_fp32_mode_is_the_plain_gemm(monkeypatch):
     assert "forced by FASTSAE_CPU_ENCODE_GEMM" in torch_backend.cpu_encoder_gemms()["topk, batchtopk"]
 
 
+def test_a_onednn_without_bf16_keeps_every_encode_on_fp32(monkeypatch):
+    """Decided once by a probe call: where oneDNN refuses bfloat16, even a forced bf16 mode runs
+    the fp32 GEMM (no failing bf16 call per encode), and `fastsae info` says why."""
+    def fp32_only(x, *args):
+        if x.dtype == torch.bfloat16:
+            raise RuntimeError("could not create a primitive descriptor")
+        return torch.ops.mkldnn._linear_pointwise(x, *args)
+
+    monkeypatch.setattr(torch_backend, "_ONEDNN_LINEAR", fp32_only)
+    assert torch_backend._onednn_runs_bf16() is False
+    monkeypatch.setattr(torch_backend, "_ONEDNN_BF16", False)
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
+    x, W, b, b_dec = encoder(20, 16, 512, seed=8)
+    values, indices = torch_backend.topk_encode(x, W, b, b_dec, 4)[:2]
+    want_values, want_indices = reference.topk_encode(x, W, b, 4, b_dec)
+    torch.testing.assert_close(values, want_values)
+    assert torch.equal(indices, want_indices)
+    assert torch_backend.SURVIVORS["rows"] == 0
+    torch_backend.threshold_encode(x, W, b, b_dec, quantile_cutoffs(W, b, b_dec, 0.99))
+    assert torch_backend.THRESHOLD_STATS["rows"] == 0
+    assert "runs no bfloat16 linear" in torch_backend.cpu_encoder_gemms()["topk, batchtopk"]
+
+
 def test_bad_mode_names_the_variable(monkeypatch):
     monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp16")
     with pytest.raises(ValueError, match="FASTSAE_CPU_ENCODE_GEMM must be one of"):
