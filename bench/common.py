@@ -5,6 +5,7 @@ kernels under the interpreter) or "full" (the roofline shapes, meant for a GPU).
 """
 import importlib
 import os
+import time
 
 import torch
 
@@ -74,3 +75,17 @@ def _peak_from_events(events):
         current += ev.cpu_memory_usage
         peak = max(peak, current)
     return peak
+
+
+def alternated_times(steps: dict, rounds: int) -> dict[str, list[float]]:
+    """Milliseconds per step of each library, one step of each per round (after one warm-up):
+    a machine whose speed drifts slows every library alike, so ratios of these hold."""
+    for step in steps.values():
+        step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times

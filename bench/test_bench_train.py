@@ -13,16 +13,17 @@ SAETrainer with its defaults (bench/saelens_recipe.py): dense TopK activations a
 (+ AuxK), clipping, Adam lr 3e-4. Its "auxk-on" marks the latents dead again before every step:
 they fire in the first step and would otherwise be alive, and its AuxK skipped, from then on.
 
-Each benchmark reports tokens/s in ``extra_info``; fastsae's also the ratios to sparsify's Adam
-step and to SAELens's step measured in the same process. Run:
+Each benchmark reports tokens/s in ``extra_info``; fastsae's also its speed-up over sparsify's
+Adam step and SAELens's step, from the medians of PAIRED_ROUNDS rounds that alternate one step of
+each library (a machine whose speed drifts slows them alike). Run:
 ``python -m pytest bench/test_bench_train.py -q`` (FASTSAE_BENCH_SIZE=full on a GPU).
 """
-import time
+import statistics
 
 import pytest
 import torch
 
-from bench.common import DEVICE, ON_GPU, peak_memory, shapes, synchronized
+from bench.common import DEVICE, alternated_times, peak_memory, shapes, synchronized
 from bench.saelens_recipe import SAELensRun, have_saelens
 from bench.sparsify_recipe import SparsifyRun, have_sparsify
 from fastsae import SAEConfig, create_sae, ops
@@ -32,6 +33,7 @@ SHAPE = shapes(ci={"N": 4096, "d": 384, "m": 6144, "k": 32}, full={"N": 16384, "
 HAVE_SPARSIFY = have_sparsify()
 HAVE_SAELENS = have_saelens()
 DEAD_EVERY = 10  # "auxk-on": every 10th latent starts dead
+PAIRED_ROUNDS = 5  # rounds of alternated steps behind the speed-ups
 GROUP = f"train-step N{SHAPE['N']} d{SHAPE['d']} m{SHAPE['m']} k{SHAPE['k']}"
 needs_sparsify = pytest.mark.skipif(not HAVE_SPARSIFY, reason="sparsify is not installed (pip install eai-sparsify)")
 needs_saelens = pytest.mark.skipif(not HAVE_SAELENS, reason="SAELens is not installed (pip install sae-lens)")
@@ -74,36 +76,10 @@ def fastsae_step_fn(x, d_sae, k, aux=False):
     return step
 
 
-def _tokens_per_s(fn, n, reps=3):
-    fn()
-    start = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if ON_GPU:
-        torch.cuda.synchronize()
-    return reps * n / (time.perf_counter() - start)
-
-
 @pytest.fixture(scope="module")
 def batch():
     gen = torch.Generator().manual_seed(0)
     return torch.randn(SHAPE["N"], SHAPE["d"], generator=gen).to(DEVICE)
-
-
-@pytest.fixture(scope="module")
-def sparsify_tokens_per_s(batch):
-    if not HAVE_SPARSIFY:
-        return None
-    return {aux: _tokens_per_s(sparsify_step_fn(batch, SHAPE["m"], SHAPE["k"], "adam", aux), SHAPE["N"])
-            for aux in (False, True)}
-
-
-@pytest.fixture(scope="module")
-def saelens_tokens_per_s(batch):
-    if not HAVE_SAELENS:
-        return None
-    return {aux: _tokens_per_s(saelens_step_fn(batch, SHAPE["m"], SHAPE["k"], aux), SHAPE["N"])
-            for aux in (False, True)}
 
 
 def _run_step(benchmark, step) -> float:
@@ -117,11 +93,19 @@ def _run_step(benchmark, step) -> float:
     return tokens_per_s
 
 
-def _record_ratio(benchmark, tokens_per_s, library: str, baseline_tokens_per_s: float) -> None:
-    ratio = tokens_per_s / baseline_tokens_per_s
-    benchmark.extra_info[f"{library}_tokens_per_s"] = baseline_tokens_per_s
-    benchmark.extra_info[f"speedup_vs_{library}"] = ratio
-    print(f"\nfastsae {tokens_per_s:,.0f} tokens/s, {library} {baseline_tokens_per_s:,.0f} tokens/s, ratio {ratio:.2f}")
+def _paired_speedups(fastsae_step, batch, aux) -> dict[str, tuple[float, float]]:
+    """{library: (its tokens/s, fastsae's speed-up over it)} from the medians of steps
+    alternated round by round with fastsae's, for each other library installed."""
+    steps = {"fastsae": synchronized(fastsae_step)}
+    if HAVE_SPARSIFY:
+        steps["sparsify_adam"] = synchronized(sparsify_step_fn(batch, SHAPE["m"], SHAPE["k"], "adam", aux))
+    if HAVE_SAELENS:
+        steps["saelens"] = synchronized(saelens_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
+    if len(steps) == 1:
+        return {}
+    medians = {name: statistics.median(t) for name, t in alternated_times(steps, PAIRED_ROUNDS).items()}
+    return {name: (SHAPE["N"] / (ms / 1e3), ms / medians["fastsae"])
+            for name, ms in medians.items() if name != "fastsae"}
 
 
 @needs_sparsify
@@ -138,9 +122,11 @@ def test_train_step_saelens(benchmark, batch, aux):
 
 
 @pytest.mark.parametrize("aux", [False, True], ids=["no-dead", "auxk-on"])
-def test_train_step_fastsae(benchmark, batch, sparsify_tokens_per_s, saelens_tokens_per_s, aux):
-    tokens_per_s = _run_step(benchmark, fastsae_step_fn(batch, SHAPE["m"], SHAPE["k"], aux))
-    if sparsify_tokens_per_s is not None:
-        _record_ratio(benchmark, tokens_per_s, "sparsify_adam", sparsify_tokens_per_s[aux])
-    if saelens_tokens_per_s is not None:
-        _record_ratio(benchmark, tokens_per_s, "saelens", saelens_tokens_per_s[aux])
+def test_train_step_fastsae(benchmark, batch, aux):
+    step = fastsae_step_fn(batch, SHAPE["m"], SHAPE["k"], aux)
+    tokens_per_s = _run_step(benchmark, step)
+    for library, (their_tokens_per_s, speedup) in _paired_speedups(step, batch, aux).items():
+        benchmark.extra_info[f"{library}_tokens_per_s"] = their_tokens_per_s
+        benchmark.extra_info[f"speedup_vs_{library}"] = speedup
+        print(f"\nfastsae {tokens_per_s:,.0f} tokens/s; {library} {their_tokens_per_s:,.0f} tokens/s, fastsae "
+              f"{speedup:.2f}x in {PAIRED_ROUNDS} alternated rounds")

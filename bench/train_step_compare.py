@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
+from bench.common import alternated_times
 from bench.sparsify_recipe import INSTALL_HINT, have_sparsify
 from bench.test_bench_train import fastsae_step_fn, sparsify_step_fn
 
@@ -32,19 +32,6 @@ def cpu_model() -> str:
     except OSError:
         pass
     return "unknown CPU"
-
-
-def alternated_times(steps: dict, rounds: int) -> dict[str, list[float]]:
-    """Milliseconds per step of each library, one step of each per round (after one warm-up)."""
-    for step in steps.values():
-        step()
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def main(argv=None) -> None:

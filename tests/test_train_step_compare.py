@@ -6,7 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
-from bench.train_step_compare import alternated_times, cpu_model, main  # noqa: E402
+from bench.common import alternated_times  # noqa: E402
+from bench.train_step_compare import cpu_model, main  # noqa: E402
 
 
 def test_steps_alternate_one_of_each_per_round_after_a_warm_up():
