@@ -282,39 +282,31 @@ def csr_scatter_add(values, indices, row_offsets, g, num_rows):
     return _bag_scatter(values, indices, csr_row_ids(row_offsets, indices.numel()), row_offsets.diff(), g, num_rows)
 
 
-def _onednn_linear_op():
-    """oneDNN's linear with bias and ReLU in its epilogue (what torch.compile emits for CPU
-    linear layers), or None where this torch build lacks it or this CPU cannot run it. Decided
-    once, by one tiny call, so that a later error (out of memory, say) is raised as it is
-    instead of being taken for a missing oneDNN, which would drop the fast path (and the bf16
-    GEMM with it) for the rest of the process."""
+def _onednn_runs(op, dtype) -> bool:
+    """Whether oneDNN's linear ``op`` runs on ``dtype`` operands here: one tiny call. Decided
+    once, at import, so that a later error (out of memory, say) is raised as it is instead of
+    being taken for a missing kernel, which would drop the fast path for the rest of the
+    process; builds and CPUs without oneDNN's bf16 kernels refuse bfloat16."""
+    one = torch.ones(8, 8, dtype=dtype)
     try:
-        if not torch.backends.mkldnn.is_available():
-            return None
-        op = torch.ops.mkldnn._linear_pointwise
-        op(torch.ones(1, 8), torch.ones(8, 8), torch.zeros(8), "relu", [], "")
-        return op
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _onednn_linear_op()
-
-
-def _onednn_runs_bf16() -> bool:
-    """Whether oneDNN's linear takes bfloat16 operands here (builds and CPUs without its bf16
-    kernels refuse them): one tiny call, once, for the same reason as above."""
-    if _ONEDNN_LINEAR is None:
-        return False
-    one = torch.ones(8, 8, dtype=torch.bfloat16)
-    try:
-        _ONEDNN_LINEAR(one[:1], one, one[0], "relu", [], "")
+        op(one[:1], one, one[0], "relu", [], "")
         return True
     except RuntimeError:
         return False
 
 
-_ONEDNN_BF16 = _onednn_runs_bf16()
+def _onednn_linear_op():
+    """oneDNN's linear with bias and ReLU in its epilogue (what torch.compile emits for CPU
+    linear layers), or None where this torch build lacks it or this CPU cannot run it."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+    return op if op is not None and _onednn_runs(op, torch.float32) else None
+
+
+_ONEDNN_LINEAR = _onednn_linear_op()
+_ONEDNN_BF16 = _ONEDNN_LINEAR is not None and _onednn_runs(_ONEDNN_LINEAR, torch.bfloat16)
 
 
 def encoder_preactivations(x, W, b, b_dec, relu: bool):

@@ -171,8 +171,9 @@ def test_a_onednn_without_bf16_keeps_every_encode_on_fp32(monkeypatch):
             raise RuntimeError("could not create a primitive descriptor")
         return torch.ops.mkldnn._linear_pointwise(x, *args)
 
+    assert torch_backend._onednn_runs(fp32_only, torch.float32)
+    assert not torch_backend._onednn_runs(fp32_only, torch.bfloat16)
     monkeypatch.setattr(torch_backend, "_ONEDNN_LINEAR", fp32_only)
-    assert torch_backend._onednn_runs_bf16() is False
     monkeypatch.setattr(torch_backend, "_ONEDNN_BF16", False)
     monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
     x, W, b, b_dec = encoder(20, 16, 512, seed=8)
