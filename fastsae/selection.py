@@ -15,6 +15,9 @@ answer (values and indices, tie rule included). The argument, for one row of
   cut. Keeping every entry with ``p >= cut`` keeps all top-k members and every entry tied
   with t; their exact top-k, rescored in fp32, is the answer.
 * ``e`` includes the fp32 rescoring's own rounding, so the bound covers the values returned.
+* Underflow is bounded too: the norms are upper bounds even where float32 squares underflow
+  (``norm_bound``), and ``e`` covers subnormals flushed to zero (``flush_error``), which the
+  bf16 dot-product instructions (AVX512-BF16, AMX) do to their inputs and results.
 * A row whose cut is not positive (ReLU zeros decide its tail) or whose survivors are too
   many goes to the caller's exact fp32 path.
 
@@ -35,6 +38,8 @@ FP32_UNIT = 2.0 ** -24
 FP16_UNIT = 2.0 ** -11
 # float16's largest rounding error below its normal range (half the subnormal spacing).
 FP16_TINY = 2.0 ** -25
+# float32's least normal number: what a flush of a subnormal to zero moves a value by, at most.
+FP32_TINY = 2.0 ** -126
 
 # Latents per group for the group maxima: a multiple of 64 keeps the max-reduction
 # vectorised on CPU (3-4x faster than 48- or 32-wide groups, measured).
@@ -56,6 +61,22 @@ class RoundingResiduals:
 ROUNDING_ROWS = 512
 
 
+def norm_bound(v):
+    """Per row of a float32 matrix: an upper bound on the exact 2-norm (up to the 1% its callers
+    add for rounding). float32 loses the squares below FP32_TINY to underflow (rows of 1e-24s
+    have norm 0), d of them at most, so sqrt(d * FP32_TINY) is added to the float32 norm."""
+    return v.norm(dim=1) + math.sqrt(v.shape[1] * FP32_TINY)
+
+
+def flush_error(d: int, x_norm, w_norm):
+    """A bound on how far flushing subnormals to zero moves a dot product of d terms plus a
+    bias (``x_norm``, ``w_norm``: its operands' norms): a flushed input entry is under
+    FP32_TINY, so the flushed entries of one side move the sum by under sqrt(d) FP32_TINY
+    times the other side's norm, and the bias, each product, each partial sum and the output by
+    under FP32_TINY each."""
+    return math.sqrt(d) * FP32_TINY * (x_norm + w_norm) + (2 * d + 4) * FP32_TINY
+
+
 def rounded_encoder(W, b, dtype, round_bias: bool = True):
     """(W rounded to ``dtype``, b rounded to it too or, with ``round_bias`` False, kept as it
     is (added in fp32: no residual), their RoundingResiduals). Each block of rows is rounded and
@@ -67,8 +88,8 @@ def rounded_encoder(W, b, dtype, round_bias: bool = True):
     for start in range(0, W.shape[0], ROUNDING_ROWS):
         block = W[start:start + ROUNDING_ROWS].float()
         high = low[start:start + ROUNDING_ROWS].copy_(block).float()
-        wh.append(high.norm(dim=1).max())
-        wl.append((block - high).norm(dim=1).max())
+        wh.append(norm_bound(high).max())
+        wl.append(norm_bound(block - high).max())
     b_low = b.to(dtype) if round_bias else b
     bl_max = float((b.float() - b_low.float()).abs().max()) if b.numel() and round_bias else 0.0
     return low, b_low, RoundingResiduals(float(torch.stack(wh).max()), float(torch.stack(wl).max()), bl_max)
@@ -76,14 +97,18 @@ def rounded_encoder(W, b, dtype, round_bias: bool = True):
 
 def input_error(xc, xc_bf16, res: RoundingResiduals):
     """Per row: a bound on |s - pre| for every latent (input rounding, fp32 accumulation of
-    d_in + 1 terms in any order) plus the fp32 rescoring's distance from the reference."""
+    d_in + 1 terms in any order, subnormals flushed) plus the fp32 rescoring's distance from
+    the reference (its own flushes included, for a process that flushes subnormals:
+    ``torch.set_flush_denormal``)."""
+    d = xc.shape[1]
     xh = xc_bf16.float()
-    xh_norm = xh.norm(dim=1)
-    xl_norm = (xc - xh).norm(dim=1)
-    gamma = 1.01 * (xc.shape[1] + 2) * FP32_UNIT
+    xh_norm = norm_bound(xh)
+    xl_norm = norm_bound(xc - xh)
+    gamma = 1.01 * (d + 2) * FP32_UNIT
     rounding = xl_norm * res.wh_max + xh_norm * res.wl_max + xl_norm * res.wl_max + res.bl_max
     accumulation = 2 * gamma * (xh_norm + xl_norm) * (res.wh_max + res.wl_max)
-    return 1.01 * (rounding + accumulation) + 1e-30  # 1% for the norms' own rounding
+    flushes = 2 * flush_error(d, xh_norm + xl_norm, res.wh_max + res.wl_max)
+    return 1.01 * (rounding + accumulation + flushes)  # 1% for the norms' own rounding
 
 
 def group_maxima(pre, size=GROUP):

@@ -481,16 +481,20 @@ def _subset_size(m, k):
 def _accumulation_error(x, W, bias):
     """Per row: a bound on how far two fp32 (or TF32) accumulations of the same products can
     disagree (the subset pass and the full pass may tile differently): twice the error bound
-    of one, from ||x|| and the largest encoder row."""
+    of one, from ||x|| and the largest encoder row (upper bounds even where squares
+    underflow), with its flushes of subnormal products and partial sums where it flushes them."""
+    d = x.shape[1]
     unit = 2.0 ** -11 if _precision(x.dtype) == "tf32" and x.dtype == torch.float32 else 0.0
-    gamma = 1.01 * (x.shape[1] + 2) * 2.0 ** -24 + 3 * unit
-    return 2 * gamma * (x.float().norm(dim=1) * _row_norm_max(W) + bias.abs().max())
+    gamma = 1.01 * (d + 2) * 2.0 ** -24 + 3 * unit
+    accumulation = gamma * (selection.norm_bound(x.float()) * _row_norm_max(W) + bias.abs().max())
+    return 2 * (1.01 * accumulation + selection.flush_error(d, 0.0, 0.0))
 
 
 def _row_norm_max(W):
-    """max_m ||W_m|| in fp32, a few thousand rows at a time so no fp32 copy of W exists."""
+    """max_m ||W_m|| (an upper bound: selection.norm_bound) in fp32, a few thousand rows at a
+    time so no fp32 copy of W exists."""
     step = max(1, (1 << 24) // W.shape[1])
-    return torch.stack([W[i:i + step].float().norm(dim=1).max() for i in range(0, W.shape[0], step)]).max()
+    return torch.stack([selection.norm_bound(W[i:i + step].float()).max() for i in range(0, W.shape[0], step)]).max()
 
 
 def _dense_topk(x, W, bias, k):

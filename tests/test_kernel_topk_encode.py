@@ -146,6 +146,17 @@ def test_rows_overflowing_their_survivor_slots_are_redone(device, cutoff_runs, m
     assert cutoff_runs["subset_passes"] == 1
 
 
+def test_the_cut_margin_bounds_rows_whose_squares_underflow():
+    """The GPU cut's margin (two accumulations' disagreement) from norms that stay upper bounds
+    where float32 squares underflow: rows of 1e-24s have float32 norm 0."""
+    x, W, _, _ = make(4, 48, 300, "cpu", seed=3)
+    x, b = x * 1e-24, torch.zeros(300)
+    assert float(x.norm()) == 0.0
+    gamma = (48 + 2) * 2.0 ** -24
+    want = 2 * gamma * x.double().norm(dim=1) * W.double().norm(dim=1).max()
+    assert bool((kmod._accumulation_error(x, W, b).double() >= want).all())
+
+
 @pytest.mark.parametrize("d_sae", [50, 600])
 def test_all_negative_rows(device, d_sae):
     n, d_in = 5, 19

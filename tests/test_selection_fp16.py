@@ -84,10 +84,11 @@ def test_all_negative_and_mostly_negative_rows_take_the_exact_path():
     assert torch_backend.SURVIVORS["hard_rows"] == 2
 
 
-@pytest.mark.parametrize("scale, decided", [(1e-6, True), (1e3, True), (1e6, False), (1e18, False)])
+@pytest.mark.parametrize("scale, decided", [(1e-6, True), (1e3, True), (1e6, False), (1e18, False), (1e-24, False)])
 def test_tiny_huge_and_out_of_range_rows(scale, decided):
     # 1e-6: float16 subnormals and underflow; 1e6 and 1e18: past float16's range, so the product
-    # overflows and the row goes to the fp32 GEMM.
+    # overflows and the row goes to the fp32 GEMM; 1e-24: x rounds to float16 zeros and its
+    # float32 squares underflow, so the bound exceeds every value and the row goes there too.
     x, W, b, b_dec = encoder(2, 48, 2048, seed=4, scale=scale)
     assert_exact(x, W, b, b_dec, 16)
     assert (torch_backend.SURVIVORS["rows"] == 2) == decided
