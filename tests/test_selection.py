@@ -249,6 +249,28 @@ def test_a_onednn_without_bf16_keeps_every_encode_on_fp32(monkeypatch):
     assert "runs no bfloat16 linear" in torch_backend.cpu_encoder_gemms()["topk, batchtopk"]
 
 
+def test_blocked_bf16_weights_give_the_plain_weights_answers(monkeypatch):
+    """The encoder's bf16 copy in oneDNN's blocked layout (where the probe says this torch
+    takes it) changes no output of the TopK or the threshold encode."""
+    x, W, b, b_dec = encoder(300, 40, 2048, seed=31)
+    cutoffs = quantile_cutoffs(W, b, b_dec, 0.99)
+    assert torch_backend.LowPrecisionWeights(W, b).W.is_mkldnn == torch_backend._ONEDNN_BLOCKED_BF16
+    blocked = torch_backend.topk_encode(x, W, b, b_dec, 16) + torch_backend.threshold_encode(x, W, b, b_dec, cutoffs)
+    monkeypatch.setattr(torch_backend, "_ONEDNN_BLOCKED_BF16", False)
+    assert not torch_backend.LowPrecisionWeights(W, b).W.is_mkldnn
+    plain = torch_backend.topk_encode(x, W, b, b_dec, 16) + torch_backend.threshold_encode(x, W, b, b_dec, cutoffs)
+    assert all(torch.equal(got, want) for got, want in zip(blocked, plain))
+    assert torch_backend.SURVIVORS["rows"] == 600 and torch_backend.THRESHOLD_STATS["rows"] == 600
+
+
+def test_the_blocked_layout_probe_refuses_a_torch_without_it(monkeypatch):
+    def missing(W, batch_size=None):
+        raise RuntimeError("mkldnn::_reorder_linear_weight: no kernel")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing)
+    assert not torch_backend._blocked_weights_run()
+
+
 def test_bad_mode_names_the_variable(monkeypatch):
     monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp16")
     with pytest.raises(ValueError, match="FASTSAE_CPU_ENCODE_GEMM must be one of"):
