@@ -506,6 +506,8 @@ def cpu_encoder_gemms() -> dict[str, str]:
         topk = f"{fp32} ({why})"
     else:
         unit = _BF16_UNIT or "emulated: forced by FASTSAE_CPU_ENCODE_GEMM"
+        if _ONEDNN_BLOCKED_BF16:
+            unit += "; weights in oneDNN's blocked layout"
         topk = (f"oneDNN linear + ReLU in bfloat16 ({unit}), selection by cutoff, survivors rescored in "
                 f"float32: equal to the float32 path; fallback {fp32} (rows the cut cannot decide, "
                 "fewer than 2k groups of 64 latents)")

@@ -255,9 +255,12 @@ def test_blocked_bf16_weights_give_the_plain_weights_answers(monkeypatch):
     x, W, b, b_dec = encoder(300, 40, 2048, seed=31)
     cutoffs = quantile_cutoffs(W, b, b_dec, 0.99)
     assert torch_backend.LowPrecisionWeights(W, b).W.is_mkldnn == torch_backend._ONEDNN_BLOCKED_BF16
+    said = "oneDNN's blocked layout" in torch_backend.cpu_encoder_gemms()["topk, batchtopk"]
+    assert said == torch_backend._ONEDNN_BLOCKED_BF16  # `fastsae info` says so
     blocked = torch_backend.topk_encode(x, W, b, b_dec, 16) + torch_backend.threshold_encode(x, W, b, b_dec, cutoffs)
     monkeypatch.setattr(torch_backend, "_ONEDNN_BLOCKED_BF16", False)
     assert not torch_backend.LowPrecisionWeights(W, b).W.is_mkldnn
+    assert "blocked layout" not in torch_backend.cpu_encoder_gemms()["topk, batchtopk"]
     plain = torch_backend.topk_encode(x, W, b, b_dec, 16) + torch_backend.threshold_encode(x, W, b, b_dec, cutoffs)
     assert all(torch.equal(got, want) for got, want in zip(blocked, plain))
     assert torch_backend.SURVIVORS["rows"] == 600 and torch_backend.THRESHOLD_STATS["rows"] == 600
