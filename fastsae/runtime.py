@@ -141,7 +141,8 @@ class _TrackingEncoder:
 
     def _copy(self, name: str, make, *tensors):
         """make(*tensors), kept and made again whenever one of the tensors changes (its storage
-        or its version counter: the SAE trained on in place)."""
+        or its version counter: the SAE trained on in place). An edit through ``.data`` leaves
+        the counter as it was: ``InterpretableModel.refresh_copies`` drops the copies then."""
         key = tuple((t.data_ptr(), t._version) for t in tensors)
         kept = self._copies.get(name)
         if kept is None or kept[0] != key:
@@ -298,6 +299,14 @@ class InterpretableModel(nn.Module):
         for hp, sae in self.saes.items():
             self.trace.hooks[hp] = HookTrace(hp, sae.d_sae, sae.device, self.max_examples, self.keep_trace)
         return self.trace
+
+    def refresh_copies(self) -> None:
+        """Drop the encoder copies the hooks keep (float16, bfloat16, transposed), so the next
+        call makes them from the SAEs' current weights. Needed only after an edit that PyTorch's
+        version counter does not see, one through ``.data`` (``sae.W_enc.data[i] = 0``): an
+        in-place edit under ``torch.no_grad()``, or a new tensor, is seen without it."""
+        for encoder in self._topk_encoders.values():
+            encoder._copies.clear()
 
     @contextlib.contextmanager
     def interpretation_enabled(self):

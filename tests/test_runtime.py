@@ -284,6 +284,35 @@ def test_prefill_tracking_on_a_kept_bf16_encoder_equals_the_saes_code(model, mon
     assert all(n > 0 for n in cut_rows)  # the bf16 path ran
 
 
+def test_an_edit_through_data_needs_refresh_copies(model, monkeypatch):
+    # PyTorch's version counter does not see an edit through .data, so the kept float16 copy
+    # outlives it until refresh_copies(); then the trace follows the edited encoder again.
+    from fastsae import torch_backend
+
+    monkeypatch.setattr(torch_backend, "CACHE_RESIDENT_BYTES", 0)
+    sae = make_sae(d_sae=1100, k=4)
+    im = InterpretableModel(model, {HP: sae})
+    encoder = im._topk_encoders[HP]
+    ids = torch.randint(0, VOCAB, (2, 1), generator=torch.Generator().manual_seed(5))
+    seen, handle = capture(model.transformer.h[1])
+    try:
+        with im.interpretation_enabled():
+            model(ids)
+        before = encoder._copies["fp16"][1]
+        sae.enc_weight.data.mul_(-1.5)  # a different top-k, unseen by the version counter
+        with im.interpretation_enabled():
+            model(ids)
+        assert encoder._copies["fp16"][1] is before
+        im.refresh_copies()
+        with im.interpretation_enabled():
+            model(ids)
+        assert encoder._copies["fp16"][1] is not before
+        code = sae.encode_sparse(seen.pop().reshape(-1, D))
+        assert torch.equal(im.trace[HP].rows()["indices"], code.indices)
+    finally:
+        handle.remove()
+
+
 def test_prefill_tracking_on_a_narrow_dictionary_keeps_no_bf16_copy(model, monkeypatch):
     # Fewer than 2k groups of latents leave the cut nothing to decide: the fp32 GEMM and top-k,
     # with no bf16 copy made.
