@@ -10,7 +10,10 @@ answer (values and indices, tie rule included). The argument, for one row of
   number per row, ``e`` (``input_error``); the output rounding is relative: ``|p - s| <= u|s|``.
 * ``c`` is the k-th largest of the maxima of disjoint groups of latents (``cutoffs``): k
   distinct entries with ``p >= c``, so exact values ``>= c / (1 + u) - e``, and the true k-th
-  largest value t is at least that.
+  largest value t is at least that. Where that decides nothing (below), ``c`` is the row's
+  own k-th largest ``p`` (``row_cutoffs``), the best such bound, at the price of a top-k over
+  the row: a trained encoder's negative biases leave each row's positive entries in fewer
+  and fewer groups, so that the k-th group maximum falls to about 0.
 * A true top-k member m has ``pre[m] >= t``, so ``p[m] >= (1 - u) (c / (1 + u) - 2e)``: the
   cut. Keeping every entry with ``p >= cut`` keeps all top-k members and every entry tied
   with t; their exact top-k, rescored in fp32, is the answer.
@@ -18,8 +21,8 @@ answer (values and indices, tie rule included). The argument, for one row of
 * Underflow is bounded too: the norms are upper bounds even where float32 squares underflow
   (``norm_bound``), and ``e`` covers subnormals flushed to zero (``flush_error``), which the
   bf16 dot-product instructions (AVX512-BF16, AMX) do to their inputs and results.
-* A row whose cut is not positive (ReLU zeros decide its tail) or whose survivors are too
-  many goes to the caller's exact fp32 path.
+* A row whose cut is still not positive (ReLU zeros could decide its tail) or whose
+  survivors are still too many goes to the caller's exact fp32 path.
 
 The survivors are about k plus the entries within the margin of the k-th value (benchmarks
 report them as ``candidates_per_row``). A runtime decode step's one-row product from a float16
@@ -153,9 +156,25 @@ def cutoffs(bits, k, e):
     """(cut[n] as float32, group maxima as bits) for the ReLU'd bf16 GEMM output viewed by
     ``bf16_bits``: keep entries >= cut (see the module docstring)."""
     gmax = group_maxima(bits)
-    c = bits_to_float(torch.topk(gmax, k, dim=1, sorted=False).values.amin(1))
+    return _cut(kth_largest_bits(gmax, k), e), gmax
+
+
+def row_cutoffs(bits, k, e):
+    """The cut from each row's own k-th largest bf16 value rather than its group maxima
+    (``cutoffs``): a full top-k per row, for the few rows whose group maxima decide nothing."""
+    return _cut(kth_largest_bits(bits, k), e)
+
+
+def kth_largest_bits(bits, k):
+    """float32 value of each row's k-th largest bf16 bit pattern (ReLU'd values)."""
+    return bits_to_float(torch.topk(bits, k, dim=1, sorted=False).values.amin(1))
+
+
+def _cut(c, e):
+    """The cut below which no top-k member's bf16 value lies, given k distinct entries with bf16
+    values >= c and the per-row error bound e (module docstring)."""
     u = BF16_UNIT
-    return (1 - u) * (c / (1 + u) - 2 * e), gmax
+    return (1 - u) * (c / (1 + u) - 2 * e)
 
 
 # Masks of at least this many entries are compacted word by word (sparse_nonzero).
@@ -204,14 +223,15 @@ def fp16_product_error(e, q_absmax, b_absmax):
     return 1.001 * (e + FP16_UNIT * s_max + FP16_TINY + FP32_UNIT * q_sum)
 
 
-def fp16_row_cut(q, k, error):
+def fp16_row_cut(q, k, error, own_kth: bool = False):
     """The cut for one row of q (float32, [d_sae]) within ``error`` of the exact pre-activations:
     every top-k member of relu(pre) has q >= cut. Its c is the k-th largest of the group
     maxima (k distinct latents with q >= c, so pre >= c - error for each, and the k-th largest
     relu(pre) is at least c - error); a member m then has q[m] >= pre[m] - error >= c - 2 error.
-    A cut that is not positive (ReLU zeros could be in the top-k) or not a number decides
-    nothing: the caller takes the exact float32 path."""
-    c = float(torch.topk(group_maxima(q[None]), k, dim=1, sorted=False).values.min())
+    With ``own_kth`` the row's own k-th largest q is c instead (a top-k over the row; the best
+    such bound). A cut that is not positive (ReLU zeros could be in the top-k) or not a number
+    decides nothing: the caller takes the exact float32 path."""
+    c = float(torch.topk(q if own_kth else group_maxima(q[None])[0], k, sorted=False).values.min())
     return c - 2 * error
 
 

@@ -600,9 +600,9 @@ class HalfPrecisionEncoder:
 
 def topk_rows_fp16(x, W, b, b_dec, k, half):
     """Top-k of relu((x - b_dec) W^T + b) for a few rows, each from a float16 torch.mv, a cut
-    (``selection.fp16_row_cut``) and its survivors rescored in fp32: the fp32 answer. A row the
-    cut cannot decide or leaves more than a quarter of the latents (and every row, where the
-    float16 product cannot be bounded) takes the fp32 GEMM. Returns (values [n, k], indices [n, k])."""
+    (``selection.fp16_row_cut``) and its survivors rescored in fp32: the fp32 answer. A row
+    neither cut decides (``_fp16_survivors``; and every row, where the float16 product cannot be
+    bounded) takes the fp32 GEMM. Returns (values [n, k], indices [n, k])."""
     if not half.usable or _fp16_reduced_precision_allowed() or not selection.usable(W.shape[0], k):
         return stable_topk(encoder_preactivations(x, W, b, b_dec, relu=True), k)
     xc = x if b_dec is None else x - b_dec
@@ -612,9 +612,8 @@ def topk_rows_fp16(x, W, b, b_dec, k, half):
     for row, error in enumerate(errors):
         q = torch.mv(half.W, xh[row]).float().add_(b)
         bound = selection.fp16_product_error(error, float(q.abs().max()), half.b_absmax)
-        cut = selection.fp16_row_cut(q, k, bound)
-        cols = (q >= cut).nonzero().squeeze(1) if cut > 0 else None  # not for a nan cut either
-        if cols is None or cols.numel() * 4 > W.shape[0]:
+        cols = _fp16_survivors(q, k, bound, W.shape[0])
+        if cols is None:
             v, i = stable_topk(encoder_preactivations(x[row:row + 1], W, b, b_dec, relu=True), k)
             SURVIVORS["hard_rows"] += 1
         else:
@@ -627,6 +626,19 @@ def topk_rows_fp16(x, W, b, b_dec, k, half):
     return torch.cat(values), torch.cat(indices)
 
 
+def _fp16_survivors(q, k, bound, d_sae):
+    """The latents of one float16 row product ``q`` that survive its cut (from the group maxima,
+    else from the row's own k-th value), or None where neither cut decides the row: not positive
+    (nor a NaN), or leaving more than a quarter of the latents."""
+    for own_kth in (False, True):
+        cut = selection.fp16_row_cut(q, k, bound, own_kth)
+        if cut > 0:
+            cols = (q >= cut).nonzero().squeeze(1)
+            if cols.numel() * 4 <= d_sae:
+                return cols
+    return None
+
+
 def _bf16_survivors(xc_bf16, error, lp, k):
     """One row block of the bf16 GEMM (``error``: its rows' ``selection.input_error``): (rows,
     cols) of the entries that survive the cut, and the rows the cut cannot decide (see
@@ -634,14 +646,23 @@ def _bf16_survivors(xc_bf16, error, lp, k):
     copy of it is made."""
     bits = selection.bf16_bits(_ONEDNN_LINEAR(xc_bf16, lp.W, lp.b, "relu", [], ""))
     cut, gmax = selection.cutoffs(bits, k, error)
-    # Undecidable: ReLU zeros in the top-k (cut <= 0), or so many survivors that the exact
-    # fp32 GEMM is cheaper.
-    hard = ~(cut > 0)  # a NaN cut too
-    cut_bits = selection.bf16_ceil_bits(cut.masked_fill(hard, float("inf")))
-    hard |= (gmax >= cut_bits[:, None]).sum(1) * 4 > gmax.shape[1] * 3
-    mask = selection.bits_at_least_(bits, cut_bits.masked_fill(hard, selection.NO_BITS_SURVIVE))
+    cut_bits, hard = _cut_bits(cut, gmax)
+    retry = hard.nonzero().squeeze(1)
+    if retry.numel():  # each from its own k-th value: a top-k over these rows only
+        cut_bits[retry], hard[retry] = _cut_bits(selection.row_cutoffs(bits[retry], k, error[retry]), gmax[retry])
+    mask = selection.bits_at_least_(bits, cut_bits)
     rows, cols = selection.sparse_nonzero(mask)
     return rows, cols, hard
+
+
+def _cut_bits(cut, gmax):
+    """(cut as bf16 bits, rows it cannot decide) for the rows of a bf16 GEMM's output with group
+    maxima ``gmax``. Undecidable: ReLU zeros possibly in the top-k (cut <= 0, or NaN), or so
+    many survivors that the exact fp32 GEMM is cheaper. Undecided rows' cut lets nothing through."""
+    hard = ~(cut > 0)
+    cut_bits = selection.bf16_ceil_bits(cut.masked_fill(hard, float("inf")))
+    hard |= (gmax >= cut_bits[:, None]).sum(1) * 4 > gmax.shape[1] * 3
+    return cut_bits.masked_fill_(hard, selection.NO_BITS_SURVIVE), hard
 
 
 def _rescore(xc, W, b, rows, cols):

@@ -102,6 +102,28 @@ def test_all_negative_and_mostly_negative_rows_take_the_exact_path():
     assert torch_backend.SURVIVORS["hard_rows"] >= 8
 
 
+def positives_in_two_groups(n, seed):
+    """Rows whose positive pre-activations all lie in latents 0..127 (two groups), at least k=8
+    of them: a trained encoder's negative biases leave positives in few groups, so the k-th
+    group maximum is 0 and decides nothing."""
+    n, d, m, k = n, 32, 2048, 8
+    x, W, b, b_dec = encoder(n, d, m, seed=seed)
+    b[:128], b[128:] = 3.0, -100.0
+    pre = torch.relu((x - b_dec) @ W.t() + b)
+    assert bool(((selection.group_maxima(pre) > 0).sum(1) < k).all())
+    assert bool(((pre > 0).sum(1) > k).all())
+    return x, W, b, b_dec, k
+
+
+def test_rows_whose_positives_lie_in_few_groups_are_cut_by_their_own_kth_value():
+    n = 24
+    x, W, b, b_dec, k = positives_in_two_groups(n, seed=10)
+    assert_exact(x, W, b, b_dec, k)
+    stats = torch_backend.SURVIVORS
+    assert stats["rows"] == n and stats["hard_rows"] == 0  # no row took the fp32 GEMM
+    assert stats["survivors"] / n < 128
+
+
 @pytest.mark.parametrize("scale", [1e-6, 1e6, 1e18])
 def test_huge_and_tiny_norms(scale):
     x, W, b, b_dec = encoder(50, 48, 2048, seed=4, scale=scale)

@@ -3,7 +3,7 @@ cutoff, survivors rescored in fp32) returns the fp32 answer: values, indices and
 random, adversarial and real inputs; and it refuses float16 arithmetic it cannot bound."""
 import pytest
 import torch
-from test_selection import encoder, exact_topk, minilm_encoder  # noqa: F401  (a fixture)
+from test_selection import encoder, exact_topk, minilm_encoder, positives_in_two_groups  # noqa: F401  (a fixture)
 
 from fastsae import reference, selection, torch_backend
 
@@ -68,6 +68,12 @@ def test_exact_ties_follow_the_tie_rule():
     want_values, want_indices = reference.topk_encode(x, W, b, k, b_dec)
     assert torch.equal(indices, want_indices) and torch.equal(values, want_values)
     assert torch_backend.SURVIVORS["rows"] == 2
+
+
+def test_rows_whose_positives_lie_in_few_groups_are_cut_by_their_own_kth_value():
+    x, W, b, b_dec, k = positives_in_two_groups(2, seed=11)
+    assert_exact(x, W, b, b_dec, k)
+    assert torch_backend.SURVIVORS["rows"] == 2 and torch_backend.SURVIVORS["hard_rows"] == 0
 
 
 def test_all_negative_and_mostly_negative_rows_take_the_exact_path():
