@@ -139,7 +139,7 @@ def test_threshold_forward(benchmark, monkeypatch, case, s, backend):
         monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", backend.removeprefix("torch-"))
     fn = torch_backend.threshold_encode if backend.startswith("torch") else triton_gated.threshold_encode
     benchmark.group = f"threshold-forward-{_label(s)}"
-    torch_backend.THRESHOLD_STATS.update(rows=0, candidates=0, fp32_rows=0)
+    torch_backend.reset_selection_counts()
     out = _run(benchmark, synchronized(fn), args)
     _info(benchmark, s, backend, fn, args, int(out[2][-1]))
     stats = torch_backend.THRESHOLD_STATS

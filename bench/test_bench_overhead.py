@@ -160,7 +160,7 @@ def test_tracking_overhead(benchmark, workload, phase):
 
     benchmark.group = f"runtime-overhead-{phase}"
     benchmark.name = f"{phase}[{_label()}]"
-    torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+    torch_backend.reset_selection_counts()
     benchmark.pedantic(one_round, rounds=CASE["rounds"][phase], iterations=1)
     ratio = overhead(plain, tracked)
     # Rows of the tracked runs (prompt and new tokens) the cut encoded from a bf16 or fp16

@@ -66,7 +66,7 @@ def test_topk_encode(benchmark, monkeypatch, case, s, backend, aux):
     fn = (triton_backend if backend == "triton" else torch_backend).topk_encode
     if backend.startswith("torch-"):
         monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", backend.removeprefix("torch-"))
-    torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+    torch_backend.reset_selection_counts()
     if backend == "triton" and not ON_GPU:
         # One interpreted call is slow; a handful of rounds is plenty for a harness check.
         benchmark.extra_info["interpreted"] = True
@@ -84,6 +84,7 @@ def test_topk_encode(benchmark, monkeypatch, case, s, backend, aux):
     stats = torch_backend.SURVIVORS
     if stats["rows"]:
         benchmark.extra_info["candidates_per_row"] = round(stats["survivors"] / stats["rows"], 1)
+        benchmark.extra_info["signed_row_fraction"] = stats["signed_rows"] / (stats["rows"] + stats["hard_rows"])
         benchmark.extra_info["undecided_row_fraction"] = stats["hard_rows"] / (stats["rows"] + stats["hard_rows"])
     if backend == "triton" and ON_GPU and SIZE == "full":
         # Same winners as torch, up to near-ties reordered by accumulation order.

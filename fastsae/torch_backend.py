@@ -29,6 +29,7 @@ Primitives:
 from __future__ import annotations
 
 import glob
+import math
 import os
 import warnings
 
@@ -509,8 +510,8 @@ def cpu_encoder_gemms() -> dict[str, str]:
         if _ONEDNN_BLOCKED_BF16:
             unit += "; weights in oneDNN's blocked layout"
         topk = (f"oneDNN linear + ReLU in bfloat16 ({unit}), selection by cutoff, survivors rescored in "
-                f"float32: equal to the float32 path; fallback {fp32} (rows the cut cannot decide, "
-                "fewer than 2k groups of 64 latents)")
+                f"float32: equal to the float32 path; rows the cut cannot decide take a signed bfloat16 GEMM; "
+                f"fallback {fp32} (rows neither decides, fewer than 2k groups of 64 latents)")
     if topk.startswith("oneDNN linear + ReLU in bfloat16"):
         threshold = (f"oneDNN linear in bfloat16 ({unit}), entries within the error bound of the cutoff rescored "
                      f"in float32: equal to the float32 path; fallback {fp32} (the rest of a batch once a row "
@@ -612,31 +613,42 @@ def topk_rows_fp16(x, W, b, b_dec, k, half):
     for row, error in enumerate(errors):
         q = torch.mv(half.W, xh[row]).float().add_(b)
         bound = selection.fp16_product_error(error, float(q.abs().max()), half.b_absmax)
-        cols = _fp16_survivors(q, k, bound, W.shape[0])
+        cols, signed = _fp16_survivors(q, k, bound, W.shape[0])
         if cols is None:
             v, i = stable_topk(encoder_preactivations(x[row:row + 1], W, b, b_dec, relu=True), k)
-            SURVIVORS["hard_rows"] += 1
+            _count(hard_rows=1)
+            values.append(v)
+            indices.append(i)
+            continue
+        exact = torch.mv(W.index_select(0, cols), xc[row]).add_(b[cols]).relu_().add_(0.0)
+        if signed:
+            v, i = topk_of_positive_survivors(exact, torch.zeros_like(cols), cols, 1, W.shape[0], k)
         else:
-            exact = torch.mv(W.index_select(0, cols), xc[row]).add_(b[cols]).relu_().add_(0.0)
             v, i = stable_topk(exact[None], k)
             i = cols[i]
-            SURVIVORS.update(rows=SURVIVORS["rows"] + 1, survivors=SURVIVORS["survivors"] + cols.numel())
+        _count(rows=1, survivors=cols.numel(), signed_rows=int(signed))
         values.append(v)
         indices.append(i)
     return torch.cat(values), torch.cat(indices)
 
 
 def _fp16_survivors(q, k, bound, d_sae):
-    """The latents of one float16 row product ``q`` that survive its cut (from the group maxima,
-    else from the row's own k-th value), or None where neither cut decides the row: not positive
-    (nor a NaN), or leaving more than a quarter of the latents."""
+    """(latents of one float16 row product ``q`` that survive its cut, whether they are the
+    signed survivors): the cut from the group maxima, else from the row's own k-th value, else
+    every latent that could be exactly positive (q >= -bound, as in ``_topk_bf16_signed``).
+    (None, False) where none decides the row: a cut that is not positive, or survivors over a
+    quarter of the latents, and a bound that is not finite (q overflowed or holds a NaN)."""
     for own_kth in (False, True):
         cut = selection.fp16_row_cut(q, k, bound, own_kth)
         if cut > 0:
             cols = (q >= cut).nonzero().squeeze(1)
             if cols.numel() * 4 <= d_sae:
-                return cols
-    return None
+                return cols, False
+    if math.isfinite(bound):
+        cols = (q >= -bound).nonzero().squeeze(1)
+        if cols.numel() * 4 <= d_sae:
+            return cols, True
+    return None, False
 
 
 def _bf16_survivors(xc_bf16, error, lp, k):
@@ -678,7 +690,7 @@ def _rescore(xc, W, b, rows, cols):
 
 
 def _topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks):
-    """(rows, cols, undecided rows, xc) of the whole batch, block by block."""
+    """(rows, cols, undecided rows, xc, xc in bf16, error) of the whole batch, block by block."""
     xc = (x if b_dec is None else x - b_dec).contiguous()
     xc_bf16 = xc.to(torch.bfloat16)
     error = selection.input_error(xc, xc_bf16, lp.residuals)  # for the whole batch at once: fewer small calls
@@ -686,25 +698,80 @@ def _topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks):
     rows = torch.cat([p[0] + blocks[i].start for i, p in enumerate(parts)])
     cols = torch.cat([p[1] for p in parts])
     hard_rows = torch.cat([p[2] for p in parts]).nonzero().squeeze(1)
-    return rows, cols, hard_rows, xc
+    return rows, cols, hard_rows, xc, xc_bf16, error
+
+
+def _topk_bf16_signed(xc, xc_bf16, error, W, b, lp, k):
+    """Exact top-k of relu(pre) for rows no positive cut decides (their k-th value within the
+    bf16 error of 0), from a bf16 GEMM without ReLU on those rows: every entry that could be
+    exactly positive (p >= -(1 + u) e) survives and is rescored in fp32. Returns (values,
+    indices, rows still undecided (more than a quarter of the latents survive, or a NaN), the
+    survivor count)."""
+    p = _ONEDNN_LINEAR(xc_bf16, lp.W, lp.b, "none", [], "").float()
+    rows, cols = selection.sparse_nonzero(p >= (-(1 + selection.BF16_UNIT) * error)[:, None])
+    # A finite bound bounds |p| too (finite weights, the products' sum under ||x|| ||W_m||): no NaN.
+    undecided = (torch.bincount(rows, minlength=p.shape[0]) * 4 > W.shape[0]) | ~error.isfinite()
+    if bool(undecided.any()):
+        kept = ~undecided[rows]
+        rows, cols = rows[kept], cols[kept]
+    exact = _rescore(xc, W, b, rows, cols).clamp_min_(0.0)
+    values, indices = topk_of_positive_survivors(exact, rows, cols, xc.shape[0], W.shape[0], k)
+    return values, indices, undecided, rows.numel()
+
+
+def topk_of_positive_survivors(values, rows, cols, n, m, k):
+    """``selection.topk_of_survivors`` where the survivors (``values`` exact and ReLU'd) hold
+    every exactly positive entry of their row: a row with fewer than k positives completes
+    its top-k with zeros at the lowest other indices, the reference's tie rule."""
+    positive = values > 0
+    rows, cols, values = rows[positive], cols[positive], values[positive]
+    top_values, top_indices = selection.topk_of_survivors(values, rows, cols, n, k)
+    short = top_values[:, k - 1] == float("-inf")
+    if bool(short.any()):
+        dense = values.new_zeros(n, m)
+        dense[rows, cols] = values
+        short_rows = short.nonzero().squeeze(1)
+        top_values[short_rows], top_indices[short_rows] = stable_topk(dense[short_rows], k)
+    return top_values, top_indices
 
 
 def _topk_bf16(x, W, b, b_dec, k, lp, blocks):
     """Exact fp32 top-k of relu(pre) with the GEMM in bf16: survivors per row block, one
-    rescoring pass, the exact top-k among them; undecided rows get the fp32 GEMM."""
+    rescoring pass, the exact top-k among them; rows no cut decides get the signed bf16 GEMM
+    (``_topk_bf16_signed``), then, where that fails too, the fp32 GEMM."""
     n = x.shape[0]
-    rows, cols, hard_rows, xc = _topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks)
+    rows, cols, hard_rows, xc, xc_bf16, error = _topk_bf16_survivors(x, W, b, b_dec, k, lp, blocks)
     values, indices = selection.topk_of_survivors(_rescore(xc, W, b, rows, cols).clamp_min_(0.0), rows, cols, n, k)
+    signed = signed_survivors = 0
+    if hard_rows.numel():
+        v, i, undecided, signed_survivors = _topk_bf16_signed(xc[hard_rows], xc_bf16[hard_rows], error[hard_rows],
+                                                              W, b, lp, k)
+        values[hard_rows], indices[hard_rows] = v, i
+        signed = hard_rows.numel() - int(undecided.sum())
+        hard_rows = hard_rows[undecided]
     if hard_rows.numel():
         hard_x = x[hard_rows]
         values[hard_rows], indices[hard_rows] = _topk_fp32(hard_x, W, b, b_dec, k, _row_blocks(hard_x, W.shape[0]))
-    SURVIVORS.update(rows=SURVIVORS["rows"] + n - hard_rows.numel(), survivors=SURVIVORS["survivors"] + rows.numel(),
-                     hard_rows=SURVIVORS["hard_rows"] + hard_rows.numel())
+    _count(rows=n - hard_rows.numel(), survivors=rows.numel() + signed_survivors, signed_rows=signed,
+           hard_rows=hard_rows.numel())
     return values, indices
 
 
-# Running totals of the bf16 encodes (benchmarks report survivors per row and hard rows).
-SURVIVORS = {"rows": 0, "survivors": 0, "hard_rows": 0}
+# Running totals of the low-precision TopK encodes (benchmarks report survivors per row):
+# rows decided by a cut and their survivors, the rows among them decided only by the
+# signed GEMM, and the rows that took the fp32 GEMM.
+SURVIVORS = {"rows": 0, "survivors": 0, "signed_rows": 0, "hard_rows": 0}
+
+
+def _count(**counts):
+    for key, value in counts.items():
+        SURVIVORS[key] += value
+
+
+def reset_selection_counts() -> None:
+    """Zero SURVIVORS and THRESHOLD_STATS."""
+    for counts in (SURVIVORS, THRESHOLD_STATS):
+        counts.update(dict.fromkeys(counts, 0))
 
 
 def _topk_fp32(x, W, b, b_dec, k, blocks):

@@ -521,15 +521,19 @@ def _topk_by_cutoff(x, W, bias, k):
     gmax = _group_maxima(x, W, bias, m_sub)
     c = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
     cut = c - 2 * _accumulation_error(x, W, bias)
-    # Computed densely below: rows whose tail ReLU zeros decide (cut <= 0), and rows with a NaN
-    # pre-activation (a group maximum of +inf, or a NaN bound), which torch ranks first.
-    hard = ~(cut > 0) | torch.isinf(gmax).any(1)
-    cut = cut.masked_fill(hard, float("inf")).contiguous()
+    # Computed densely below: rows with a NaN pre-activation (a group maximum of +inf, or a NaN
+    # bound), which torch ranks first.
+    hard = cut.isnan() | torch.isinf(gmax).any(1)
+    # A row whose subset holds fewer than k positive groups (a trained encoder's negative
+    # biases make positives rare) keeps every entry the full pass finds positive (>= the least
+    # normal float): with k or more of them, its top-k lies among them.
+    cut = torch.where(cut > 0, cut, selection.FP32_TINY).masked_fill_(hard, float("inf")).contiguous()
     capacity = min(m, 1 << max(1, (int(SURVIVOR_SLACK * k * m / m_sub) - 1).bit_length()))
     (cols, vals), row_offsets, _ = _encode(x, W, bias, cut, None, None, None, capacity, ROW_CUT.value)
     rows = torch_backend.csr_row_ids(row_offsets, cols.numel())
     values, indices = selection.topk_of_survivors(vals.float(), rows, cols, n, k)
-    hard_rows = hard.nonzero().squeeze(1)
+    # Also computed densely: rows with fewer than k positive entries (ReLU zeros in the top-k).
+    hard_rows = (hard | (values[:, k - 1] == float("-inf"))).nonzero().squeeze(1)
     if hard_rows.numel():
         values[hard_rows], indices[hard_rows] = _dense_topk(x[hard_rows], W, bias, k)
     return values, indices

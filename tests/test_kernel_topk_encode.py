@@ -139,6 +139,19 @@ def test_cutoff_path_odd_shapes(device, cutoff_runs, n, d_in, d_sae, k):
     assert cutoff_runs["subset_passes"] == 1 and cutoff_runs["dense_rows"].get(d_sae, 0) < n
 
 
+def test_rows_whose_subset_has_no_positive_group(device, cutoff_runs):
+    """Positives only outside the subset (a trained encoder's negative biases leave few): the
+    subset's cut is 0, every positive entry survives, and no row is encoded densely."""
+    n, d_sae, k = 9, 2048, 2
+    x, W, b, bd = make(n, 19, d_sae, device, seed=21)
+    assert kmod._subset_size(d_sae, k) <= 128
+    b[:] = -100.0
+    b[128:400] = 3.0
+    got = check(x, W, b, bd, k)
+    assert cutoff_runs["subset_passes"] == 1 and cutoff_runs["dense_rows"].get(d_sae, 0) == 0
+    assert bool((got[0] > 0).all())
+
+
 def test_rows_overflowing_their_survivor_slots_are_redone(device, cutoff_runs, monkeypatch):
     monkeypatch.setattr(kmod, "SURVIVOR_SLACK", 0.05)  # two slots a row: every row overflows
     x, W, b, bd = make(17, 19, 600, device, seed=6)

@@ -239,7 +239,7 @@ def _track_on_a_kept_copy(model, sae, ids, copy_name):
     copies, cut_rows = [], []
     try:
         for step in range(3):
-            torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+            torch_backend.reset_selection_counts()
             with im.interpretation_enabled():
                 model(ids)
             cut_rows.append(torch_backend.SURVIVORS["rows"])
@@ -324,7 +324,7 @@ def test_prefill_tracking_on_a_narrow_dictionary_keeps_no_bf16_copy(model, monke
     im = InterpretableModel(model, {HP: sae})
     seen, handle = capture(model.transformer.h[1])
     try:
-        torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+        torch_backend.reset_selection_counts()
         with im.interpretation_enabled():
             model(torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4)))
     finally:

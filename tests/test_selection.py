@@ -11,8 +11,7 @@ from fastsae import ops, reference, selection, torch_backend
 @pytest.fixture(autouse=True)
 def bf16_gemm(monkeypatch):
     monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
-    torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
-    torch_backend.THRESHOLD_STATS.update(rows=0, candidates=0, fp32_rows=0)
+    torch_backend.reset_selection_counts()
 
 
 def exact_topk(x, W, b, b_dec, k):
@@ -88,18 +87,40 @@ def test_exact_ties_follow_the_tie_rule():
     assert torch_backend.SURVIVORS["rows"] > 0
 
 
-def test_all_negative_and_mostly_negative_rows_take_the_exact_path():
+def test_all_negative_and_mostly_negative_rows_are_decided_by_the_signed_gemm():
+    """Rows whose top-k holds ReLU zeros: no positive cut exists, so every entry that could be
+    positive is rescored, and the zeros go to the lowest other indices (the tie rule)."""
     n, d, m, k = 12, 32, 1024, 8
     x, W, b, b_dec = encoder(n, d, m, seed=3)
-    x[:4] = 0.0
-    b[:] = -5.0  # rows of x = 0: every pre-activation negative, the top-k is latents 0..k-1 at 0
-    x[4:8] *= 0.01  # a few tiny positives, then zeros
+    x[:4] = b_dec  # pre = b on rows 0..3: three positives, then zeros at latents 0..4
+    b[:] = -5.0
+    b[50:53] = 1.0
+    x[4:8] *= 0.01  # pre about b: the same three positives, then zeros
     values, indices, _, _ = torch_backend.topk_encode(x, W, b, b_dec, k)
     want_values, want_indices = reference.topk_encode(x, W, b, k, b_dec)
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values)
-    assert torch.equal(indices[0], torch.arange(k))
-    assert torch_backend.SURVIVORS["hard_rows"] >= 8
+    assert indices[0].tolist() == [50, 51, 52, 0, 1, 2, 3, 4]
+    assert bool((want_values[4:8, 0] > 0).all() and (want_values[4:8, 3:] == 0).all())
+    stats = torch_backend.SURVIVORS
+    assert stats["signed_rows"] >= 8 and stats["hard_rows"] == 0
+
+
+def test_rows_whose_kth_value_is_within_the_error_of_zero():
+    """k or more positives, the k-th of them below twice the bf16 error: no positive cut decides
+    the row, the signed GEMM does."""
+    n, d, m, k = 16, 32, 2048, 8
+    x, W, b, b_dec = encoder(n, d, m, seed=12)
+    xc = x - b_dec
+    W[:k] = xc[0] / xc[0].norm() ** 2 * 1e-3  # pre = 1e-3 + b on row 0, for latents 0..k-1
+    b[:] = -50.0
+    b[:k] = torch.linspace(1e-3, 2e-3, k)
+    values, indices, _, _ = torch_backend.topk_encode(x, W, b, b_dec, k)
+    want_values, want_indices = reference.topk_encode(x, W, b, k, b_dec)
+    assert torch.equal(indices, want_indices)
+    torch.testing.assert_close(values, want_values, rtol=1e-5, atol=1e-7)
+    assert bool((want_values[0] > 0).all()) and float(want_values[0, -1]) < 1e-2
+    assert torch_backend.SURVIVORS["hard_rows"] == 0 and torch_backend.SURVIVORS["signed_rows"] >= 1
 
 
 def positives_in_two_groups(n, seed):

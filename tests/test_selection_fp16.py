@@ -10,7 +10,7 @@ from fastsae import reference, selection, torch_backend
 
 @pytest.fixture(autouse=True)
 def fresh_counts():
-    torch_backend.SURVIVORS.update(rows=0, survivors=0, hard_rows=0)
+    torch_backend.reset_selection_counts()
 
 
 def fp16_topk(x, W, b, b_dec, k):
@@ -76,18 +76,23 @@ def test_rows_whose_positives_lie_in_few_groups_are_cut_by_their_own_kth_value()
     assert torch_backend.SURVIVORS["rows"] == 2 and torch_backend.SURVIVORS["hard_rows"] == 0
 
 
-def test_all_negative_and_mostly_negative_rows_take_the_exact_path():
+def test_all_negative_and_mostly_negative_rows_are_decided_by_the_signed_survivors():
+    """Rows whose top-k holds ReLU zeros: every latent that could be positive is rescored, and
+    the zeros go to the lowest other indices."""
     d, m, k = 32, 1024, 8
-    x, W, b, b_dec = encoder(2, d, m, seed=3)
-    x[0] = 0.0
-    b[:] = -5.0  # row 0: every pre-activation negative, the top-k is latents 0..k-1 at 0
-    x[1] *= 0.01  # a few tiny positives, then zeros
+    x, W, b, b_dec = encoder(3, d, m, seed=3)
+    x[0] = b_dec  # pre = b: every pre-activation negative, the top-k is latents 0..k-1 at 0
+    b[:] = -5.0
+    x[1] *= 0.01  # pre about b: every one negative too
+    x[2] = b_dec + W[50] / W[50].norm() ** 2 * 6.0  # latent 50 at about 1, the rest near -5
     values, indices = fp16_topk(x, W, b, b_dec, k)
     want_values, want_indices = reference.topk_encode(x, W, b, k, b_dec)
     assert torch.equal(indices, want_indices)
     torch.testing.assert_close(values, want_values)
     assert torch.equal(indices[0], torch.arange(k))
-    assert torch_backend.SURVIVORS["hard_rows"] == 2
+    assert indices[2, 0] == 50 and float(want_values[2, 0]) > 0 and bool((want_values[2, 1:] == 0).all())
+    stats = torch_backend.SURVIVORS
+    assert stats["rows"] == stats["signed_rows"] == 3 and stats["hard_rows"] == 0
 
 
 @pytest.mark.parametrize("scale, decided", [(1e-6, True), (1e3, True), (1e6, False), (1e18, False), (1e-24, False)])
