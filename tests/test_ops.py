@@ -324,6 +324,26 @@ def test_csr_decode_matches_reference(backend, n, d, m, density, empty):
     assert_close_all(grads([out], [values, W, b]), grads([ref], [values, W, b]))
 
 
+@pytest.mark.parametrize("path", ["sparse", "dense"])
+@pytest.mark.parametrize("n,d,m,density,empty", [(13, 7, 30, 0.5, (0, 4, 5, 12)), (16, 5, 24, 0.05, (3,))])
+def test_csr_decode_dense_and_sparse_paths(monkeypatch, path, n, d, m, density, empty):
+    """A dense code runs as GEMMs on row blocks of its dense form (four rows a block here,
+    empty rows on the blocks' edges), a sparse one on the sparse kernels: both the reference."""
+    for name in ("DENSE_CSR_SCATTER", "DENSE_CSR_GATHER_DOT", "DENSE_CSR_GATHER"):
+        monkeypatch.setattr(torch_backend, name, 0.0 if path == "dense" else 2.0)
+    monkeypatch.setattr(torch_backend, "CPU_BLOCK_BYTES", 4 * 4 * m)
+    values, indices, offsets = random_csr(n, m, density, torch.float64, seed=n, empty_rows=empty)
+    W = torch.randn(m, d, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(d, dtype=torch.float64, requires_grad=True)
+    out = ops.csr_decode(values, indices, offsets, W, b, backend="torch")
+    ref = R.csr_decode(values, indices, offsets, W, b)
+    torch.testing.assert_close(out, ref)
+    assert_close_all(grads([out], [values, W, b]), grads([ref], [values, W, b]))
+    g = torch.randn(n, d, dtype=torch.float64)
+    scattered = torch_backend.csr_scatter_add(values.detach(), indices, offsets, g, m)
+    torch.testing.assert_close(scattered, R.csr_to_dense(values.detach(), indices, offsets, m).t() @ g)
+
+
 # ----------------------------------------------------------------------------- ReLU, JumpReLU, Gated
 
 
