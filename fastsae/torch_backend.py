@@ -292,9 +292,9 @@ def _csr_row_blocks(row_offsets, m):
 
 
 def _dense_block(values, indices, entries, local_rows, num_rows, m, dtype):
+    """The dense [num_rows, m] form of a block of a CSR code; a latent repeated in a row adds up."""
     block = torch.zeros(num_rows, m, dtype=dtype, device=values.device)
-    block[local_rows, indices[entries]] = values[entries].to(dtype)
-    return block
+    return block.index_put_((local_rows, indices[entries]), values[entries].to(dtype), accumulate=True)
 
 
 def csr_gather(values, indices, row_offsets, W, bias=None):
