@@ -62,9 +62,9 @@ TINY=""
 [ "$DRY" = 1 ] && TINY="--tiny"
 stage timings 240 python3 -m bench.gpu_timings --out "$OUT" $TINY
 stage correctness 120 python3 bench/gpu_correctness.py --out "$OUT" $TINY $([ "$DRY" = 1 ] && echo --device cpu)
-# A bounded unit-test stage: the cutoff-path, ties and bf16/fp16 cases (about 20 compiles).
+# A bounded unit-test stage: the cutoff-path, ties, subset and bf16/fp16 cases (about 20 compiles).
 stage unit-tests 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_topk_encode.py \
-  -k "cutoff or ties or half or overflowing"
+  -k "cutoff or ties or half or overflowing or subset"
 if [ "$DRY" = 0 ]; then  # last: the train step against sparsify, if time is left
   stage train-bench 150 env FASTSAE_BENCH_SIZE=full python3 -m pytest -q -p no:cacheprovider bench/test_bench_train.py \
     --benchmark-min-rounds=3 --benchmark-max-time=2 --benchmark-json="$OUT/train-bench.json"
@@ -75,7 +75,7 @@ ls "$OUT" | tee -a "$STAGES"
 if [ "$DRY" = 1 ]; then
   grep "rc=" "$STAGES" | grep -qv "rc=0" && { echo "a stage failed: $STAGES"; exit 1; }
   for f in environment.json info.log timing-topk_encode.json timing-topk_auxk_dead30.json timing-decode_fwd_bwd.json \
-           correctness-topk_encode-float32-9x16x600x4.json; do
+           correctness-topk_encode-float32-9x16x600x4.json correctness-topk_encode_trained-float32-9x16x600x4.json; do
     [ -s "$OUT/$f" ] || { echo "missing $OUT/$f"; exit 1; }
   done
 fi
