@@ -126,3 +126,41 @@ def test_cpu_bf16_time_split(benchmark):
                                 candidates_per_row=round(rows.numel() / x.shape[0], 1), shape=_label(MAIN))
     benchmark.group = f"topk_encode-split-{_label(MAIN)}"
     benchmark.pedantic(whole, rounds=3, iterations=1)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU bf16 path")
+@pytest.mark.parametrize("bias_shift", [-2.2, -2.4])
+def test_cpu_bf16_sparse_positive_rows(benchmark, monkeypatch, bias_shift):
+    """The main shape with every encoder bias lowered, as training lowers them: about 1.4%
+    (-2.2) or 0.8% (-2.4) of the entries positive, so that many rows' group maxima decide
+    nothing; those rows are cut from their own k-th value or, within the error of 0, by the
+    signed GEMM. Reports the rows each way and the fp32 GEMM's time on the same call."""
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
+    x, W, b, b_dec, k, _, _ = _problem(MAIN, aux=False)
+    b = b + bias_shift
+    lp = torch_backend.LowPrecisionWeights(W, b)
+    torch_backend.reset_selection_counts()
+    own_kth = {"rows": 0}
+    row_cutoffs = torch_backend.selection.row_cutoffs
+
+    def counting_row_cutoffs(bits, *args):
+        own_kth["rows"] += bits.shape[0]
+        return row_cutoffs(bits, *args)
+
+    monkeypatch.setattr(torch_backend.selection, "row_cutoffs", counting_row_cutoffs)
+    values, indices, _, _ = torch_backend.topk_encode(x, W, b, b_dec, k, low_precision=lp)
+    stats = dict(torch_backend.SURVIVORS)
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp32")
+    start = time.perf_counter()
+    fp32_values, fp32_indices, _, _ = torch_backend.topk_encode(x, W, b, b_dec, k)
+    fp32_ms = (time.perf_counter() - start) * 1e3
+    assert torch.equal(indices, fp32_indices)
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
+    benchmark.extra_info.update(
+        shape=_label(MAIN), bias_shift=bias_shift, fp32_gemm_ms=round(fp32_ms, 1),
+        positive_entry_fraction=round(float(((x[:64] - b_dec) @ W.t() + b > 0).float().mean()), 4),
+        group_undecided_row_fraction=own_kth["rows"] / x.shape[0],
+        signed_row_fraction=stats["signed_rows"] / x.shape[0], undecided_row_fraction=stats["hard_rows"] / x.shape[0],
+        candidates_per_row=round(stats["survivors"] / max(1, stats["rows"]), 1))
+    benchmark.group = f"topk_encode-sparse-positives-{_label(MAIN)}"
+    benchmark.pedantic(lambda: torch_backend.topk_encode(x, W, b, b_dec, k, low_precision=lp), rounds=3, iterations=1)

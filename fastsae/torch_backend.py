@@ -784,12 +784,19 @@ def topk_of_positive_survivors(values, rows, cols, n, m, k):
     positive = values > 0
     rows, cols, values = rows[positive], cols[positive], values[positive]
     top_values, top_indices = selection.topk_of_survivors(values, rows, cols, n, k)
-    short = top_values[:, k - 1] == float("-inf")
-    if bool(short.any()):
-        dense = values.new_zeros(n, m)
-        dense[rows, cols] = values
-        short_rows = short.nonzero().squeeze(1)
-        top_values[short_rows], top_indices[short_rows] = stable_topk(dense[short_rows], k)
+    short_rows = (top_values[:, k - 1] == float("-inf")).nonzero().squeeze(1)
+    if short_rows.numel():
+        # A row's p < k positives take its first p slots; the zeros fill the rest in index order,
+        # from the first 2k latents (at most p of them are positive, so k - p are not).
+        span = min(m, 2 * k)
+        low = cols < span
+        is_positive = torch.zeros(n, span, dtype=torch.bool, device=cols.device)
+        is_positive[rows[low], cols[low]] = True
+        free = ~is_positive[short_rows]
+        slot = (top_values[short_rows] > float("-inf")).sum(1, keepdim=True) + free.cumsum(1) - 1
+        r, c = (free & (slot < k)).nonzero(as_tuple=True)
+        top_values[short_rows[r], slot[r, c]] = 0.0
+        top_indices[short_rows[r], slot[r, c]] = c
     return top_values, top_indices
 
 
