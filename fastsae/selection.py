@@ -22,7 +22,8 @@ answer (values and indices, tie rule included). The argument, for one row of
   (``norm_bound``), and ``e`` covers subnormals flushed to zero (``flush_error``), which the
   bf16 dot-product instructions (AVX512-BF16, AMX) do to their inputs and results.
 * A row whose cut is still not positive (ReLU zeros could decide its tail) or whose
-  survivors are still too many goes to the caller's exact fp32 path.
+  survivors are still too many is the caller's to decide exactly (fastsae.torch_backend:
+  every entry that could be positive, from a GEMM without ReLU; else the fp32 GEMM).
 
 The survivors are about k plus the entries within the margin of the k-th value (benchmarks
 report them as ``candidates_per_row``). A runtime decode step's one-row product from a float16
@@ -230,7 +231,7 @@ def fp16_row_cut(q, k, error, own_kth: bool = False):
     relu(pre) is at least c - error); a member m then has q[m] >= pre[m] - error >= c - 2 error.
     With ``own_kth`` the row's own k-th largest q is c instead (a top-k over the row; the best
     such bound). A cut that is not positive (ReLU zeros could be in the top-k) or not a number
-    decides nothing: the caller takes the exact float32 path."""
+    decides nothing: the caller decides the row another way."""
     c = float(torch.topk(q if own_kth else group_maxima(q[None])[0], k, sorted=False).values.min())
     return c - 2 * error
 

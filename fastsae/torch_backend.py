@@ -284,10 +284,10 @@ def _csr_row_blocks(row_offsets, m):
     dense [rows, m] float32 form takes about CPU_BLOCK_BYTES."""
     n = row_offsets.numel() - 1
     rows = max(1, CPU_BLOCK_BYTES // (4 * max(1, m)))
-    bounds = row_offsets[::rows].tolist() + [int(row_offsets[-1])]
-    for i, start in enumerate(range(0, n, rows)):
+    offsets = row_offsets.tolist()
+    for start in range(0, n, rows):
         block = slice(start, min(start + rows, n))
-        entries = slice(bounds[i], bounds[i + 1])
+        entries = slice(offsets[block.start], offsets[block.stop])
         yield block, entries, csr_row_ids(row_offsets[block.start:block.stop + 1], entries.stop - entries.start)
 
 
@@ -675,16 +675,14 @@ def topk_rows_fp16(x, W, b, b_dec, k, half):
         if cols is None:
             v, i = stable_topk(encoder_preactivations(x[row:row + 1], W, b, b_dec, relu=True), k)
             _count(hard_rows=1)
-            values.append(v)
-            indices.append(i)
-            continue
-        exact = torch.mv(W.index_select(0, cols), xc[row]).add_(b[cols]).relu_().add_(0.0)
-        if signed:
-            v, i = topk_of_positive_survivors(exact, torch.zeros_like(cols), cols, 1, W.shape[0], k)
         else:
-            v, i = stable_topk(exact[None], k)
-            i = cols[i]
-        _count(rows=1, survivors=cols.numel(), signed_rows=int(signed))
+            exact = torch.mv(W.index_select(0, cols), xc[row]).add_(b[cols]).relu_().add_(0.0)
+            if signed:
+                v, i = topk_of_positive_survivors(exact, torch.zeros_like(cols), cols, 1, W.shape[0], k)
+            else:
+                v, i = stable_topk(exact[None], k)
+                i = cols[i]
+            _count(rows=1, survivors=cols.numel(), signed_rows=int(signed))
         values.append(v)
         indices.append(i)
     return torch.cat(values), torch.cat(indices)
@@ -763,8 +761,8 @@ def _topk_bf16_signed(xc, xc_bf16, error, W, b, lp, k):
     """Exact top-k of relu(pre) for rows no positive cut decides (their k-th value within the
     bf16 error of 0), from a bf16 GEMM without ReLU on those rows: every entry that could be
     exactly positive (p >= -(1 + u) e) survives and is rescored in fp32. Returns (values,
-    indices, rows still undecided (more than a quarter of the latents survive, or a NaN), the
-    survivor count)."""
+    indices, rows still undecided (more than a quarter of the latents survive, or the bound is
+    not finite), the survivor count)."""
     p = _ONEDNN_LINEAR(xc_bf16, lp.W, lp.b, "none", [], "").float()
     rows, cols = selection.sparse_nonzero(p >= (-(1 + selection.BF16_UNIT) * error)[:, None])
     # A finite bound bounds |p| too (finite weights, the products' sum under ||x|| ||W_m||): no NaN.
