@@ -29,16 +29,20 @@ def _unused(storage: torch.UntypedStorage) -> bool:
 
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """torch.empty(shape, dtype=dtype, device=device), on a kept storage where one of the
-    right size is unused (CPU tensors of at least MIN_BYTES)."""
+    """torch.empty(shape, dtype=dtype, device=device), on the largest unused kept storage that
+    holds it in at most twice its size (CPU tensors of at least MIN_BYTES)."""
     device = torch.device(device)
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    for i, storage in enumerate(_kept):
-        if storage.nbytes() == nbytes and _unused(storage):
-            _kept.append(_kept.pop(i))  # most recently used last
-            return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+    fits = [s for s in _kept if nbytes <= s.nbytes() <= 2 * nbytes and _unused(s)]
+    if fits:
+        storage = max(fits, key=lambda s: s.nbytes())
+        # The smaller ones that would have held it go: kept, they would only add memory (a bf16
+        # copy made before any gradient existed, say, once the copy lives in a gradient's place).
+        _kept[:] = [s for s in _kept if s is not storage and not (s in fits and s.nbytes() < storage.nbytes())]
+        _kept.append(storage)  # most recently used last
+        return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
     out = torch.empty(shape, dtype=dtype)
     _kept.append(out.untyped_storage())
     del _kept[:-KEEP]

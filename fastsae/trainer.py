@@ -316,9 +316,11 @@ class SAETrainer:
     def train_step(self, x: torch.Tensor) -> dict:
         """One optimisation step on this rank's normalised batch ``x``; returns sae.loss's dict."""
         aux = {"dead_mask": self.dead_mask(), "max_aux_k": self._num_dead} if self._num_dead else {}
+        # The last step's gradients go before the forward: their memory is free for it (on CPU
+        # fastsae.buffers puts the encoder's bf16 copy there) instead of adding to its peak.
+        self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = self.sae.loss(x, sparsity_scale=self.sparsity_scale_at(self.step), **aux)
-        self.optimizer.zero_grad(set_to_none=True)
         out["total_loss"].backward()
         fired = _fire_counts(out["code"], self.config.d_sae)
         bad = torch.stack([~ops.all_finite(x), ~torch.isfinite(out["total_loss"].detach())])

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fastsae import buffers, ops
+from fastsae import buffers, ops, selection
 from fastsae import torch_backend as tb
 
 
@@ -94,3 +94,38 @@ def test_blocked_sums_equal_one_embedding_bag(small_buffers, monkeypatch, block_
     assert torch.equal(blocked, whole) and not bool(blocked[m // 2:].any())
     assert any(s.data_ptr() == blocked.data_ptr() for s in buffers._kept)
     assert torch.equal(tb.csr_scatter_add(csr_values, csr_indices, offsets, g, m), csr_whole)
+
+
+def test_a_smaller_tensor_takes_the_largest_unused_storage_that_holds_it_in_twice_its_size(small_buffers):
+    """... and the smaller ones that would have held it are dropped."""
+    small, big, bigger = (buffers.empty((n,), torch.float32, "cpu") for n in (2048, 3072, 4096))
+    ptrs = [t.data_ptr() for t in (small, big, bigger)]
+    del small, big, bigger
+    assert buffers.empty((4500,), torch.float32, "cpu").data_ptr() not in ptrs  # 18000 bytes: none holds it
+    half = buffers.empty((4096,), torch.bfloat16, "cpu")  # 8 KiB: the 16 KiB storage, the 8 and 12 KiB dropped
+    assert half.data_ptr() == ptrs[2] and half.shape == (4096,)
+    assert ptrs[0] not in {s.data_ptr() for s in buffers._kept} and ptrs[1] not in {s.data_ptr() for s in buffers._kept}
+    assert len(buffers._kept) == 2
+
+
+def test_training_puts_the_bf16_encoder_copy_where_the_last_gradients_were(small_buffers, monkeypatch):
+    """With the gradients dropped before the forward, the encoder's bf16 copy (half a gradient's
+    bytes) is made in a gradient's kept storage: no storage beyond the gradients' is kept."""
+    from fastsae import SAEConfig, create_sae
+    from fastsae.trainer import SAETrainer
+
+    monkeypatch.setattr(tb, "BF16_MIN_ROWS", 1)
+    monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "bf16")
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(256, 32, generator=gen)
+    cfg = SAEConfig(d_in=32, d_sae=1024, k=4, batch_size=256, num_epochs=3, dtype="float32")
+    trainer = SAETrainer(create_sae(cfg), cfg, x, device="cpu", log_every=10**9)
+    copies = []
+    real = selection.rounded_encoder
+    monkeypatch.setattr(selection, "rounded_encoder",
+                        lambda *a, **kw: (lambda out: copies.append(out[0].data_ptr()) or out)(real(*a, **kw)))
+    for _ in range(3):
+        trainer.train_step(x)
+    grads = {trainer.sae.W_dec.grad.data_ptr(), trainer.sae.enc_weight.grad.data_ptr()}
+    assert {s.data_ptr() for s in buffers._kept} == grads
+    assert len(copies) == 3 and copies[-1] in grads
