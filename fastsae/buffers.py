@@ -5,23 +5,25 @@ operating system and hands them back on free, so a tensor of that size made anew
 has each of its pages faulted in and zeroed by the kernel again: a weight gradient at d_in
 768, d_sae 24576 (72 MiB) costs 20-35 ms more so (2-core AMD EPYC). ``empty`` keeps the
 storage of each large tensor it makes and hands it out again once no tensor uses it any more
-(this module holds the only reference): the weight gradients, dropped by ``zero_grad`` before
-each backward, are written into the same memory every step, and autograd keeps them as
-``.grad`` without a copy. The storages stay alive between steps (at most KEEP of them, the
-least recently used dropped first); ``release`` frees them (the trainer does at the end of
-``train()``).
+(this module holds the only reference). The trainer drops the last step's gradients before
+the forward, so the encoder's bf16 copy is made in one of their storages and the backward
+writes the new gradients into them again; autograd keeps them as ``.grad`` without a copy.
+The storages stay alive between steps (at most KEEP of them, the least recently used dropped
+first); ``release`` frees them (the trainer does at the end of ``train()``).
 """
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
 # Blocks below glibc's largest mmap threshold come back from the heap already faulted in.
 MIN_BYTES = 32 * 2**20
-KEEP = 8
+KEEP = 16
 
 _kept: list[torch.UntypedStorage] = []
+_lock = threading.Lock()  # one storage, one taker
 
 
 def _unused(storage: torch.UntypedStorage) -> bool:
@@ -35,18 +37,19 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
-    fits = [s for s in _kept if nbytes <= s.nbytes() <= 2 * nbytes and _unused(s)]
-    if fits:
-        storage = max(fits, key=lambda s: s.nbytes())
-        # The smaller ones that would have held it go: kept, they would only add memory (a bf16
-        # copy made before any gradient existed, say, once the copy lives in a gradient's place).
-        _kept[:] = [s for s in _kept if s is not storage and not (s in fits and s.nbytes() < storage.nbytes())]
-        _kept.append(storage)  # most recently used last
-        return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
-    out = torch.empty(shape, dtype=dtype)
-    _kept.append(out.untyped_storage())
-    del _kept[:-KEEP]
-    return out
+    with _lock:
+        fits = [s for s in _kept if nbytes <= s.nbytes() <= 2 * nbytes and _unused(s)]
+        if fits:
+            storage = max(fits, key=lambda s: s.nbytes())
+            # The smaller ones that would have held it go: kept, they would only add memory (a
+            # bf16 copy made before any gradient existed, once the copy lives in a gradient's place).
+            dropped = {id(s) for s in fits if s.nbytes() < storage.nbytes()} | {id(storage)}
+            _kept[:] = [s for s in _kept if id(s) not in dropped] + [storage]  # most recently used last
+            return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+        out = torch.empty(shape, dtype=dtype)
+        _kept.append(out.untyped_storage())
+        del _kept[:-KEEP]
+        return out
 
 
 def zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -55,4 +58,5 @@ def zeros(shape, dtype: torch.dtype, device) -> torch.Tensor:
 
 def release() -> None:
     """Drop the kept storages (their memory is freed once no tensor uses it)."""
-    _kept.clear()
+    with _lock:
+        _kept.clear()
