@@ -8,11 +8,14 @@ storage of each large tensor it makes and hands it out again once no tensor uses
 (this module holds the only reference). The trainer drops the last step's gradients before
 the forward, so the encoder's bf16 copy is made in one of their storages and the backward
 writes the new gradients into them again; autograd keeps them as ``.grad`` without a copy.
-The storages stay alive between steps (at most KEEP of them, the least recently used dropped
-first); ``release`` frees them (the trainer does at the end of ``train()``).
+Storages are kept only inside ``kept()``, which the trainer's step enters: elsewhere (an
+evaluation over many SAEs, say) ``empty`` is torch.empty and holds nothing. The storages stay
+alive between steps (at most KEEP of them, the least recently used dropped first); ``release``
+frees them (the trainer does at the end of ``train()``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
@@ -24,6 +27,20 @@ KEEP = 16
 
 _kept: list[torch.UntypedStorage] = []
 _lock = threading.Lock()  # one storage, one taker
+_active = 0  # kept() calls entered and not yet left
+
+
+@contextlib.contextmanager
+def kept():
+    """Within this block, ``empty`` keeps and reuses large CPU storages."""
+    global _active
+    with _lock:
+        _active += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _active -= 1
 
 
 def _unused(storage: torch.UntypedStorage) -> bool:
@@ -31,11 +48,11 @@ def _unused(storage: torch.UntypedStorage) -> bool:
 
 
 def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """torch.empty(shape, dtype=dtype, device=device), on the largest unused kept storage that
-    holds it in at most twice its size (CPU tensors of at least MIN_BYTES)."""
+    """torch.empty(shape, dtype=dtype, device=device), within ``kept()`` on the largest unused
+    kept storage that holds it in at most twice its size (CPU tensors of at least MIN_BYTES)."""
     device = torch.device(device)
     nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes < MIN_BYTES:
+    if device.type != "cpu" or nbytes < MIN_BYTES or not _active:
         return torch.empty(shape, dtype=dtype, device=device)
     with _lock:
         fits = [s for s in _kept if nbytes <= s.nbytes() <= 2 * nbytes and _unused(s)]

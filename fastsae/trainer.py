@@ -319,9 +319,10 @@ class SAETrainer:
         # The last step's gradients go before the forward: their memory is free for it (on CPU
         # fastsae.buffers puts the encoder's bf16 copy there) instead of adding to its peak.
         self.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            out = self.sae.loss(x, sparsity_scale=self.sparsity_scale_at(self.step), **aux)
-        out["total_loss"].backward()
+        with buffers.kept():
+            with self._autocast():
+                out = self.sae.loss(x, sparsity_scale=self.sparsity_scale_at(self.step), **aux)
+            out["total_loss"].backward()
         fired = _fire_counts(out["code"], self.config.d_sae)
         bad = torch.stack([~ops.all_finite(x), ~torch.isfinite(out["total_loss"].detach())])
         if self.world_size > 1:

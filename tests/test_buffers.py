@@ -8,14 +8,20 @@ from fastsae import torch_backend as tb
 
 @pytest.fixture
 def small_buffers(monkeypatch):
-    """Buffers of 4 KiB and up are kept, so small tensors take the kept path."""
+    """Buffers of 4 KiB and up are kept (within buffers.kept()), so small tensors take that path."""
     monkeypatch.setattr(buffers, "MIN_BYTES", 4096)
     buffers.release()
     yield
     buffers.release()
 
 
-def test_a_storage_is_handed_out_again_only_once_unused(small_buffers):
+@pytest.fixture
+def kept(small_buffers):
+    with buffers.kept():
+        yield
+
+
+def test_a_storage_is_handed_out_again_only_once_unused(kept):
     first = buffers.empty((64, 32), torch.float32, "cpu")
     ptr = first.data_ptr()
     second = buffers.empty((64, 32), torch.float32, "cpu")
@@ -31,7 +37,7 @@ def test_a_storage_is_handed_out_again_only_once_unused(small_buffers):
     assert len(buffers._kept) == 3
 
 
-def test_kept_storages_are_bounded_and_released(small_buffers, monkeypatch):
+def test_kept_storages_are_bounded_and_released(kept, monkeypatch):
     monkeypatch.setattr(buffers, "KEEP", 2)
     alive = [buffers.empty((1024 + i,), torch.float32, "cpu") for i in range(4)]
     assert [s.nbytes() for s in buffers._kept] == [4 * 1026, 4 * 1027]  # the last two made
@@ -40,7 +46,7 @@ def test_kept_storages_are_bounded_and_released(small_buffers, monkeypatch):
     assert buffers._kept == []
 
 
-def test_a_gradient_in_a_kept_buffer_is_the_parameters_own_and_reused_after_zero_grad(small_buffers):
+def test_a_gradient_in_a_kept_buffer_is_the_parameters_own_and_reused_after_zero_grad(kept):
     """Autograd keeps the buffer as .grad (no copy); after the grad is dropped, the next
     backward writes into the same memory; a grad the caller still holds is never overwritten."""
     gen = torch.Generator().manual_seed(0)
@@ -72,7 +78,7 @@ def test_a_gradient_in_a_kept_buffer_is_the_parameters_own_and_reused_after_zero
 
 
 @pytest.mark.parametrize("block_bytes", [4 * 24, 4 * 24 * 7, 4 * 24 * 96])  # 1, 7 (a tail), all latents
-def test_blocked_sums_equal_one_embedding_bag(small_buffers, monkeypatch, block_bytes):
+def test_blocked_sums_equal_one_embedding_bag(kept, monkeypatch, block_bytes):
     """Summed block of latents by block into a kept buffer: bit for bit the single pass's sums,
     empty latents and a hot latent included, for fixed-k and CSR codes."""
     gen = torch.Generator().manual_seed(1)
@@ -96,7 +102,7 @@ def test_blocked_sums_equal_one_embedding_bag(small_buffers, monkeypatch, block_
     assert torch.equal(tb.csr_scatter_add(csr_values, csr_indices, offsets, g, m), csr_whole)
 
 
-def test_a_smaller_tensor_takes_the_largest_unused_storage_that_holds_it_in_twice_its_size(small_buffers):
+def test_a_smaller_tensor_takes_the_largest_unused_storage_that_holds_it_in_twice_its_size(kept):
     """... and the smaller ones that would have held it are dropped."""
     small, big, bigger = (buffers.empty((n,), torch.float32, "cpu") for n in (2048, 3072, 4096))
     ptrs = [t.data_ptr() for t in (small, big, bigger)]
@@ -129,3 +135,19 @@ def test_training_puts_the_bf16_encoder_copy_where_the_last_gradients_were(small
     grads = {trainer.sae.W_dec.grad.data_ptr(), trainer.sae.enc_weight.grad.data_ptr()}
     assert {s.data_ptr() for s in buffers._kept} == grads
     assert len(copies) == 3 and copies[-1] in grads
+
+
+def test_outside_kept_nothing_is_kept(monkeypatch):
+    """An evaluation or a runtime copy made outside a training step holds no storage here."""
+    monkeypatch.setattr(buffers, "MIN_BYTES", 4096)
+    buffers.release()
+    first = buffers.empty((64, 32), torch.float32, "cpu")
+    assert buffers._kept == [] and first.shape == (64, 32)
+    with buffers.kept():
+        with buffers.kept():
+            inner = buffers.empty((64, 32), torch.float32, "cpu")
+        outer = buffers.empty((64, 32), torch.float32, "cpu")  # still inside the outer block
+    assert len(buffers._kept) == 2 and buffers._active == 0
+    del inner, outer
+    assert buffers.empty((64, 32), torch.float32, "cpu").data_ptr() not in {s.data_ptr() for s in buffers._kept}
+    buffers.release()
