@@ -7,12 +7,16 @@
 Each round times one fastsae step and one sparsify step back to back (the steps of
 ``bench/test_bench_train.py``: fastsae's ``SAETrainer.train_step``, sparsify's SparseCoder step
 with Adam as its Trainer runs it), so a shared machine's drift reaches both alike; the
-minimum and the median per library and their ratios are printed with the CPU model. Larger
-shapes than the benchmark's CI size fit here (sparsify takes seconds per step at d_sae 24576).
+minimum and the median per library and their ratios are printed with the CPU model, and each
+library's median count of minor page faults per step (memory the kernel had to map and zero
+for it: on a VM their cost varies from hour to hour, and the step that takes more of them
+moves more). Larger shapes than the benchmark's CI size fit here (sparsify takes seconds per
+step at d_sae 24576).
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 
 import torch
@@ -34,6 +38,16 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def counting_faults(step, counts: list):
+    """``step``, appending the minor page faults each call takes to ``counts``."""
+    def run():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        out = step()
+        counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+        return out
+    return run
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=4, default=[4096, 384, 6144, 32],
@@ -47,12 +61,16 @@ def main(argv=None) -> None:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     n, d, m, k = args.shape
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
-    times = alternated_times({"fastsae": fastsae_step_fn(x, m, k, aux=args.aux),
-                              "sparsify": sparsify_step_fn(x, m, k, "adam", args.aux)}, args.rounds)
+    faults: dict[str, list[int]] = {}
+    steps = {name: counting_faults(step, faults.setdefault(name, []))
+             for name, step in (("fastsae", fastsae_step_fn(x, m, k, aux=args.aux)),
+                                ("sparsify", sparsify_step_fn(x, m, k, "adam", args.aux)))}
+    times = alternated_times(steps, args.rounds)
     print(f"{cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}; N {n}, d_in {d}, "
           f"d_sae {m}, k {k}{', AuxK on' if args.aux else ''}; {args.rounds} rounds")
     for name, t in times.items():
-        print(f"{name:9s} min {min(t):9.1f} ms   median {statistics.median(t):9.1f} ms")
+        print(f"{name:9s} min {min(t):9.1f} ms   median {statistics.median(t):9.1f} ms   "
+              f"page faults per step {statistics.median(faults[name][1:]):,.0f}")  # [0]: the warm-up
     fast, slow = times["fastsae"], times["sparsify"]
     print(f"fastsae / sparsify: {min(slow) / min(fast):.2f}x (minima), "
           f"{statistics.median(slow) / statistics.median(fast):.2f}x (medians)")

@@ -7,7 +7,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for `bench`
 
 from bench.common import alternated_times  # noqa: E402
-from bench.train_step_compare import cpu_model, main  # noqa: E402
+from bench.train_step_compare import counting_faults, cpu_model, main  # noqa: E402
 
 
 def test_steps_alternate_one_of_each_per_round_after_a_warm_up():
@@ -23,6 +23,13 @@ def test_report_names_the_cpu_and_the_ratio(capsys):
     out = capsys.readouterr().out
     assert out.startswith(cpu_model()) and "N 256, d_in 16, d_sae 128, k 4; 2 rounds" in out
     assert "fastsae / sparsify:" in out and "x (minima)" in out
+    assert out.count("page faults per step") == 2
+
+
+def test_faults_are_counted_per_call():
+    counts = []
+    step = counting_faults(lambda: bytearray(64 * 2**20)[::4096].count(0), counts)  # touches every page
+    assert step() == 16384 and len(counts) == 1 and counts[0] >= 16384 * 0.9
 
 
 def test_rounds_must_be_positive():
