@@ -26,10 +26,29 @@ def test_report_names_the_cpu_and_the_ratio(capsys):
     assert out.count("page faults per step") == 2
 
 
-def test_faults_are_counted_per_call():
+def test_faults_are_counted_per_call(monkeypatch):
+    """Each call's count is the rise of the process's minor faults across it; a call that writes
+    to fresh anonymous memory takes at least one."""
+    import mmap
+    import types
+
+    from bench import train_step_compare
+
     counts = []
-    step = counting_faults(lambda: bytearray(64 * 2**20)[::4096].count(0), counts)  # touches every page
-    assert step() == 16384 and len(counts) == 1 and counts[0] >= 16384 * 0.9
+
+    def touch_fresh_pages():
+        region = mmap.mmap(-1, 8 * 2**20)
+        for offset in range(0, len(region), mmap.PAGESIZE):
+            region[offset] = 1
+        return "done"
+
+    assert counting_faults(touch_fresh_pages, counts)() == "done" and len(counts) == 1 and counts[0] >= 1
+    readings = iter([100, 130, 130, 131])
+    monkeypatch.setattr(train_step_compare.resource, "getrusage",
+                        lambda who: types.SimpleNamespace(ru_minflt=next(readings)))
+    step = counting_faults(lambda: None, counts)
+    step(), step()
+    assert counts[1:] == [30, 1]
 
 
 def test_rounds_must_be_positive():
