@@ -883,16 +883,19 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _clip_grad_norm(params, max_norm: float) -> None:
-    """torch.nn.utils.clip_grad_norm_, which scales every gradient by min(1, max_norm / (norm
-    + 1e-6)). On CPU the scaling, a read and a write of every gradient, is skipped where that
-    factor is 1, as it usually is (about 0.08 against the default 1 in the training
-    benchmark's steps); a host sync costs nothing there. A GPU keeps torch's sync-free call."""
+    """torch.nn.utils.clip_grad_norm_, which is get_total_norm, then clip_grads_with_norm_
+    scaling every gradient by min(1, max_norm / (norm + 1e-6)). On CPU that scaling, a read and
+    a write of every gradient, is skipped where the factor is 1, as it usually is (about 0.08
+    against the default 1 in the training benchmark's steps); a host sync costs nothing there.
+    A GPU (or a torch without those two functions) keeps torch's sync-free call."""
     params = [p for p in params if p.grad is not None]
-    if params and params[0].grad.device.type == "cpu":
-        norm = torch.stack([torch.linalg.vector_norm(p.grad) for p in params]).norm()
-        if bool(max_norm / (norm + 1e-6) >= 1.0):  # torch's factor, clamped to 1: unchanged gradients
-            return
-    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    utils = torch.nn.utils
+    if params and params[0].grad.device.type == "cpu" and hasattr(utils, "clip_grads_with_norm_"):
+        norm = utils.get_total_norm([p.grad for p in params])
+        if not bool(max_norm / (norm + 1e-6) >= 1.0):  # torch's factor, clamped to 1: unchanged gradients
+            utils.clip_grads_with_norm_(params, max_norm, norm)
+        return
+    utils.clip_grad_norm_(params, max_norm)
 
 
 def _fire_counts(code, d_sae: int) -> torch.Tensor:
