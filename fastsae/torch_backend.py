@@ -113,13 +113,9 @@ class _LatentMajor:
             return F.embedding_bag(self.rows, g_acc, offsets=self.offsets[:-1], per_sample_weights=weights,
                                    mode="sum").to(g.dtype)
         out = buffers.empty((m, d), acc, g.device)
-        latents = max(1, SUMS_BLOCK_BYTES // (d * acc.itemsize))
-        bounds = self.offsets[::latents].tolist() + [self.offsets[-1].item()]
-        for block, start in enumerate(range(0, m, latents)):
-            stop = min(start + latents, m)
-            first, last = bounds[block], bounds[block + 1]
-            out[start:stop] = F.embedding_bag(self.rows[first:last], g_acc, offsets=self.offsets[start:stop] - first,
-                                              per_sample_weights=weights[first:last], mode="sum")
+        for latents, entries in _csr_blocks(self.offsets, max(1, SUMS_BLOCK_BYTES // (d * acc.itemsize))):
+            out[latents] = F.embedding_bag(self.rows[entries], g_acc, offsets=self.offsets[latents] - entries.start,
+                                           per_sample_weights=weights[entries], mode="sum")
         return out.to(g.dtype)
 
 
@@ -298,15 +294,19 @@ def _dense_csr(indices, row_offsets, m, fraction) -> bool:
     return indices.numel() > fraction * n * m
 
 
-def _csr_row_blocks(row_offsets, m):
-    """(row slice, entry slice, each entry's row within the block) per block of rows whose
-    dense [rows, m] float32 form takes about CPU_BLOCK_BYTES."""
+def _csr_blocks(row_offsets, rows):
+    """(row slice, entry slice) per block of ``rows`` rows of a CSR pattern."""
     n = row_offsets.numel() - 1
-    rows = max(1, CPU_BLOCK_BYTES // (4 * max(1, m)))
     offsets = row_offsets.tolist()
     for start in range(0, n, rows):
         block = slice(start, min(start + rows, n))
-        entries = slice(offsets[block.start], offsets[block.stop])
+        yield block, slice(offsets[block.start], offsets[block.stop])
+
+
+def _csr_row_blocks(row_offsets, m):
+    """(row slice, entry slice, each entry's row within the block) per block of rows whose
+    dense [rows, m] float32 form takes about CPU_BLOCK_BYTES."""
+    for block, entries in _csr_blocks(row_offsets, max(1, CPU_BLOCK_BYTES // (4 * max(1, m)))):
         yield block, entries, csr_row_ids(row_offsets[block.start:block.stop + 1], entries.stop - entries.start)
 
 
