@@ -140,14 +140,6 @@ def test_cpu_bf16_sparse_positive_rows(benchmark, monkeypatch, bias_shift):
     b = b + bias_shift
     lp = torch_backend.LowPrecisionWeights(W, b)
     torch_backend.reset_selection_counts()
-    own_kth = {"rows": 0}
-    row_cutoffs = torch_backend.selection.row_cutoffs
-
-    def counting_row_cutoffs(bits, *args):
-        own_kth["rows"] += bits.shape[0]
-        return row_cutoffs(bits, *args)
-
-    monkeypatch.setattr(torch_backend.selection, "row_cutoffs", counting_row_cutoffs)
     values, indices, _, _ = torch_backend.topk_encode(x, W, b, b_dec, k, low_precision=lp)
     stats = dict(torch_backend.SURVIVORS)
     monkeypatch.setenv("FASTSAE_CPU_ENCODE_GEMM", "fp32")
@@ -159,7 +151,7 @@ def test_cpu_bf16_sparse_positive_rows(benchmark, monkeypatch, bias_shift):
     benchmark.extra_info.update(
         shape=_label(MAIN), bias_shift=bias_shift, fp32_gemm_ms=round(fp32_ms, 1),
         positive_entry_fraction=round(float(((x[:64] - b_dec) @ W.t() + b > 0).float().mean()), 4),
-        group_undecided_row_fraction=own_kth["rows"] / x.shape[0],
+        group_undecided_row_fraction=stats["own_kth_rows"] / x.shape[0],
         signed_row_fraction=stats["signed_rows"] / x.shape[0], undecided_row_fraction=stats["hard_rows"] / x.shape[0],
         candidates_per_row=round(stats["survivors"] / max(1, stats["rows"]), 1))
     benchmark.group = f"topk_encode-sparse-positives-{_label(MAIN)}"

@@ -168,9 +168,15 @@ def row_cutoffs(bits, k, e):
     return _cut(kth_largest_bits(bits, k), e)
 
 
+def kth_largest(values, k):
+    """Each row's k-th largest value (the dtype's own order: ReLU'd bf16 bits order as their
+    values do)."""
+    return torch.topk(values, k, dim=1, sorted=False).values.amin(1)
+
+
 def kth_largest_bits(bits, k):
     """float32 value of each row's k-th largest bf16 bit pattern (ReLU'd values)."""
-    return bits_to_float(torch.topk(bits, k, dim=1, sorted=False).values.amin(1))
+    return bits_to_float(kth_largest(bits, k))
 
 
 def _cut(c, e):

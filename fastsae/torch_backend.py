@@ -737,6 +737,7 @@ def _bf16_survivors(xc_bf16, error, lp, k):
     retry = hard.nonzero().squeeze(1)
     if retry.numel():  # each from its own k-th value: a top-k over these rows only
         cut_bits[retry], hard[retry] = _cut_bits(selection.row_cutoffs(bits[retry], k, error[retry]), gmax[retry])
+        _count(own_kth_rows=retry.numel())
     mask = selection.bits_at_least_(bits, cut_bits)
     rows, cols = selection.sparse_nonzero(mask)
     return rows, cols, hard
@@ -840,9 +841,10 @@ def _topk_bf16(x, W, b, b_dec, k, lp, blocks):
 
 
 # Running totals of the low-precision TopK encodes (benchmarks report survivors per row):
-# rows decided by a cut and their survivors, the rows among them decided only by the
-# signed GEMM, and the rows that took the fp32 GEMM.
-SURVIVORS = {"rows": 0, "survivors": 0, "signed_rows": 0, "hard_rows": 0}
+# rows decided by a cut and their survivors, the rows whose group maxima decided nothing (cut
+# again from their own k-th bf16 value), the rows decided only by the signed GEMM, and the
+# rows that took the fp32 GEMM.
+SURVIVORS = {"rows": 0, "survivors": 0, "own_kth_rows": 0, "signed_rows": 0, "hard_rows": 0}
 
 
 def _count(**counts):

@@ -519,7 +519,7 @@ def _topk_by_cutoff(x, W, bias, k):
     if groups < 2 * k or m_sub == m:  # a small dictionary: its dense pre-activation is small too
         return _dense_topk(x, W, bias, k)
     gmax = _group_maxima(x, W, bias, m_sub)
-    c = torch.topk(gmax, k, dim=1, sorted=False).values.amin(1)
+    c = selection.kth_largest(gmax, k)
     cut = c - 2 * _accumulation_error(x, W, bias)
     # Computed densely below: rows with a NaN pre-activation (a group maximum of +inf, or a NaN
     # bound), which torch ranks first.

@@ -142,6 +142,7 @@ def test_rows_whose_positives_lie_in_few_groups_are_cut_by_their_own_kth_value()
     assert_exact(x, W, b, b_dec, k)
     stats = torch_backend.SURVIVORS
     assert stats["rows"] == n and stats["hard_rows"] == 0  # no row took the fp32 GEMM
+    assert stats["own_kth_rows"] == n and stats["signed_rows"] == 0
     assert stats["survivors"] / n < 128
 
 
