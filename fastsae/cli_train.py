@@ -131,6 +131,9 @@ def add_train_arguments(p) -> None:
     add_option(sae, "optimizer", choices=OPTIMIZERS, default=defaults.optimizer)
     add_option(sae, "l1_coefficient", type=nonnegative_float, default=None,
                help=f"ReLU/Gated sparsity (default: {defaults.l1_coefficient})")
+    add_option(sae, "target_l0", type=positive_float, default=None,
+               help="jumprelu: the mean active latents per token to train towards (default: the plain L0 "
+                    "penalty, which sets no L0)")
     add_option(sae, "val_split", type=fraction, default=0.1, help="fraction of shards held out for validation")
     add_option(sae, "seed", type=int, default=0)
     add_option(sae, "distribute_modules", action="store_true",
@@ -184,6 +187,9 @@ def _check_arguments(args) -> None:
                          "or --corpus")
     if args.matryoshka_sizes is not None and args.activation != "matryoshka_batchtopk":
         raise ValueError(f"--matryoshka_sizes is for --activation matryoshka_batchtopk, not {args.activation}")
+    if args.target_l0 is not None and args.activation != "jumprelu":
+        raise ValueError(f"--target_l0 is for --activation jumprelu, not {args.activation} (--k sets the L0 of "
+                         "the TopK kinds)")
     if args.stream and args.activations:
         raise ValueError("--stream trains from the model's forward: it takes no --activations")
     if args.activations and args.layer is None:
@@ -445,7 +451,7 @@ def sae_config(args, d_in: int, hook_point: str, output_hook_point: str | None =
     """The SAEConfig the flags describe (a bad combination, e.g. k > d_sae, fails here)."""
     from fastsae.config import SAEConfig
 
-    extra = {"l1_coefficient": args.l1_coefficient} if args.l1_coefficient is not None else {}
+    extra = {name: getattr(args, name) for name in ("l1_coefficient", "target_l0") if getattr(args, name) is not None}
     if args.matryoshka_sizes is not None:
         extra["matryoshka_sizes"] = args.matryoshka_sizes
     if args.architecture != "sae":

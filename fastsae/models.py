@@ -372,7 +372,8 @@ class ReLUSAE(BaseSAE):
 
 
 class JumpReLUSAE(BaseSAE):
-    """JumpReLU SAE: per-latent learned threshold, L0 penalty through a straight-through estimator."""
+    """JumpReLU SAE: per-latent learned threshold, L0 penalty through a straight-through estimator
+    (with ``config.target_l0``, a penalty on the squared relative miss of that mean L0)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -393,7 +394,10 @@ class JumpReLUSAE(BaseSAE):
         code = SparseCode(values, indices, self.d_sae, row_offsets)
         recon = self.output(x, code)
         coef = self.config.l0_coefficient * sparsity_scale
-        return self._metrics(target, recon, code, {"l0_loss": l0.mean().detach(), "l0_term": coef * l0.mean()})
+        l0 = l0.mean()
+        goal = self.config.target_l0
+        sparsity = l0 if goal is None else (l0 / goal - 1) ** 2
+        return self._metrics(target, recon, code, {"l0_loss": l0.detach(), "l0_term": coef * sparsity})
 
 
 class GatedSAE(BaseSAE):

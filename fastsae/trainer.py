@@ -68,6 +68,11 @@ RESAMPLE_ENCODER_SCALE = 0.2  # resampled encoder rows: 0.2 x mean alive encoder
 # On MiniLM block 3 at 89 steps: d_sae 12288 dead 2.6% -> 0.8%, FVU 0.137 -> 0.120; d_sae
 # 3072 at 178 steps FVU 0.120 -> 0.117. The full quantile (1.0) cost FVU on longer runs.
 ENCODER_BIAS_BALANCE = 0.5
+# A target-L0 JumpReLU's thresholds learn this many times faster than its other parameters.
+# Adam moves a log-threshold by about the learning rate per step, too slowly to hold L0 while the
+# encoder changes under it: on MiniLM block 3 (d_sae 3072, target 32) L0 fell to 13-15 within 50
+# steps at 1x and held at 32-33 at 10x (README, "Quality").
+THRESHOLD_LR_FACTOR = 10
 AUX_CHECK_EVERY = 10  # steps between host reads of the dead-latent count (AuxK runs only while it is > 0)
 _NEVER = 2**62  # "no bad step yet"
 _AUXK = ("topk", "batchtopk", "matryoshka_batchtopk")
@@ -133,6 +138,16 @@ def auto_learning_rate(optimizer: str, d_sae: int, batch_size: int, total_steps:
         if transcoder:
             lr *= AUTO_LR_TRANSCODER
     return lr
+
+
+def _param_groups(sae: BaseSAE, config: SAEConfig) -> list[dict]:
+    """The optimizer's parameter groups: one, or for a target-L0 JumpReLU its thresholds apart
+    with their learning-rate factor (``lr_factor``, which the trainer applies every step)."""
+    if config.target_l0 is None:
+        return [{"params": list(sae.parameters())}]
+    threshold = sae.log_threshold
+    return [{"params": [p for p in sae.parameters() if p is not threshold]},
+            {"params": [threshold], "lr_factor": THRESHOLD_LR_FACTOR}]
 
 
 def _make_optimizer(name: str, params, lr: float, device: torch.device):
@@ -214,7 +229,8 @@ class SAETrainer:
         self.total_steps = self.steps_per_epoch * int(config.num_epochs)
         self.learning_rate = self._resolved_learning_rate()
         self.schedule_free = config.optimizer == "schedule_free_adam"
-        self.optimizer = _make_optimizer(config.optimizer, self.sae.parameters(), self.learning_rate, self.device)
+        self.optimizer = _make_optimizer(config.optimizer, _param_groups(self.sae, config), self.learning_rate,
+                                         self.device)
         self.step = 0
         self.scale: float | None = None  # input normalisation, set on the first train()
         self.output_scale: float | None = None  # a transcoder target's (an SAE's: self.scale)
@@ -306,6 +322,18 @@ class SAETrainer:
             # latents that point away from it silent from the first step.
             centre = geometric_median(inputs * self.scale).to(self.device)
             self.sae.b_enc.copy_(-(self.sae.enc_weight @ centre))
+        if self.config.target_l0 is not None:
+            self.sae.log_threshold.copy_(self._target_log_thresholds(inputs.to(self.device) * self.scale))
+
+    def _target_log_thresholds(self, inputs: torch.Tensor, latents=slice(None)) -> torch.Tensor:
+        """log of each latent's (1 - target_l0 / d_sae) pre-activation quantile on the (scaled)
+        ``inputs``, at least jumprelu_init_threshold: thresholds at which the latents fire at the
+        target's rate, so a target-L0 JumpReLU starts at its target."""
+        sae, cfg = self.sae, self.config
+        x = inputs if sae.input_bias is None else inputs - sae.input_bias
+        rate = cfg.target_l0 / sae.d_sae
+        quantiles = _column_quantiles(x, sae.enc_weight[latents], 1 - rate) + sae.b_enc[latents]
+        return quantiles.clamp_min(cfg.jumprelu_init_threshold).log()
 
     # ---- one step
     def _autocast(self):
@@ -332,7 +360,7 @@ class SAETrainer:
         if self.config.grad_clip:
             _clip_grad_norm(self.sae.parameters(), self.config.grad_clip)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = self.lr_at(self.step) * group.get("lr_factor", 1)
         self.optimizer.step()
         if self.config.normalize_decoder:
             self.sae.normalize_decoder_weights()
@@ -635,7 +663,9 @@ class SAETrainer:
         if hasattr(sae, "r_mag"):
             sae.r_mag[dead] = 0.0
             sae.b_mag[dead] = 0.0
-        if hasattr(sae, "log_threshold"):
+        if self.config.target_l0 is not None:  # firing at the target's rate, as at the start
+            sae.log_threshold[dead] = self._target_log_thresholds(self.sae.split_rows(x)[0], dead)
+        elif hasattr(sae, "log_threshold"):
             sae.log_threshold[dead] = math.log(self.config.jumprelu_init_threshold)
         self._reset_adam_rows(dead)
         self.tokens_since_fired[dead] = 0

@@ -271,6 +271,18 @@ def test_matryoshka_from_the_command_line(tmp_path, capsys):
     assert not (tmp_path / "o2").exists()  # refused before the model loads
 
 
+def test_jumprelu_target_l0_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["train", "--layer", "1", "--activation", "jumprelu", "--target_l0", "6", "--output_dir", str(out),
+                 *SMALL]) == 0
+    sae = load_sae(out / "layer_1" / "best_model")
+    assert sae.config.target_l0 == 6.0 and sae.config.l0_coefficient == 1.0
+    assert main(["train", "--layer", "1", "--target_l0", "6", "--output_dir", str(tmp_path / "o2"), *SMALL]) == 1
+    assert "--target_l0 is for --activation jumprelu, not topk (--k sets the L0 of the TopK kinds)" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "o2").exists()  # refused before the model loads
+
+
 @pytest.mark.parametrize("value", ["x", "0,0", "-1", "3-1", ""])
 def test_layers_value_is_checked_by_the_parser(tmp_path, capsys, value):
     with pytest.raises(SystemExit):
