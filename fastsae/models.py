@@ -229,6 +229,22 @@ class BaseSAE(nn.Module):
     def decoder_norms(self) -> torch.Tensor:
         return self.W_dec.norm(dim=1)
 
+    def _aux_k(self, dead_mask, max_aux_k):
+        """AuxK slots per token: config.aux_k, at most d_sae and at most ``max_aux_k`` (the
+        caller's count of dead latents: slots beyond it would only hold zeros); 0 = off."""
+        if dead_mask is None or self.config.aux_k_coefficient <= 0:
+            return 0
+        return min(self.config.aux_k, self.d_sae, self.d_sae if max_aux_k is None else max_aux_k)
+
+    def _auxk_terms(self, target, recon, aux_values, aux_indices, dead_mask):
+        residual = (target - recon).detach()
+        aux_recon = ops.sparse_decode(aux_values, aux_indices, self.W_dec)
+        aux = reference.auxk_loss(aux_recon, residual)
+        # No dead latents means nothing to revive: the term vanishes instead of adding noise.
+        aux = torch.where(dead_mask.any(), aux, torch.zeros_like(aux))
+        aux = torch.nan_to_num(aux, nan=0.0)
+        return {"aux_loss": aux.detach(), "aux_term": self.config.aux_k_coefficient * aux}
+
 
 class TopKSAE(BaseSAE):
     """TopK SAE: keep the k largest ReLU pre-activations per token; AuxK revives dead latents."""
@@ -236,13 +252,6 @@ class TopKSAE(BaseSAE):
     def encode_sparse(self, x):
         values, indices, _, _ = ops.topk_encode_aux(x, self.enc_weight, self.b_enc, self.config.k, self.input_bias)
         return SparseCode(values, indices, self.d_sae)
-
-    def _aux_k(self, dead_mask, max_aux_k):
-        """AuxK slots per token: config.aux_k, at most d_sae and at most ``max_aux_k`` (the
-        caller's count of dead latents: slots beyond it would only hold zeros); 0 = off."""
-        if dead_mask is None or self.config.aux_k_coefficient <= 0:
-            return 0
-        return min(self.config.aux_k, self.d_sae, self.d_sae if max_aux_k is None else max_aux_k)
 
     def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None, target=None):
         x, target = self.split_rows(x, target)
@@ -256,16 +265,6 @@ class TopKSAE(BaseSAE):
         if k_aux:
             extra = self._auxk_terms(target, recon, aux_values, aux_indices, dead_mask)
         return self._metrics(target, recon, code, extra)
-
-    def _auxk_terms(self, target, recon, aux_values, aux_indices, dead_mask):
-        residual = (target - recon).detach()
-        aux_recon = ops.sparse_decode(aux_values, aux_indices, self.W_dec)
-        aux = reference.auxk_loss(aux_recon, residual)
-        # No dead latents means nothing to revive: the term vanishes instead of adding noise.
-        aux = torch.where(dead_mask.any(), aux, torch.zeros_like(aux))
-        aux = torch.nan_to_num(aux, nan=0.0)
-        return {"aux_loss": aux.detach(), "aux_term": self.config.aux_k_coefficient * aux}
-
 
 class BatchTopKSAE(TopKSAE):
     """BatchTopK: the N*k largest activations across the batch while training; at inference a
@@ -388,7 +387,7 @@ class JumpReLUSAE(BaseSAE):
         values, indices, row_offsets, _ = self._encode(x)
         return SparseCode(values, indices, self.d_sae, row_offsets)
 
-    def loss(self, x, dead_mask=None, sparsity_scale=1.0, target=None):
+    def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None, target=None):
         x, target = self.split_rows(x, target)
         values, indices, row_offsets, l0 = self._encode(x)
         code = SparseCode(values, indices, self.d_sae, row_offsets)
@@ -397,7 +396,13 @@ class JumpReLUSAE(BaseSAE):
         l0 = l0.mean()
         goal = self.config.target_l0
         sparsity = l0 if goal is None else (l0 / goal - 1) ** 2
-        return self._metrics(target, recon, code, {"l0_loss": l0.detach(), "l0_term": coef * sparsity})
+        extra = {"l0_loss": l0.detach(), "l0_term": coef * sparsity}
+        k_aux = self._aux_k(dead_mask, max_aux_k)
+        if k_aux:  # a dead latent has no entry near its threshold, so nothing else reaches it
+            aux_values, aux_indices = ops.dead_topk_encode(x, self.enc_weight, self.b_enc, dead_mask, k_aux,
+                                                           self.input_bias)
+            extra.update(self._auxk_terms(target, recon, aux_values, aux_indices, dead_mask))
+        return self._metrics(target, recon, code, extra)
 
 
 class GatedSAE(BaseSAE):

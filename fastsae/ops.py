@@ -29,7 +29,7 @@ import types
 
 import torch
 
-from fastsae import reference, torch_backend
+from fastsae import reference, selection, torch_backend
 
 BACKENDS = ("reference", "torch", "triton", "auto")
 
@@ -308,6 +308,27 @@ def topk_encode_aux(x, W_enc, b_enc, k, b_dec=None, dead_mask=None, k_aux=0, bac
     if not _needs_grad(x, W_enc, b_enc, b_dec):  # inference: skip the autograd bookkeeping
         return primitives(name).topk_encode(x, W_enc.contiguous(), b_enc, b_dec, k, dead_mask, k_aux)
     return _TopKEncode.apply(x, W_enc.contiguous(), b_enc, b_dec, k, dead_mask, k_aux, primitives(name))
+
+
+def dead_topk_encode(x, W_enc, b_enc, dead_mask, k_aux, b_dec=None):
+    """AuxK's selection alone, for an SAE whose code is not a top-k (JumpReLU): the k_aux
+    largest ReLU pre-activations per row among the dead latents, ties to the lower index, as
+    ``reference.topk_aux`` (with fewer dead latents, the last slots hold 0 at live ones).
+    Returns (values [N, k_aux], latent ids [N, k_aux]); values are differentiable with respect
+    to x, W_enc, b_enc and b_dec. One GEMM on the dead latents' encoder rows, in torch on every
+    backend (the TopK kinds select AuxK in their own pass)."""
+    _check_encoder(x, W_enc, b_enc, b_dec)
+    if dead_mask.dtype != torch.bool or dead_mask.shape != (W_enc.shape[0],):
+        raise ValueError(f"dead_mask must be a bool tensor of shape [{W_enc.shape[0]}], got "
+                         f"{dead_mask.dtype} {tuple(dead_mask.shape)}")
+    _check_k("k_aux", k_aux, W_enc.shape[0])
+    dead = dead_mask.nonzero().squeeze(1)
+    xc = x if b_dec is None else x - b_dec
+    pre = torch.relu(torch.addmm(b_enc[dead], xc, W_enc[dead].t()))
+    top = torch_backend.nonnegative_topk if pre.dtype == torch.float32 else torch_backend.stable_topk
+    with torch.no_grad():  # rows of many ReLU zeros: one top-k over unique keys, not a tie pass
+        _, position = top(pre + 0.0, min(k_aux, dead.numel()))  # + 0.0: -0.0 ranks as 0.0
+    return selection.pad_with_live(pre.gather(1, position), dead[position], dead_mask, k_aux)
 
 
 def topk_encode(x, W_enc, b_enc, k, b_dec=None, backend=None):

@@ -463,7 +463,7 @@ def _refill_straddling_tie(scores, vals, idx, k):
     return idx
 
 
-def _nonnegative_topk(scores, k):
+def nonnegative_topk(scores, k):
     """``stable_topk`` of scores >= 0 (ReLU'd, +0.0 for zero) by one top-k over unique int64
     keys: a non-negative float's bits order as the float does, and the low half of each key
     is (m - 1 - index), so equal values rank by ascending index without a tie pass. For rows
@@ -484,7 +484,7 @@ def _dead_topk(x, W_dead, b_dead, b_dec, dead, dead_mask, k_aux):
     if dead.numel():
         pre = encoder_preactivations(x, W_dead, b_dead, b_dec, relu=True)
         # ReLU zeros tie in most rows here; dead ascending, so index order is latent order.
-        top = _nonnegative_topk if pre.dtype == torch.float32 else stable_topk
+        top = nonnegative_topk if pre.dtype == torch.float32 else stable_topk
         values, picked = top(pre, min(k_aux, dead.numel()))
         indices = dead[picked]
     else:

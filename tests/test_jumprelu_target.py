@@ -96,19 +96,21 @@ def test_a_plain_jumprelu_keeps_one_group_and_its_initial_threshold():
 
 
 def test_training_reaches_the_target_and_resumes_with_the_faster_thresholds(tmp_path):
-    """On planted features L0 dips below the target while the encoder first moves, then settles
-    at it (about 8 from step 150 of 208, three data seeds measured)."""
+    """On planted features L0 dips a little below the target while the encoder first moves,
+    then stays near it (7.8 to 9.7 from step 50 of 200 on, three data seeds measured)."""
     cfg = SAEConfig(d_in=32, d_sae=256, activation="jumprelu", target_l0=8.0, batch_size=512, num_epochs=13)
     data = planted_features(8192)
     t = SAETrainer(create_sae(cfg), cfg, data, device="cpu", save_dir=tmp_path, log_every=10, checkpoint_minutes=None)
     t.train(max_steps=150, verbose=False)
+    settled = [r["l0"] for r in t.history if "l0" in r and r["step"] >= 50]
+    assert len(settled) >= 10 and all(6.5 <= v <= 10.5 for v in settled), settled
     resumed = SAETrainer(create_sae(cfg), cfg, data, device="cpu", save_dir=tmp_path, log_every=10,
                          checkpoint_minutes=None)
     resumed.train(resume=True, verbose=False)
     groups = resumed.optimizer.param_groups
     assert groups[1]["lr_factor"] == THRESHOLD_LR_FACTOR and groups[1]["params"][0] is resumed.sae.log_threshold
     late = [r["l0"] for r in resumed.history if "l0" in r and r["step"] > 150]
-    assert len(late) >= 5 and all(6.0 <= v <= 10.5 for v in late), late
+    assert len(late) >= 5 and all(6.5 <= v <= 10.5 for v in late), late
 
 
 def test_resampled_latents_restart_at_the_target_rate():
@@ -127,3 +129,28 @@ def test_resampled_latents_restart_at_the_target_rate():
     revived = fired[dead] / x.shape[0]
     assert 0.25 * rate <= float(revived.mean()) <= 4 * rate
     assert not bool((t.sae.log_threshold[dead] == math.log(t.config.jumprelu_init_threshold)).all())
+
+
+@pytest.mark.parametrize("target_l0", [4.0, None])
+def test_auxk_reaches_the_dead_latents_of_a_jumprelu(target_l0):
+    """A dead JumpReLU latent has no entry near its threshold: AuxK's term is its only gradient."""
+    sae = _sae(target_l0, 0.0)
+    with torch.no_grad():
+        sae.log_threshold.fill_(math.log(50.0))  # no latent fires: their positive entries lie far below
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    dead = torch.arange(64) % 4 == 0
+    out = sae.loss(x, dead_mask=dead, max_aux_k=int(dead.sum()))
+    assert float(out["aux_loss"]) > 0
+    (g_enc, g_dec) = torch.autograd.grad(out["aux_term"], (sae.enc_weight, sae.W_dec))
+    for g in (g_enc, g_dec):
+        assert bool((g[dead].abs().sum(1) > 0).all()) and bool((g[~dead] == 0).all())
+    assert "aux_loss" not in sae.loss(x)
+
+
+def test_the_trainer_runs_auxk_for_a_jumprelu_while_latents_are_dead():
+    t = trainer(target_l0=8.0)
+    t.train(max_steps=2, verbose=False)
+    t.tokens_since_fired[::4] = 10 ** 12
+    t._num_dead = int(t.dead_mask().sum())
+    out = t.train_step(t.batch_at(t.step))
+    assert float(out["aux_loss"]) > 0 and t._num_dead == 64

@@ -103,6 +103,28 @@ def test_topk_aux_matches_reference(backend, dead):
     assert_close_all(grads([out[0], out[2]], inputs), grads([rv, av], inputs))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dead", ["all", "some", "one", "none"])
+def test_dead_topk_encode_matches_the_reference_selection(dtype, dead):
+    """AuxK's selection on its own (a JumpReLU's): values, ids, the tie rule and gradients as
+    reference.topk_aux, with fewer dead latents than slots and rows of ReLU zeros (ties)."""
+    n, d_in, d_sae, k_aux = 9, 7, 20, 6
+    inputs = make_encoder(n, d_in, d_sae, dtype=dtype)
+    with torch.no_grad():
+        inputs[2][:10] -= 4.0  # latents 0-9 rarely positive: rows with fewer positives than slots
+    mask = {"all": torch.ones(d_sae, dtype=torch.bool), "some": torch.arange(d_sae) % 3 == 0,
+            "one": torch.arange(d_sae) == 4, "none": torch.zeros(d_sae, dtype=torch.bool)}[dead]
+    v, i = ops.dead_topk_encode(*inputs[:3], mask, k_aux, inputs[3])
+    rv, ri = R.topk_aux(*inputs[:3], mask, k_aux, inputs[3])
+    assert v.shape == (n, k_aux) and torch.equal(i, ri)
+    torch.testing.assert_close(v, rv)
+    assert_close_all(grads([v], inputs), grads([rv], inputs))
+    with pytest.raises(ValueError, match=r"dead_mask must be a bool tensor of shape \[20\], got torch.int64 \(20,\)"):
+        ops.dead_topk_encode(*inputs[:3], mask.long(), k_aux, inputs[3])
+    with pytest.raises(ValueError, match=r"k_aux must be in \[1, d_sae=20\], got 0"):
+        ops.dead_topk_encode(*inputs[:3], mask, 0, inputs[3])
+
+
 @pytest.mark.parametrize("gemm, dense_tensors", [("fp32", 1), ("bf16", 1)])
 def test_torch_topk_builds_no_second_dense_tensor(monkeypatch, gemm, dense_tensors):
     """fp32: the pre-activation block alone; bf16: the GEMM's bf16 output alone (half the fp32
@@ -236,7 +258,7 @@ def test_torch_stable_topk_with_heavy_ties_matches_reference(k):
     assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
     scores[5:10] = -0.0  # what a ReLU may leave: ranks as 0.0
     ref_vals, ref_idx = R.stable_topk(scores + 0.0, k)
-    vals, idx = torch_backend._nonnegative_topk(scores, k)  # AuxK's: one top-k over unique keys
+    vals, idx = torch_backend.nonnegative_topk(scores, k)  # AuxK's: one top-k over unique keys
     assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
 
 
@@ -245,7 +267,7 @@ def test_torch_stable_topk_ranks_nan_first_with_a_tie_straddling_the_kth_place()
     tied across the k-th place still refill in ascending index order."""
     scores = torch.tensor([[0.0, 0.0, 1.0, 0.0, float("nan"), 2.0], [0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
     ref_vals, ref_idx = R.stable_topk(scores, 4)
-    for top in (torch_backend.stable_topk, torch_backend._nonnegative_topk):
+    for top in (torch_backend.stable_topk, torch_backend.nonnegative_topk):
         vals, idx = top(scores, 4)
         assert torch.equal(idx, ref_idx) and torch.equal(idx[0], torch.tensor([4, 5, 2, 0]))
         torch.testing.assert_close(vals, ref_vals, equal_nan=True)
