@@ -325,9 +325,8 @@ def dead_topk_encode(x, W_enc, b_enc, dead_mask, k_aux, b_dec=None):
     dead = dead_mask.nonzero().squeeze(1)
     xc = x if b_dec is None else x - b_dec
     pre = torch.relu(torch.addmm(b_enc[dead], xc, W_enc[dead].t()))
-    top = torch_backend.nonnegative_topk if pre.dtype == torch.float32 else torch_backend.stable_topk
-    with torch.no_grad():  # rows of many ReLU zeros: one top-k over unique keys, not a tie pass
-        _, position = top(pre + 0.0, min(k_aux, dead.numel()))  # + 0.0: -0.0 ranks as 0.0
+    with torch.no_grad():
+        _, position = torch_backend.dead_latent_topk(pre + 0.0, min(k_aux, dead.numel()))  # + 0.0: -0.0 is 0.0
     return selection.pad_with_live(pre.gather(1, position), dead[position], dead_mask, k_aux)
 
 

@@ -463,7 +463,7 @@ def _refill_straddling_tie(scores, vals, idx, k):
     return idx
 
 
-def nonnegative_topk(scores, k):
+def _nonnegative_topk(scores, k):
     """``stable_topk`` of scores >= 0 (ReLU'd, +0.0 for zero) by one top-k over unique int64
     keys: a non-negative float's bits order as the float does, and the low half of each key
     is (m - 1 - index), so equal values rank by ascending index without a tie pass. For rows
@@ -476,6 +476,14 @@ def nonnegative_topk(scores, k):
     return (top >> 32).to(torch.int32).view(torch.float32), (m - 1) - (top & 0xFFFFFFFF)
 
 
+def dead_latent_topk(pre, k):
+    """``stable_topk`` of the dead latents' ReLU'd pre-activations (+0.0 for zero; columns in
+    ascending latent order, so index order is latent order). ReLU zeros tie in most rows here:
+    in float32 one top-k over unique keys (``_nonnegative_topk``) instead of a tie pass."""
+    top = _nonnegative_topk if pre.dtype == torch.float32 else stable_topk
+    return top(pre, k)
+
+
 def _dead_topk(x, W_dead, b_dead, b_dec, dead, dead_mask, k_aux):
     """Top-k_aux among the dead latents from a GEMM on their encoder rows alone (its cost
     follows the dead count, not d_sae), with the reference's padding: when fewer than k_aux
@@ -483,9 +491,7 @@ def _dead_topk(x, W_dead, b_dead, b_dec, dead, dead_mask, k_aux):
     n = x.shape[0]
     if dead.numel():
         pre = encoder_preactivations(x, W_dead, b_dead, b_dec, relu=True)
-        # ReLU zeros tie in most rows here; dead ascending, so index order is latent order.
-        top = nonnegative_topk if pre.dtype == torch.float32 else stable_topk
-        values, picked = top(pre, min(k_aux, dead.numel()))
+        values, picked = dead_latent_topk(pre, min(k_aux, dead.numel()))
         indices = dead[picked]
     else:
         values, indices = x.new_zeros(n, 0, dtype=torch.float32), torch.zeros(n, 0, dtype=torch.long, device=x.device)

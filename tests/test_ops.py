@@ -258,7 +258,7 @@ def test_torch_stable_topk_with_heavy_ties_matches_reference(k):
     assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
     scores[5:10] = -0.0  # what a ReLU may leave: ranks as 0.0
     ref_vals, ref_idx = R.stable_topk(scores + 0.0, k)
-    vals, idx = torch_backend.nonnegative_topk(scores, k)  # AuxK's: one top-k over unique keys
+    vals, idx = torch_backend._nonnegative_topk(scores, k)  # AuxK's: one top-k over unique keys
     assert torch.equal(vals, ref_vals) and torch.equal(idx, ref_idx)
 
 
@@ -267,7 +267,7 @@ def test_torch_stable_topk_ranks_nan_first_with_a_tie_straddling_the_kth_place()
     tied across the k-th place still refill in ascending index order."""
     scores = torch.tensor([[0.0, 0.0, 1.0, 0.0, float("nan"), 2.0], [0.0, 3.0, 0.0, 0.0, 0.0, 0.0]])
     ref_vals, ref_idx = R.stable_topk(scores, 4)
-    for top in (torch_backend.stable_topk, torch_backend.nonnegative_topk):
+    for top in (torch_backend.stable_topk, torch_backend._nonnegative_topk):
         vals, idx = top(scores, 4)
         assert torch.equal(idx, ref_idx) and torch.equal(idx[0], torch.tensor([4, 5, 2, 0]))
         torch.testing.assert_close(vals, ref_vals, equal_nan=True)
