@@ -318,9 +318,10 @@ class SAETrainer:
         self.output_scale = self.scale if not self.config.is_transcoder else (
             estimate_norm_scale(targets) if normalize else 1.0)
         self.sae.b_dec.copy_(geometric_median(targets * self.output_scale).to(self.device))
+        scaled = inputs.to(self.device) * self.scale
         rate = self._firing_rate()
         if rate is not None and not self.config.is_transcoder:
-            x = inputs.to(self.device) * self.scale - self.sae.b_dec
+            x = scaled - self.sae.b_dec
             self.sae.b_enc.copy_(-ENCODER_BIAS_BALANCE * _column_quantiles(x, self.sae.enc_weight, 1 - rate))
         if self.config.is_transcoder:
             # No b_dec is subtracted from a transcoder's input, so the encoder bias centres the
@@ -329,7 +330,7 @@ class SAETrainer:
             centre = geometric_median(inputs * self.scale).to(self.device)
             self.sae.b_enc.copy_(-(self.sae.enc_weight @ centre))
         if self.config.target_l0 is not None:
-            self.sae.log_threshold.copy_(self._target_log_thresholds(inputs.to(self.device) * self.scale))
+            self.sae.log_threshold.copy_(self._target_log_thresholds(scaled))
 
     def _firing_rate(self) -> float | None:
         """The fraction of tokens each latent fires on when latents share a set L0 evenly: k /
