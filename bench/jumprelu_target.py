@@ -13,7 +13,13 @@ import time
 
 import torch
 
-from bench.quality_compare import add_activation_arguments, budget_split, fvu_and_dead, load_activations
+from bench.quality_compare import (
+    add_activation_arguments,
+    budget_split,
+    fastsae_encode_decode,
+    fvu_and_dead,
+    load_activations,
+)
 from fastsae import SAEConfig, create_sae
 from fastsae.trainer import SAETrainer, split_activations
 
@@ -22,17 +28,14 @@ def train_and_measure(train, val, cfg, device) -> dict:
     """Validation FVU, held-out L0, the last logged training L0 and the dead fraction of one run."""
     trainer = SAETrainer(create_sae(cfg), cfg, train, device=device, log_every=10, checkpoint_minutes=None)
     trainer.train(verbose=False)
-    sae = trainer.sae.eval()  # the input scale is folded in: it takes raw activations
-    active = []
+    encode_decode, active = fastsae_encode_decode(trainer, device), []
 
-    @torch.no_grad()
-    def encode_decode(x):
-        out = sae.loss(x.to(device))
-        values, indices = out["code"].flat()
+    def counting_active(x):
+        reconstruction, indices, values = encode_decode(x)
         active.append(float((values > 0).sum()))
-        return out["reconstruction"], indices, values
+        return reconstruction, indices, values
 
-    fvu, dead = fvu_and_dead(encode_decode, val, cfg.d_sae)
+    fvu, dead = fvu_and_dead(counting_active, val, cfg.d_sae)
     train_l0 = [r["l0"] for r in trainer.history if "l0" in r][-1]
     return {"fvu": fvu, "val_l0": sum(active) / len(val), "train_l0": train_l0, "dead": dead,
             "steps": trainer.total_steps}

@@ -119,10 +119,10 @@ def train_saelens(train, val, cfg, device, lr=None):
     return fit_and_evaluate(run, train, val, cfg, device), steps, run.lr
 
 
-def train_fastsae(train, val, cfg, device):
-    trainer = SAETrainer(create_sae(cfg), cfg, train, device=device, log_every=10**9)
-    trainer.train(verbose=False)
-    sae = trainer.sae.eval()  # the input scale is folded in: it takes raw activations
+def fastsae_encode_decode(trainer: SAETrainer, device):
+    """``fvu_and_dead``'s encode_decode for a trainer's SAE after train() (the input scale is
+    folded in: it takes raw activations): (reconstruction, indices, values)."""
+    sae = trainer.sae.eval()
 
     @torch.no_grad()
     def encode_decode(x):
@@ -130,7 +130,13 @@ def train_fastsae(train, val, cfg, device):
         values, indices = out["code"].flat()
         return out["reconstruction"], indices, values
 
-    return fvu_and_dead(encode_decode, val, cfg.d_sae), trainer.total_steps
+    return encode_decode
+
+
+def train_fastsae(train, val, cfg, device):
+    trainer = SAETrainer(create_sae(cfg), cfg, train, device=device, log_every=10**9)
+    trainer.train(verbose=False)
+    return fvu_and_dead(fastsae_encode_decode(trainer, device), val, cfg.d_sae), trainer.total_steps
 
 
 def load_activations(args) -> torch.Tensor:
