@@ -4,8 +4,10 @@ than generating without it, at prefill and per decoded token.
 Setup: a nanochat-d20-shaped causal transformer (``bench/toy_transformer.py``: 20 layers,
 d_model 1280, 10 heads, vocab 65536, KV cache so decode steps are (B, 1, D)) with tracking at
 one layer (a TopK SAE, d_sae = 16 x d_model, k = 32, at ``blocks.10.hook_resid_post``).
-Tracking includes every cost it adds: the hook, the encode, the recording, and the merge of
-the max-activating examples (forced at the end of each timed decode run).
+Tracking includes every cost it adds: the hook, the recording, the encode of the activation rows
+a hook holds (``InterpretableModel(encode_rows=...)``: 64 by default, so a decode step's row
+waits for others) and the merge of the max-activating examples, both forced at the end of each
+timed run.
 
 Method: each round times a plain run and a tracked run back to back, alternating which goes
 first; the overhead is the median over rounds of tracked / plain - 1, so slow drifts in the
@@ -116,13 +118,14 @@ def generation_times(model, im, prompt, new_tokens, tracked, case=CASE):
         _sync()
         t0 = clock()
         token = model(prompt, kv_cache=cache)[:, -1:].argmax(-1)
+        if tracked:
+            im.trace.flush()
         _sync()
         t1 = clock()
         for _ in range(new_tokens):
             token = model(token, kv_cache=cache)[:, -1:].argmax(-1)
-        if tracked:  # the max-activating-examples merge is tracking work too
-            for h in im.trace.hooks.values():
-                h.fold()
+        if tracked:  # the held rows' encode and the examples' merge are tracking work too
+            im.trace.flush()
         _sync()
         t2 = clock()
     return t1 - t0, (t2 - t1) / max(new_tokens, 1)

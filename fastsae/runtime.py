@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from torch import nn
 from fastsae import ops, selection, torch_backend
 from fastsae.hooks import add_hook, resolve_hook_point
 from fastsae.models import SparseCode, TopKSAE
-from fastsae.trace import HookTrace, Trace
+from fastsae.trace import ENCODE_ROWS, HookTrace, Trace
 
 __all__ = ["FeatureEdit", "InterpretableModel", "ablate", "add", "clamp", "scale"]
 
@@ -206,14 +207,20 @@ class InterpretableModel(nn.Module):
 
     ``track_k``: latents recorded per token (default: the SAE's k for TopK SAEs, else 64);
     ``max_examples``: max-activating examples kept per feature; ``keep_trace=False`` keeps
-    only those examples, not every token's features.
+    only those examples, not every token's features; ``encode_rows``: tracked activation rows
+    (tokens x batch) held at a hook point before they are encoded together (1: encode inside
+    every forward). Held rows are also encoded when the trace is read and when
+    ``interpretation_enabled()`` exits; an SAE whose weights change inside that block encodes
+    the rows still held with its new weights (``self.trace.flush()`` first avoids that).
     """
 
     def __init__(self, model: nn.Module, saes: dict, device=None, track_k: int | None = None,
-                 max_examples: int = 10, keep_trace: bool = True):
+                 max_examples: int = 10, keep_trace: bool = True, encode_rows: int = ENCODE_ROWS):
         super().__init__()
         if not saes:
             raise ValueError("saes is empty: give at least one {hook_point: SAE}")
+        if isinstance(encode_rows, bool) or not isinstance(encode_rows, int) or encode_rows < 1:
+            raise ValueError(f"encode_rows must be an integer >= 1, got {encode_rows!r}")
         self.model = model
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.saes = {hp: sae.to(self.device).eval() for hp, sae in saes.items()}
@@ -230,6 +237,7 @@ class InterpretableModel(nn.Module):
         self.track_k = track_k
         self.max_examples = max_examples
         self.keep_trace = keep_trace
+        self.encode_rows = encode_rows
         self.trace: Trace | None = None
         self._tracking = False
 
@@ -287,17 +295,17 @@ class InterpretableModel(nn.Module):
         return values, order
 
     def _track(self, hook_point: str, x: torch.Tensor) -> None:
-        values, indices = self._top_features(hook_point, self._sae_input(hook_point, x))
+        rows = self._sae_input(hook_point, x)
         lead = x.shape[:-1]
         tokens = lead[-1] if len(lead) else 1
-        self.trace.hooks[hook_point].record(values, indices, values.shape[0] // max(tokens, 1), tokens,
-                                            self.trace.step)
+        self.trace.hooks[hook_point].record(rows, rows.shape[0] // max(tokens, 1), tokens, self.trace.step)
 
     def reset_tracking(self) -> Trace:
         """Start a fresh trace (entering interpretation_enabled() does this)."""
         self.trace = Trace()
         for hp, sae in self.saes.items():
-            self.trace.hooks[hp] = HookTrace(hp, sae.d_sae, sae.device, self.max_examples, self.keep_trace)
+            self.trace.hooks[hp] = HookTrace(hp, sae.d_sae, sae.device, partial(self._top_features, hp),
+                                             self.max_examples, self.keep_trace, self.encode_rows)
         return self.trace
 
     def refresh_copies(self) -> None:
@@ -312,7 +320,8 @@ class InterpretableModel(nn.Module):
     def interpretation_enabled(self):
         """Record the top features of every token at every hook point until the block exits.
 
-        The trace (``self.trace``) stays readable after exit, until the next entry.
+        The trace (``self.trace``) stays readable after exit, until the next entry; the rows still
+        held (``encode_rows``) are encoded on a normal exit.
         """
         if self._tracking:
             raise RuntimeError("interpretation_enabled() is already active on this model")
@@ -327,6 +336,7 @@ class InterpretableModel(nn.Module):
                 handles.append(add_hook(module, kind, lambda x, hp=hp: self._track(hp, x)))
             self._tracking = True
             yield self
+            self.trace.flush()  # with the weights the block ran with
         finally:
             for handle in handles:
                 handle.remove()

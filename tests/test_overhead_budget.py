@@ -64,3 +64,26 @@ def test_a_slowed_hook_fails_the_budget_check():
     with pytest.raises(AssertionError, match="exceeds the 10% budget"):
         check_overhead_budget(plain, tracked, what="decode")
     assert im.trace[hp].num_rows == 8 + 4  # the slowed hook did track
+
+
+def test_a_slowed_deferred_encode_fails_the_budget_check():
+    """The held rows' encode runs after the hook calls (at the flush the timed run forces): its
+    cost must be timed too."""
+    model, im, prompt = build(TINY, torch.device("cpu"), hook_layer=1)
+    ballast = torch.randn(384, 384)
+    top_features = im._top_features
+    encoded = []
+
+    def slow_top_features(hook_point, rows):
+        encoded.append(rows.shape[0])
+        for _ in range(8 * rows.shape[0]):  # several times the tiny model's work per row
+            ballast @ ballast
+        return top_features(hook_point, rows)
+
+    im._top_features = slow_top_features
+    runs = [lambda tracked=tracked: generation_times(model, im, prompt, 4, tracked, TINY)[1]
+            for tracked in (False, True)]
+    plain, tracked = interleaved(*runs, rounds=3)
+    with pytest.raises(AssertionError, match="exceeds the 10% budget"):
+        check_overhead_budget(plain, tracked, what="decode")
+    assert encoded == [8, 4] * 3  # each run: the prompt, then its 4 decode rows held and encoded together

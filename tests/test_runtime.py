@@ -348,10 +348,103 @@ def test_tracking_records_every_step_not_just_the_last(im, model, ids):
     assert [r["step"] for r in records[-2:]] == [4, 4]
 
 
+def _encoded_batches(im, monkeypatch):
+    """Rows per encode call at each hook point, as the traces ask for them."""
+    calls = {hp: [] for hp in im.saes}
+    top_features = im._top_features
+
+    def spy(hp, rows):
+        calls[hp].append(rows.shape[0])
+        return top_features(hp, rows)
+    monkeypatch.setattr(im, "_top_features", spy)
+    return calls
+
+
+def test_decode_rows_are_encoded_in_batches_with_the_same_features(model, ids, monkeypatch):
+    saes = {HP: make_sae(), ATTN: make_sae(d_sae=128, k=4, seed=9)}
+    at_once = InterpretableModel(model, saes, encode_rows=1)
+    batched = InterpretableModel(model, saes, encode_rows=5)
+    calls = _encoded_batches(batched, monkeypatch)
+    for im in (at_once, batched):
+        with im.interpretation_enabled():
+            _kv_generate(model, ids, 3)  # a prefill of 2 x 3 rows, then six decode steps of 2 rows
+    # 6 rows go at once; then 2 + 2 + 2 reach 5; then 2 + 2 + 2 again; nothing is left for the exit.
+    assert calls == {HP: [6, 6, 6], ATTN: [6, 6, 6]}
+    for hp in saes:
+        rows_1, dense_1 = _by_position(at_once.trace, hp)
+        rows_5, dense_5 = _by_position(batched.trace, hp)
+        for key in ("step", "seq", "batch", "position"):
+            assert torch.equal(rows_1[key], rows_5[key])
+        torch.testing.assert_close(dense_5, dense_1, rtol=1e-5, atol=1e-6)
+        for feature in range(0, saes[hp].d_sae, 7):
+            want, got = at_once.trace.max_activating(hp, feature), batched.trace.max_activating(hp, feature)
+            place = [{k: v for k, v in e.items() if k != "value"} for e in want]
+            assert [{k: v for k, v in e.items() if k != "value"} for e in got] == place
+            assert [e["value"] for e in got] == pytest.approx([e["value"] for e in want], rel=1e-5)
+
+
+def test_held_rows_are_encoded_on_read_and_on_exit_with_the_weights_of_the_block(model, ids, monkeypatch):
+    sae = make_sae()
+    im = InterpretableModel(model, {HP: sae})
+    calls = _encoded_batches(im, monkeypatch)
+    seen, handle = capture(model.transformer.h[1])
+    try:
+        with im.interpretation_enabled():
+            cache = KVCache()
+            model(ids[:, :4], kv_cache=cache)
+            model(ids[:, 4:5], kv_cache=cache)
+            assert calls[HP] == []  # 10 rows held, fewer than encode_rows
+            assert im.get_active_features(HP)[HP].shape == (10, 256)  # a read encodes them
+            model(ids[:, 5:6], kv_cache=cache)
+        assert calls[HP] == [10, 2]  # the exit encoded the last step's rows
+        with torch.no_grad():
+            sae.enc_weight.mul_(-1.5)  # after the block: the trace keeps the features it had
+        rows = im.trace[HP].rows()
+        want = make_sae().encode_sparse(torch.cat([s.reshape(-1, D) for s in seen]))
+    finally:
+        handle.remove()
+    assert torch.equal(rows["indices"], want.indices.view(rows["indices"].shape))
+
+
+def test_held_rows_are_copies_the_model_cannot_overwrite(model, ids, monkeypatch):
+    # A model that reuses its activation buffer in place must not change what was tracked.
+    im = InterpretableModel(model, {HP: make_sae()})
+    block = model.transformer.h[1]
+    kept = []
+    handle = block.register_forward_hook(lambda _m, _a, out: kept.append(out))  # after tracking's hook
+    try:
+        with im.interpretation_enabled():
+            model(ids[:1, :3])
+            kept[-1].mul_(-7.0)  # the model writes over the tensor the hook saw
+            model(ids[:1, :3])
+    finally:
+        handle.remove()
+    dense = im.trace[HP].dense()
+    torch.testing.assert_close(dense[:3], dense[3:], rtol=0, atol=0)
+
+
+def test_rows_tracked_under_inference_mode_are_encoded_after_it(model, ids):
+    im = InterpretableModel(model, {HP: make_sae()})
+    with im.interpretation_enabled():
+        with torch.inference_mode():
+            model(ids)
+    with torch.inference_mode():
+        reference = InterpretableModel(model, {HP: make_sae()}, encode_rows=1)
+        with reference.interpretation_enabled():
+            model(ids)
+    torch.testing.assert_close(im.trace[HP].dense(), reference.trace[HP].dense())
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.0, True, "64", None])
+def test_encode_rows_must_be_a_positive_integer(model, bad):
+    with pytest.raises(ValueError, match=r"^encode_rows must be an integer >= 1, got "):
+        InterpretableModel(model, {HP: make_sae()}, encode_rows=bad)
+
+
 def test_max_activating_examples_match_brute_force(model, ids):
     im = InterpretableModel(model, {HP: make_sae()}, max_examples=3)
     with im.interpretation_enabled():
-        im.trace[HP].fold_every = 2  # several merges, including duplicates of a feature across chunks
+        im.trace[HP].encode_rows = 2  # several merges, including duplicates of a feature across chunks
         _kv_generate(model, ids, 3)
         model(ids[:, :5])  # a second sequence
     rows = im.trace[HP].rows()
@@ -366,6 +459,24 @@ def test_max_activating_examples_match_brute_force(model, ids):
             assert float(column[n.nonzero()[0, 0]]) == pytest.approx(g["value"])
 
 
+def test_examples_merged_on_demand_in_pieces_equal_those_merged_at_each_flush(model, ids, monkeypatch):
+    from fastsae import trace
+
+    monkeypatch.setattr(trace, "MERGE_ROWS", 3)  # several merges of whole chunks
+    kept = InterpretableModel(model, {HP: make_sae()}, max_examples=3, encode_rows=2)
+    examples_only = InterpretableModel(model, {HP: make_sae()}, max_examples=3, encode_rows=2, keep_trace=False)
+    calls = _encoded_batches(kept, monkeypatch)
+    for im in (kept, examples_only):
+        with im.interpretation_enabled():
+            _kv_generate(model, ids, 3)
+            im.trace.max_activating(HP, 5)  # merges what is kept so far; later rows merge later
+            model(ids[:, :5])
+    assert calls[HP] == [6] + [2] * 6 + [10]
+    assert kept.trace[HP]._merged == len(kept.trace[HP]._chunks) - 1  # the last chunk waits for a query
+    for feature in range(256):
+        assert kept.trace.max_activating(HP, feature) == examples_only.trace.max_activating(HP, feature)
+
+
 def test_hooks_read_nothing_back_to_the_host(im, model, ids, monkeypatch):
     """No .item()/.cpu()/bool(tensor)... in the tracking or steering hooks (each would sync a GPU)."""
     def refuse(*_a, **_k):
@@ -373,7 +484,7 @@ def test_hooks_read_nothing_back_to_the_host(im, model, ids, monkeypatch):
     cache = KVCache()
     with im.interpretation_enabled(), im.steering_enabled({HP: [ablate(1), clamp(2, 1.0)], PRE: add(4, 0.5)}):
         for hp in im.saes:
-            im.trace[hp].fold_every = 2
+            im.trace[hp].encode_rows = 2
         with monkeypatch.context() as m:
             for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__"):
                 m.setattr(torch.Tensor, name, refuse)
