@@ -122,14 +122,16 @@ def _transposed(W: torch.Tensor) -> torch.Tensor:
 
 
 class _TrackingEncoder:
-    """A TopK SAE's code for the hooks on the torch backend. A decode step's row or two: where
+    """A TopK SAE's code for the hooks on the torch backend. A row or two (a steering decode step;
+    tracking holds its rows and encodes them in batches, ``encode_rows``): where
     the fp32 encoder is too big to stay cached between steps (``fp16_rows_pay``), the backend's
     exact one-row encode from a float16 copy kept here (half the bytes read per step); else an
-    addmm on a transposed copy of W_enc, then torch.topk. Larger calls (prefill): where the CPU
-    has a bf16 unit and the dictionary has the 2k groups of latents the cut needs
-    (``selection.usable``), the backend's exact bf16 encode on a bf16 copy of the encoder kept
-    here (half the fp32 encoder's bytes more memory; one thread, N 64: d_in 1280, d_sae 20480,
-    k 32, 31 vs 46 ms; d_in 256, d_sae 4096, k 32, 1.8-1.9 vs 2.3 ms, 2-core AMD EPYC); else
+    addmm on a transposed copy of W_enc, then torch.topk. Larger calls (prefill, tracking's
+    batches): where the CPU has a bf16 unit and the dictionary has the 2k groups of latents the
+    cut needs (``selection.usable``), the backend's exact bf16 encode on a bf16 copy of the
+    encoder kept here (half the fp32 encoder's bytes more memory; one thread, N 64, k 32,
+    alternated with the fp32 path: d_in 1280, d_sae 20480, 25.8 vs 45.6 ms; d_in 256, d_sae 4096,
+    3.1 vs 2.9 ms, 2-core AMD EPYC); else
     oneDNN's fp32 GEMM + ReLU, then torch.topk. Values equal
     ``encode_sparse``'s up to the rounding of the dot products' summation order; only the order
     among exactly equal values may differ on the torch.topk paths. (The backend's stable tie
