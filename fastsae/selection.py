@@ -26,9 +26,9 @@ answer (values and indices, tie rule included). The argument, for one row of
   every entry that could be positive, from a GEMM without ReLU; else the fp32 GEMM).
 
 The survivors are about k plus the entries within the margin of the k-th value (benchmarks
-report them as ``candidates_per_row``). A runtime decode step's one-row product from a float16
-copy of the encoder rests on the same argument with float16's rounding and an fp32 bias add
-(``fp16_product_error``, ``fp16_row_cut``).
+report them as ``candidates_per_row``). The runtime's one-row product (a steering decode
+step) from a float16 copy of the encoder rests on the same argument with float16's rounding
+and an fp32 bias add (``fp16_product_error``, ``fp16_row_cut``).
 """
 from __future__ import annotations
 

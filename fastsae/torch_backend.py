@@ -579,7 +579,7 @@ def uses_bf16_gemm(x, W, weights_cached: bool = False) -> bool:
 
 def cpu_encoder_gemms() -> dict[str, str]:
     """Which GEMM, in which precision, each encoder uses on this CPU, and the fallback; and
-    the product of a runtime decode step's row (for ``fastsae info``)."""
+    the product of the runtime's one-row calls (for ``fastsae info``)."""
     fp32 = "oneDNN fused linear (bias, ReLU in its epilogue), float32" if _ONEDNN_LINEAR is not None else \
         "BLAS addmm, float32"
     mode = encode_gemm_mode()
@@ -608,7 +608,8 @@ def cpu_encoder_gemms() -> dict[str, str]:
         decode = (f"float16 torch.mv (float32 accumulation, checked on each kept copy), cut, survivors rescored in "
                   f"float32: equal to the float32 path, for encoders over {CACHE_RESIDENT_BYTES / 2**20:.0f} MiB in "
                   f"float32 (not cached between steps); smaller ones: {fp32_gemv}")
-    return {"topk, batchtopk": topk, "relu, jumprelu, gated": threshold, "topk runtime decode": decode}
+    # Tracking encodes its rows in batches (the rows above); a steering decode step encodes its one row.
+    return {"topk, batchtopk": topk, "relu, jumprelu, gated": threshold, "topk runtime, one row": decode}
 
 
 class LowPrecisionWeights:

@@ -25,7 +25,7 @@ def test_info_reports_versions_and_backends(capsys):
     assert "backend  gated_encode       torch" in out
     assert "encoder  relu, jumprelu, gated" in out and "float32" in out
     assert "encoder  topk, batchtopk" in out and ("bfloat16" in out or "no bf16 unit" in out)
-    assert "encoder  topk runtime decode" in out and "float16 torch.mv" in out
+    assert "encoder  topk runtime, one row" in out and "float16 torch.mv" in out
 
 
 def test_console_script_is_installed():
