@@ -203,6 +203,17 @@ class BaseSAE(nn.Module):
     def get_feature_activations(self, x: torch.Tensor) -> torch.Tensor:
         return self.encode(x)
 
+    def latent_activations(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor | None:
+        """[N, E] features of the latents ``latents`` ([E] ids) for input rows x [N, d_in], from
+        those latents' encoder rows alone: ``encode_sparse(x)``'s values there, up to the rounding
+        of the dot products' order. None where a latent's feature depends on the other latents
+        (TopK: the row's k-th value decides; BatchTopK while training: the batch's)."""
+        return None
+
+    def _latent_preactivations(self, x, latents):
+        xc = x if self.input_bias is None else x - self.input_bias
+        return torch.addmm(self.b_enc[latents], xc, self.enc_weight[latents].t())
+
     @torch.no_grad()
     def normalize_decoder_weights(self) -> None:
         """Scale decoder rows to unit norm."""
@@ -314,6 +325,12 @@ class BatchTopKSAE(TopKSAE):
         if positive.numel():
             self.threshold.copy_(positive.min().to(self.threshold.dtype))
 
+    def latent_activations(self, x, latents):
+        if self.training:  # the batch's N*k-th value decides
+            return None
+        pre = self._latent_preactivations(x, latents)
+        return torch.where(pre > self.threshold.to(pre.dtype), pre, 0)
+
     def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None, target=None):
         x, target = self.split_rows(x, target)
         k_aux = self._aux_k(dead_mask, max_aux_k)
@@ -361,6 +378,10 @@ class ReLUSAE(BaseSAE):
         values, indices, row_offsets = ops.relu_encode(x, self.enc_weight, self.b_enc, self.input_bias)
         return SparseCode(values, indices, self.d_sae, row_offsets)
 
+    def latent_activations(self, x, latents):
+        pre = self._latent_preactivations(x, latents)
+        return torch.where(pre > 0, pre, 0)
+
     def loss(self, x, dead_mask=None, sparsity_scale=1.0, target=None):
         x, target = self.split_rows(x, target)
         code = self.encode_sparse(x)
@@ -386,6 +407,10 @@ class JumpReLUSAE(BaseSAE):
     def encode_sparse(self, x):
         values, indices, row_offsets, _ = self._encode(x)
         return SparseCode(values, indices, self.d_sae, row_offsets)
+
+    def latent_activations(self, x, latents):
+        pre = self._latent_preactivations(x, latents)
+        return torch.where(pre > torch.exp(self.log_threshold.to(x.dtype))[latents], pre, 0)
 
     def loss(self, x, dead_mask=None, sparsity_scale=1.0, max_aux_k=None, target=None):
         x, target = self.split_rows(x, target)
@@ -432,6 +457,10 @@ class GatedSAE(BaseSAE):
     def encode_sparse(self, x):
         mag, _, indices, row_offsets = self._encode(x)
         return SparseCode(mag, indices, self.d_sae, row_offsets)
+
+    def latent_activations(self, x, latents):
+        pi = self._latent_preactivations(x, latents)
+        return torch.where(pi > 0, torch.relu(pi * torch.exp(self.r_mag[latents]) + self.b_mag[latents]), 0)
 
     def loss(self, x, dead_mask=None, sparsity_scale=1.0, target=None):
         x, target = self.split_rows(x, target)

@@ -392,12 +392,15 @@ class InterpretableModel(nn.Module):
         flat = self._sae_input(hook_point, x)
         if plan.constant is not None:
             return plan.constant.expand(flat.shape[0], -1)
-        code = self._encode(hook_point, flat)
-        if code.row_offsets is None:  # f of each edited latent: match it among the k stored ones
-            hit = code.indices.unsqueeze(2) == plan.features
-            f = (code.values.unsqueeze(2) * hit).sum(1)
-        else:
-            f = code.to_dense()[:, plan.features]
+        with torch.no_grad():  # the edited latents' encoder rows alone, where they decide their features
+            f = self.saes[hook_point].latent_activations(flat, plan.features)
+        if f is None:
+            code = self._encode(hook_point, flat)
+            if code.row_offsets is None:  # f of each edited latent: match it among the k stored ones
+                hit = code.indices.unsqueeze(2) == plan.features
+                f = (code.values.unsqueeze(2) * hit).sum(1)
+            else:
+                f = code.to_dense()[:, plan.features]
         return (f * (plan.a - 1) + plan.b) @ plan.rows  # f' - f, exactly 0 where f' == f
 
     def _steer_activation(self, hook_point: str, plan: _Plan, x: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,35 @@ def test_batchtopk_eval_uses_learned_threshold():
     assert (code.values > float(sae.threshold)).all()
 
 
+@pytest.mark.parametrize("architecture", ["sae", "skip_transcoder"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_latent_activations_equal_the_code_where_each_latent_decides_its_own(activation, architecture):
+    kw = {} if architecture == "sae" else {"architecture": architecture, "output_hook_point": "blocks.0.hook_mlp_out"}
+    sae = make(activation, **kw)
+    x = torch.randn(23, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        for name in ("b_dec", "r_mag", "b_mag"):  # zero at the start: no test of their part
+            if hasattr(sae, name):
+                getattr(sae, name).copy_(0.3 * torch.randn(getattr(sae, name).shape, generator=gen))
+        sae.train()
+        sae.loss(x if architecture == "sae" else torch.cat([x, x], 1))  # a BatchTopK sets its threshold
+        if activation == "jumprelu":  # thresholds of 0.05 to 1.5: some entries open, some shut
+            sae.log_threshold.copy_(torch.linspace(0.05, 1.5, sae.d_sae).log())
+        latents = torch.tensor([36, 0, 5, 5, 17])  # unsorted, repeated, the last latent
+        in_training = sae.latent_activations(x, latents)
+        sae.eval()
+        got = sae.latent_activations(x, latents)
+        want = sae.encode_sparse(x).to_dense()[:, latents]
+    if activation == "topk":  # the row's k-th value decides: no per-latent answer
+        assert got is None and in_training is None
+        return
+    if activation in ("batchtopk", "matryoshka_batchtopk"):
+        assert in_training is None  # the batch's N*k-th value decides while training
+    assert got.shape == (23, 5) and 0 < int((got > 0).sum()) < got.numel()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_batchtopk_threshold_starts_at_the_first_batch_then_follows_an_ema():
     sae = make("batchtopk").train()
     x1, x2 = torch.randn(16, 10, generator=torch.Generator().manual_seed(1)), torch.randn(16, 10)

@@ -115,6 +115,40 @@ def test_edit_at_the_hook_equals_the_hand_computation(im, model, ids, edit):
     assert not torch.allclose(steered_logits, model(ids))
 
 
+@pytest.mark.parametrize("activation", ["relu", "jumprelu", "gated", "batchtopk"])
+def test_steering_an_sae_whose_latents_decide_alone_encodes_only_the_edited_ones(model, ids, activation,
+                                                                                  monkeypatch):
+    sae = create_sae(SAEConfig(d_in=D, d_sae=256, k=8, activation=activation, seed=7, jumprelu_init_threshold=0.05))
+    with torch.no_grad():
+        sae.b_enc.add_(0.05)
+        sae.b_dec.copy_(0.2 * torch.randn(D, generator=torch.Generator().manual_seed(4)))
+        if activation == "batchtopk":
+            sae.threshold.fill_(0.05)
+    im = InterpretableModel(model, {HP: sae})
+
+    def refuse(*_a):
+        raise AssertionError("the whole dictionary was encoded")
+    monkeypatch.setattr(im, "_encode", refuse)
+    seen, handle = capture(model.transformer.h[1])
+    try:
+        with torch.no_grad():
+            model(ids)
+            x = seen.pop()
+            f = sae.encode_sparse(x.reshape(-1, D)).to_dense()
+            active = int(f[0].argmax())
+            edits = [scale(active, -2.0), clamp(3, 1.0), ablate(200)]
+            with im.steering_enabled({HP: edits}):
+                model(ids)
+    finally:
+        handle.remove()
+    new = f.clone()
+    new[:, active] *= -2.0
+    new[:, 3], new[:, 200] = 1.0, 0.0
+    expected = x + ((new - f) @ sae.W_dec).reshape(x.shape)
+    assert float(f[:, active].abs().sum()) > 0
+    torch.testing.assert_close(seen.pop(), expected, rtol=0, atol=1e-5)
+
+
 def test_ablation_is_exactly_x_minus_f_times_decoder_row(im, model, ids):
     sae = im.saes[HP]
     seen, handle = capture(model.transformer.h[1])
