@@ -87,3 +87,27 @@ def test_a_slowed_deferred_encode_fails_the_budget_check():
     with pytest.raises(AssertionError, match="exceeds the 10% budget"):
         check_overhead_budget(plain, tracked, what="decode")
     assert encoded == [8, 4] * 3  # each run: the prompt, then its 4 decode rows held and encoded together
+
+
+def test_tracking_work_counts_the_hook_and_the_held_rows_encode():
+    """The direct measure times the encode wherever it runs: here in the forced flushes, as the
+    prompt (8 rows) and the 4 decode rows are held."""
+    from bench.test_bench_overhead import clock, tracking_work
+
+    model, im, prompt = build(TINY, torch.device("cpu"), hook_layer=1)
+    ballast = torch.randn(384, 384)
+    t = clock()
+    for _ in range(20):
+        ballast @ ballast
+    ballast_s = clock() - t
+    top_features = im._top_features
+
+    def slow_top_features(hook_point, rows):
+        for _ in range(20):
+            ballast @ ballast
+        return top_features(hook_point, rows)
+
+    im._top_features = slow_top_features
+    prefill_s, decode_s_per_token = tracking_work(model, im, prompt, 4, TINY)
+    assert prefill_s > 0.5 * ballast_s and 4 * decode_s_per_token > 0.5 * ballast_s
+    assert "_track" not in vars(im)  # the hook is the model's own again
