@@ -16,7 +16,10 @@ wall time with synchronisation. On CPU it is the process's CPU time with torch o
 CI machines are shared, and wall time there measures the neighbours as much as the code
 (single-threaded CPU time is what wall time would be on an idle single core). Even CPU time
 varies by 5-10% from run to run on a shared 2-core VM, so the CI size takes 61 prefill and 25
-decode rounds: with 21 and 15 a true overhead of about 5% read above 10% in some runs.
+decode rounds: with 21 and 15 a true overhead of about 5% read above 10% in some runs. On
+CPU one more tracked generation times tracking's own work directly (``tracking_work``: the
+hook calls, the encodes they start, the forced flushes), reported beside the ratio as
+``tracking_work_fraction`` of the plain run: the machine's drift does not move it.
 
 Sizes (FASTSAE_BENCH_SIZE, see bench/common.py):
 - "full": the d20 shape above, bf16 model and SAE on a GPU (fp32 on CPU), prompt 512, 64 new tokens.
