@@ -1,5 +1,5 @@
-"""The runtime's overhead budget: generating with feature tracking must cost at most 10% more
-than generating without it, at prefill and per decoded token.
+"""The runtime's overhead budget: generating with feature tracking, or under steering, must cost
+at most 10% more than generating without it, at prefill and per decoded token.
 
 Setup: a nanochat-d20-shaped causal transformer (``bench/toy_transformer.py``: 20 layers,
 d_model 1280, 10 heads, vocab 65536, KV cache so decode steps are (B, 1, D)) with tracking at
@@ -7,7 +7,10 @@ one layer (a TopK SAE, d_sae = 16 x d_model, k = 32, at ``blocks.10.hook_resid_p
 Tracking includes every cost it adds: the hook, the recording, the encode of the activation rows
 a hook holds (``InterpretableModel(encode_rows=...)``: 64 by default, so a decode step's row
 waits for others) and the merge of the max-activating examples, both forced at the end of each
-timed run.
+timed run. Steering scales one latent by 2 (``steering_config``): an edit that reads the
+feature, so a TopK SAE encodes the rows of every forward, decode steps included (its feature
+depends on the row's k-th value); its decode ratio is noisier (single runs read +0.6% to +9.5%
+on the 2-core VM), so it takes 41 decode rounds at the CI size.
 
 Method: each round times a plain run and a tracked run back to back, alternating which goes
 first; the overhead is the median over rounds of tracked / plain - 1, so slow drifts in the
@@ -23,7 +26,7 @@ hook calls, the encodes they start, the forced flushes), reported beside the rat
 
 Sizes (FASTSAE_BENCH_SIZE, see bench/common.py):
 - "full": the d20 shape above, bf16 model and SAE on a GPU (fp32 on CPU), prompt 512, 64 new tokens.
-- "ci": reduced to run on 2 CPU cores in about a minute: d_model 1280 -> 256 (2 heads of 128),
+- "ci": reduced to run on 2 CPU cores in about two minutes: d_model 1280 -> 256 (2 heads of 128),
   vocab 65536 -> 13107 (the same vocab / d_model ratio), prompt 64, 32 new tokens, fp32.
   Kept: 20 layers, the SAE at one of them with the same d_in as the model and 16x expansion,
   k = 32. The SAE's weight and FLOPs relative to the model's are therefore those of d20
@@ -46,16 +49,17 @@ from bench.toy_transformer import D20, KVCache, ToyConfig, ToyGPT
 from fastsae import torch_backend
 from fastsae.config import SAEConfig
 from fastsae.models import create_sae
-from fastsae.runtime import InterpretableModel
+from fastsae.runtime import InterpretableModel, scale
 from fastsae.trace import Trace
 
 BUDGET = 0.10
 
 CASE = shapes(
     ci={"config": ToyConfig(n_layer=20, n_embd=256, n_head=2, vocab_size=13107), "batch": 1, "prompt": 64,
-        "new_tokens": 32, "rounds": {"prefill": 61, "decode": 25}, "dtype": torch.float32},
+        "new_tokens": 32, "rounds": {"prefill": 61, "decode": 25}, "steering_rounds": {"prefill": 61, "decode": 41},
+        "dtype": torch.float32},
     full={"config": D20, "batch": 1, "prompt": 512, "new_tokens": 64, "rounds": {"prefill": 21, "decode": 11},
-          "dtype": torch.bfloat16 if ON_GPU else torch.float32},
+          "steering_rounds": {"prefill": 21, "decode": 11}, "dtype": torch.bfloat16 if ON_GPU else torch.float32},
 )
 
 
@@ -114,11 +118,13 @@ def build(case=CASE, device=DEVICE, hook_layer=None, sae_factory=None):
     return model, im, prompt
 
 
-def generation_times(model, im, prompt, new_tokens, tracked, case=CASE):
-    """(prefill seconds, decode seconds per token) of one greedy generation with a KV cache."""
+def generation_times(model, im, prompt, new_tokens, tracked, case=CASE, steering=None):
+    """(prefill seconds, decode seconds per token) of one greedy generation with a KV cache;
+    ``steering``: a steering config to run it under (``InterpretableModel.steering_enabled``)."""
     cache = KVCache(case["config"], prompt.shape[0], prompt.shape[1] + new_tokens + 1, case["dtype"], prompt.device)
     context = im.interpretation_enabled() if tracked else contextlib.nullcontext()
-    with torch.inference_mode(), context:
+    steered = im.steering_enabled(steering) if steering else contextlib.nullcontext()
+    with torch.inference_mode(), context, steered:
         _sync()
         t0 = clock()
         token = model(prompt, kv_cache=cache)[:, -1:].argmax(-1)
@@ -178,8 +184,9 @@ def workload():
     if not ON_GPU:
         torch.set_num_threads(1)  # see the module docstring: CPU time of one thread
     model, im, prompt = build()
-    generation_times(model, im, prompt, 2, tracked=True)  # warm up both paths
+    generation_times(model, im, prompt, 2, tracked=True)  # warm up every path
     generation_times(model, im, prompt, 2, tracked=False)
+    generation_times(model, im, prompt, 2, tracked=False, steering=steering_config(im))
     yield model, im, prompt
     torch.set_num_threads(threads)
 
@@ -188,6 +195,39 @@ def _label():
     c = CASE["config"]
     return (f"L{c.n_layer}-d{c.n_embd}-V{c.vocab_size}-sae{16 * c.n_embd}-k32-B{CASE['batch']}-"
             f"T{CASE['prompt']}-{str(CASE['dtype']).removeprefix('torch.')}")
+
+
+def steering_config(im):
+    """Scale one latent of the benchmark's SAE by 2: an edit that reads the feature, so each
+    forward encodes its rows (a TopK SAE's feature depends on the whole row)."""
+    return {hp: scale(0, 2.0) for hp in im.saes}
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_steering_overhead(benchmark, workload, phase):
+    """Generating under steering must cost at most BUDGET more than generating without it."""
+    model, im, prompt = workload
+    new_tokens = 0 if phase == "prefill" else CASE["new_tokens"]
+    pick = 0 if phase == "prefill" else 1
+    config = steering_config(im)
+    plain, steered = [], []
+
+    def one_round():
+        arms = [(plain, None), (steered, config)]
+        for times, steering in arms if len(plain) % 2 == 0 else arms[::-1]:
+            times.append(generation_times(model, im, prompt, new_tokens, False, steering=steering)[pick])
+
+    benchmark.group = f"runtime-steering-overhead-{phase}"
+    benchmark.name = f"{phase}[{_label()}]"
+    benchmark.pedantic(one_round, rounds=CASE["steering_rounds"][phase], iterations=1)
+    ratio = overhead(plain, steered)
+    benchmark.extra_info.update({"plain_median_s": statistics.median(plain),
+                                 "steered_median_s": statistics.median(steered),
+                                 "overhead": ratio, "budget": BUDGET, "edit": "scale(0, 2.0)",
+                                 "per": "token" if phase == "decode" else "prompt"})
+    print(f"\nsteering {phase} [{_label()}]: plain {statistics.median(plain) * 1e3:.2f} ms, steered "
+          f"{statistics.median(steered) * 1e3:.2f} ms, overhead {ratio:+.1%}")
+    check_overhead_budget(plain, steered, what=f"{phase} steering")
 
 
 @pytest.mark.parametrize("phase", ["prefill", "decode"])

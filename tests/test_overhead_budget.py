@@ -111,3 +111,20 @@ def test_tracking_work_counts_the_hook_and_the_held_rows_encode():
     prefill_s, decode_s_per_token = tracking_work(model, im, prompt, 4, TINY)
     assert prefill_s > 0.5 * ballast_s and 4 * decode_s_per_token > 0.5 * ballast_s
     assert "_track" not in vars(im)  # the hook is the model's own again
+
+
+def test_the_steered_arm_edits_every_forward_through_the_sae():
+    from bench.test_bench_overhead import steering_config
+
+    model, im, prompt = build(TINY, torch.device("cpu"), hook_layer=1)
+    calls = []
+    steer = im._steer_activation
+
+    def counting(hook_point, plan, x):
+        calls.append(x.shape[1])
+        return steer(hook_point, plan, x)
+
+    im._steer_activation = counting
+    generation_times(model, im, prompt, 4, False, TINY, steering=steering_config(im))
+    assert calls == [8, 1, 1, 1, 1]  # the prompt, then each decode step
+    assert not any(m._forward_hooks for m in model.modules())  # removed after the run
