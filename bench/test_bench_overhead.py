@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from functools import partial
 from typing import Callable, Sequence
 
 import pytest
@@ -82,16 +83,18 @@ def check_overhead_budget(plain: Sequence[float], tracked: Sequence[float], budg
     return ratio
 
 
+def alternating_round(plain: list, other: list, run_plain: Callable[[], float], run_other: Callable[[], float]):
+    """One round: each arm's time appended to its list, the plain arm first in even rounds."""
+    arms = [(plain, run_plain), (other, run_other)]
+    for times, run in arms if len(plain) % 2 == 0 else arms[::-1]:
+        times.append(run())
+
+
 def interleaved(run_plain: Callable[[], float], run_tracked: Callable[[], float], rounds: int):
     """Run both arms `rounds` times, alternating which goes first; each call returns its own time."""
     plain, tracked = [], []
-    for r in range(rounds):
-        if r % 2 == 0:
-            plain.append(run_plain())
-            tracked.append(run_tracked())
-        else:
-            tracked.append(run_tracked())
-            plain.append(run_plain())
+    for _ in range(rounds):
+        alternating_round(plain, tracked, run_plain, run_tracked)
     return plain, tracked
 
 
@@ -145,37 +148,31 @@ def tracking_work(model, im, prompt, new_tokens, case=CASE):
     """(prefill seconds, decode seconds per token) of the work tracking itself does in one
     tracked generation (CPU): the hook calls, the encodes they start and the forced flushes,
     timed by the same clock. A direct measure beside the paired ratios, which a shared
-    machine's drift moves by more than tracking costs."""
-    spent = [0.0]
+    machine's drift moves by more than tracking costs. ``generation_times``'s forced flushes
+    end its phases: the work spent when each ends is noted."""
+    spent, at_flush = [0.0], []
 
-    def timed(fn):
+    def timed(fn, note=False):
         def run(*args):
             t = clock()
             try:
                 return fn(*args)
             finally:
                 spent[0] += clock() - t
+                if note:
+                    at_flush.append(spent[0])
         return run
 
     track, flush = im._track, Trace.flush
     im._track = timed(track)
-    Trace.flush = timed(flush)
+    Trace.flush = timed(flush, note=True)
     try:
-        phases = []
-        cache = KVCache(case["config"], prompt.shape[0], prompt.shape[1] + new_tokens + 1, case["dtype"],
-                        prompt.device)
-        with torch.inference_mode(), im.interpretation_enabled():
-            token = model(prompt, kv_cache=cache)[:, -1:].argmax(-1)
-            im.trace.flush()
-            phases.append(spent[0])
-            for _ in range(new_tokens):
-                token = model(token, kv_cache=cache)[:, -1:].argmax(-1)
-            im.trace.flush()
-            phases.append(spent[0] - phases[0])
+        generation_times(model, im, prompt, new_tokens, True, case)
     finally:
         del im._track
         Trace.flush = flush
-    return phases[0], phases[1] / max(new_tokens, 1)
+    prefill, generation = at_flush[0], at_flush[1]  # (a third flush: the block's exit, nothing held)
+    return prefill, (generation - prefill) / max(new_tokens, 1)
 
 
 @pytest.fixture(scope="module")
@@ -211,12 +208,9 @@ def test_steering_overhead(benchmark, workload, phase):
     pick = 0 if phase == "prefill" else 1
     config = steering_config(im)
     plain, steered = [], []
-
-    def one_round():
-        arms = [(plain, None), (steered, config)]
-        for times, steering in arms if len(plain) % 2 == 0 else arms[::-1]:
-            times.append(generation_times(model, im, prompt, new_tokens, False, steering=steering)[pick])
-
+    one_round = partial(alternating_round, plain, steered,
+                        lambda: generation_times(model, im, prompt, new_tokens, False)[pick],
+                        lambda: generation_times(model, im, prompt, new_tokens, False, steering=config)[pick])
     benchmark.group = f"runtime-steering-overhead-{phase}"
     benchmark.name = f"{phase}[{_label()}]"
     benchmark.pedantic(one_round, rounds=CASE["steering_rounds"][phase], iterations=1)
@@ -236,12 +230,10 @@ def test_tracking_overhead(benchmark, workload, phase):
     new_tokens = 0 if phase == "prefill" else CASE["new_tokens"]
     pick = 0 if phase == "prefill" else 1
     plain, tracked = [], []
-
-    def one_round():  # timed by pytest-benchmark as the pair; the ratio uses each arm's own time
-        arms = [(plain, False), (tracked, True)]
-        for times, is_tracked in arms if len(plain) % 2 == 0 else arms[::-1]:
-            times.append(generation_times(model, im, prompt, new_tokens, is_tracked)[pick])
-
+    # timed by pytest-benchmark as the pair; the ratio uses each arm's own time
+    one_round = partial(alternating_round, plain, tracked,
+                        lambda: generation_times(model, im, prompt, new_tokens, False)[pick],
+                        lambda: generation_times(model, im, prompt, new_tokens, True)[pick])
     benchmark.group = f"runtime-overhead-{phase}"
     benchmark.name = f"{phase}[{_label()}]"
     torch_backend.reset_selection_counts()

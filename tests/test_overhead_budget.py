@@ -45,6 +45,15 @@ def test_interleaving_alternates_which_arm_goes_first():
     assert plain == [1.0] * 4 and tracked == [2.0] * 4
 
 
+def _assert_decode_budget_fails(model, im, prompt):
+    """Three alternated rounds of plain and tracked decoding at TINY: the budget check fails."""
+    runs = [lambda tracked=tracked: generation_times(model, im, prompt, 4, tracked, TINY)[1]
+            for tracked in (False, True)]
+    plain, tracked = interleaved(*runs, rounds=3)
+    with pytest.raises(AssertionError, match="exceeds the 10% budget"):
+        check_overhead_budget(plain, tracked, what="decode")
+
+
 def test_a_slowed_hook_fails_the_budget_check():
     """Real timings at a tiny size: tracking plus heavy extra work per hook call must be caught."""
     model, im, prompt = build(TINY, torch.device("cpu"), hook_layer=1)
@@ -58,11 +67,7 @@ def test_a_slowed_hook_fails_the_budget_check():
             ballast @ ballast
 
     im._track = slow_track
-    runs = [lambda tracked=tracked: generation_times(model, im, prompt, 4, tracked, TINY)[1]
-            for tracked in (False, True)]
-    plain, tracked = interleaved(*runs, rounds=3)
-    with pytest.raises(AssertionError, match="exceeds the 10% budget"):
-        check_overhead_budget(plain, tracked, what="decode")
+    _assert_decode_budget_fails(model, im, prompt)
     assert im.trace[hp].num_rows == 8 + 4  # the slowed hook did track
 
 
@@ -81,11 +86,7 @@ def test_a_slowed_deferred_encode_fails_the_budget_check():
         return top_features(hook_point, rows)
 
     im._top_features = slow_top_features
-    runs = [lambda tracked=tracked: generation_times(model, im, prompt, 4, tracked, TINY)[1]
-            for tracked in (False, True)]
-    plain, tracked = interleaved(*runs, rounds=3)
-    with pytest.raises(AssertionError, match="exceeds the 10% budget"):
-        check_overhead_budget(plain, tracked, what="decode")
+    _assert_decode_budget_fails(model, im, prompt)
     assert encoded == [8, 4] * 3  # each run: the prompt, then its 4 decode rows held and encoded together
 
 
